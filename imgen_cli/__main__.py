@@ -1,0 +1,3 @@
+from imgen_cli.cli import main
+
+main()

@@ -1,0 +1,355 @@
+"""The `imgen` command line: one thin function per subcommand (parse, call, render).
+
+Heavy imports (torch, webdataset) happen inside the commands so `imgen --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from imgen_cli.errors import ImgenError, UserError
+
+app = typer.Typer(
+    name="imgen",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    add_completion=False,
+    help=(
+        "Token- and transformer-based text-to-image models: dataset -> shards -> training -> samples -> metrics.\n\n"
+        "[bold]Quick start[/]\n\n"
+        "  imgen synth coco/                 # the built-in shapes world, COCO layout\n\n"
+        "  imgen tokenize coco/              # -> shards/\n\n"
+        "  imgen train --model vqgan         # -> runs/vqgan/\n\n"
+        "  imgen models                      # every family, its presets and status"
+    ),
+)
+err = Console(stderr=True)
+out = Console()
+_state = {"debug": False}
+
+RUNS_ROOT = Path("runs")
+
+
+def guarded(fn):
+    """User errors become one red sentence and exit 2; run-time failures exit 1; no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ImgenError as e:
+            if _state["debug"]:
+                raise
+            err.print(f"[red]error:[/] {e}", highlight=False)
+            if e.hint:
+                err.print(e.hint, highlight=False)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False):
+    _state["debug"] = debug
+
+
+def recipes_dir() -> Path:
+    return Path(os.environ.get("IMGEN_RECIPES", Path(__file__).resolve().parent.parent / "recipes"))
+
+
+# --- synth ----------------------------------------------------------------------------------------------
+
+
+@app.command(epilog="Example: imgen synth coco/ --n 5000 --size 64")
+@guarded
+def synth(
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write the dataset into (COCO 2017 layout).")],
+    n: Annotated[int, typer.Option("--n", min=1, help="Training images.")] = 2000,
+    n_val: Annotated[int | None, typer.Option("--val", min=0, help="Validation images [default: n/10].")] = None,
+    size: Annotated[int, typer.Option("--size", min=16, max=1024, help="Image side in pixels.")] = 64,
+    seed: Annotated[int, typer.Option("--seed", help="Same seed, same bytes.")] = 0,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Rendering processes.")] = 1,
+) -> None:
+    """Write the built-in [bold]shapes[/] world: captioned images in the real COCO 2017 captions layout."""
+    from imgen_cli.data.synthetic import write_coco_layout
+
+    n_val = n // 10 if n_val is None else n_val
+    with _progress("synth", n + n_val) as advance:
+        counts = write_coco_layout(out_dir, n, n_val, size=size, seed=seed, workers=workers, progress=advance)
+    out.print(f"wrote {counts['train']} train + {counts['val']} val images ({size}x{size}) to {out_dir}/", highlight=False)
+
+
+# --- tokenize -------------------------------------------------------------------------------------------
+
+
+@app.command(epilog="Examples: imgen tokenize coco/ | imgen tokenize my_images/ --out shards --size 256 --workers 8")
+@guarded
+def tokenize(
+    src: Annotated[Path, typer.Argument(help="COCO directory, folder of images with .txt captions, or WebDataset shards.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output directory for shards + manifest.json.")] = Path("shards"),
+    size: Annotated[int | None, typer.Option("--size", help="Square side after resize + centre crop "
+                                             "[default: the source's own size, at most 256].")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Decoding processes.")] = max(1, (os.cpu_count() or 2) - 1),
+    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Samples per shard.")] = 1000,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Held-out share for sources without a val split.")] = 0.05,
+    vq: Annotated[str | None, typer.Option("--vq", help="Tokenizer run: also store image tokens ({key}.vq.npy).")] = None,
+) -> None:
+    """Turn a captioned image dataset into train/val WebDataset shards (images + captions)."""
+    if vq is not None:
+        raise UserError("--vq pre-encoding is not implemented in this version of imgen yet; "
+                        "tokenize without --vq (token families will encode on the fly once they exist).")
+    from imgen_cli.data.tokenize import tokenize as run_tokenize
+
+    with _progress("tokenize", None) as advance:
+        manifest = run_tokenize(src, out_dir, size=size, workers=workers, shard_size=shard_size,
+                                val_fraction=val_fraction, on_total=advance.set_total, on_item=lambda: advance(1))
+    table = Table(title=f"{out_dir}/ ({manifest['image_size']}px, from {manifest['source']['kind']})")
+    table.add_column("split")
+    table.add_column("images", justify="right")
+    table.add_column("shards", justify="right")
+    for split, info in manifest["splits"].items():
+        table.add_row(split, str(info["count"]), str(len(info["shards"])))
+    for reason, count in manifest["skipped"].items():
+        if count:
+            table.add_row(f"skipped: {reason.replace('_', ' ')}", str(count), "")
+    out.print(table)
+    total = sum(i["count"] for i in manifest["splits"].values()) + sum(manifest["skipped"].values())
+    out.print(f"{total / max(manifest['seconds'], 1e-9):.0f} images/s", highlight=False)
+
+
+# --- train ------------------------------------------------------------------------------------------------
+
+
+@app.command(epilog="Examples: imgen train --model vqgan | imgen train --model vqgan --preset tiny --steps 200 "
+                    "--set train.lr=1e-4 | torchrun --nproc_per_node=8 -m imgen_cli train --model vqgan")
+@guarded
+def train(
+    model: Annotated[str | None, typer.Option("--model", help="Family name (see `imgen models`).")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="Shards directory or shard list [default: shards].")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory [default: runs/MODEL]; "
+                                                 "an existing run resumes.")] = None,
+    vq: Annotated[str | None, typer.Option("--vq", help="Tokenizer run for the token families.")] = None,
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="TOML recipe [default: recipes/shapes/MODEL.toml].")] = None,
+    preset: Annotated[str | None, typer.Option("--preset", help="Size preset: tiny, small, base, ...")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Total optimizer steps.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Training seed.")] = None,
+    sets: Annotated[list[str] | None, typer.Option("--set", help="Override any key: --set train.lr=1e-4.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 [default: cuda if present].")] = None,
+) -> None:
+    """Train a model (one process, or every rank under torchrun). Re-running on an existing --out resumes it."""
+    from imgen_cli import config as cfg_mod
+    from imgen_cli import registry
+    from imgen_cli.runs import RunDir
+
+    existing = RunDir(out_dir) if out_dir is not None and RunDir(out_dir).exists() else None
+    if model is None:
+        if existing is None:
+            raise UserError("--model is required for a new run; choose one of: "
+                            f"{', '.join(registry.available_names())} (see `imgen models`).")
+        model = existing.read_config()["family"]
+    family = registry.get(model)
+    run = RunDir(out_dir if out_dir is not None else RUNS_ROOT / model)
+    if recipe is None and (recipes_dir() / "shapes" / f"{model}.toml").is_file():
+        recipe = recipes_dir() / "shapes" / f"{model}.toml"
+    recipe_values = cfg_mod.load_recipe(recipe) if recipe else {}
+    if recipe_values.get("family", model) != model:
+        raise UserError(f"recipe {recipe} is for {recipe_values['family']}, not {model}.")
+    cfg = cfg_mod.resolve(model, family.config_cls(), family.presets(), recipe=recipe_values, preset=preset,
+                          sets=sets or [], flags={"data.shards": data, "train.steps": steps, "train.seed": seed, "vq": vq})
+    if family.needs_vq_tokens and not cfg.vq:
+        raise UserError(f"{model} trains on image tokens: pass --vq RUN (a trained vqgan run).")
+
+    from imgen_cli.train import distributed
+    from imgen_cli.train.loop import train as run_train
+
+    fresh_config = _checked_config(run, cfg)
+    env = distributed.setup(device)
+    try:
+        if env.is_main:
+            run.write_config(fresh_config)
+        result = run_train(cfg, run, env, err)
+    finally:
+        distributed.teardown()
+    if env.is_main and result.stopped_early:
+        raise typer.Exit(0)
+
+
+# keys a resumed run may change: how long, how often, from where, not what is trained
+RESUMABLE_KEYS = {"train.steps", "train.log_every", "train.ckpt_every", "train.sample_every", "train.keep_last",
+                  "data.shards", "data.num_workers"}
+
+
+def _run_config(cfg: Any) -> dict[str, Any]:
+    import imgen_cli
+
+    return {**cfg.to_dict(), "imgen_version": imgen_cli.__version__}
+
+
+def _checked_config(run: Any, cfg: Any) -> dict[str, Any]:
+    """The config.json to write; for an existing run, refuse changes to what is being trained."""
+    from imgen_cli.config import differences
+
+    fresh = json.loads(json.dumps(_run_config(cfg)))
+    if run.exists():
+        changed = [d for d in differences(fresh, run.read_config())
+                   if d.split(":")[0] not in RESUMABLE_KEYS | {"imgen_version"}]
+        if changed:
+            raise UserError(f"{run.path} was trained with other settings ({'; '.join(changed[:3])}); "
+                            "resume it with its own settings or choose a new --out.")
+    return fresh
+
+
+# --- sample / edit / eval -------------------------------------------------------------------------------------
+
+
+def _generator_run(ckpt: str | None, what: str) -> None:
+    """Refuse plainly until a generator family exists; say what is missing and how to get it."""
+    from imgen_cli import registry
+    from imgen_cli.runs import resolve_run
+
+    run, _ = resolve_run(ckpt, RUNS_ROOT)
+    family = registry.get(run.read_config()["family"])
+    if not family.generates_images:
+        generators = [f.name for f in registry.FAMILIES.values() if f.generates_images]
+        raise UserError(f"{run.path} is a {family.name} run ({family.summary}); {what} needs a text-to-image run "
+                        f"({', '.join(generators)}).",
+                        hint="No generator family is implemented in this version of imgen yet; see `imgen models`.")
+    family.model_cls()  # raises the not-implemented sentence for planned families
+
+
+@app.command(epilog='Example: imgen sample "a red circle above a blue square" --ckpt runs/muse --n 8 --steps 12')
+@guarded
+def sample(
+    prompts: Annotated[list[str], typer.Argument(help="One or more prompts.")],
+    ckpt: Annotated[str | None, typer.Option("--ckpt", help="Run directory [default: newest under runs/].")] = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Images per prompt.")] = 4,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Sampler steps [default: the family's].")] = None,
+    guidance: Annotated[float | None, typer.Option("--guidance", help="Classifier-free guidance scale.")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    out_dir: Annotated[Path, typer.Option("--out", help="Where PNGs go.")] = Path("samples"),
+    device: Annotated[str | None, typer.Option("--device")] = None,
+) -> None:
+    """Generate images from text prompts with a trained run."""
+    _generator_run(ckpt, "sampling")
+
+
+@app.command(epilog='Example: imgen edit photo.png "a green square" --ckpt runs/muse --box 8,8,40,40')
+@guarded
+def edit(
+    image: Annotated[Path, typer.Argument(help="Image to edit.")],
+    prompt: Annotated[str, typer.Argument(help="What the edited image should show.")],
+    ckpt: Annotated[str | None, typer.Option("--ckpt", help="Run directory [default: newest under runs/].")] = None,
+    mask: Annotated[Path | None, typer.Option("--mask", help="PNG, white = region to repaint.")] = None,
+    box: Annotated[str | None, typer.Option("--box", help="x0,y0,x1,y1 region to repaint.")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    out_dir: Annotated[Path, typer.Option("--out")] = Path("samples"),
+    device: Annotated[str | None, typer.Option("--device")] = None,
+) -> None:
+    """Inpaint a masked region, or edit without a mask (Muse), under a new prompt."""
+    if not image.is_file():
+        raise UserError(f"{image} does not exist.")
+    _generator_run(ckpt, "editing")
+
+
+@app.command(name="eval", epilog="Examples: imgen eval --fid | imgen eval --ckpt runs/muse --data shards --fid "
+                                 "--clip-score --n 1000 --json metrics.json")
+@guarded
+def evaluate(
+    ckpt: Annotated[str | None, typer.Option("--ckpt", help="Run to evaluate [default: newest under runs/].")] = None,
+    data: Annotated[str, typer.Option("--data", help="Shards with the real val split.")] = "shards",
+    fid: Annotated[bool, typer.Option("--fid")] = False,
+    clip_score: Annotated[bool, typer.Option("--clip-score")] = False,
+    r_precision: Annotated[bool, typer.Option("--r-precision")] = False,
+    recon: Annotated[bool, typer.Option("--recon", help="Tokenizer reconstruction: PSNR, SSIM, codebook usage.")] = False,
+    n: Annotated[int, typer.Option("--n", min=1)] = 1000,
+    json_path: Annotated[Path | None, typer.Option("--json")] = None,
+) -> None:
+    """Score a run: FID / CLIP score / R-precision for generators, reconstruction metrics for tokenizers."""
+    if not (fid or clip_score or r_precision or recon):
+        raise UserError("choose at least one metric: --fid, --clip-score, --r-precision or --recon.")
+    raise UserError("imgen eval is not implemented in this version of imgen yet "
+                    "(FID/KID, CLIP score, R-precision and reconstruction metrics are planned).")
+
+
+# --- models ---------------------------------------------------------------------------------------------------
+
+
+@app.command(epilog="Example: imgen models")
+@guarded
+def models() -> None:
+    """List the model families, their size presets and parameter counts."""
+    from imgen_cli import registry
+
+    table = Table(title="imgen model families")
+    for col in ("model", "what", "paper", "presets (parameters)", "status"):
+        table.add_column(col)
+    for fam in registry.FAMILIES.values():
+        if fam.available:
+            presets = ", ".join(f"{p} ({_count_params(fam, p) / 1e6:.1f}M)" for p in fam.presets())
+            status = "[green]available[/]"
+        else:
+            presets, status = "-", "[yellow]not implemented yet[/]"
+        table.add_row(fam.name, fam.summary, fam.paper, presets, status)
+    out.print(table)
+
+
+def _count_params(family: Any, preset: str) -> int:
+    import torch
+
+    from imgen_cli.config import build_dataclass
+
+    cfg = build_dataclass(family.config_cls(), family.presets()[preset], "model")
+    with torch.device("meta"):  # no memory, no init cost, even for the GPU presets
+        return sum(p.numel() for p in family.build(cfg).parameters())
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------
+
+
+class _Advance:
+    def __init__(self, progress: Any, task: Any):
+        self.progress, self.task = progress, task
+
+    def __call__(self, k: int = 1) -> None:
+        self.progress.advance(self.task, k)
+
+    def set_total(self, total: int | None) -> None:
+        self.progress.update(self.task, total=total)
+
+
+class _progress:
+    """A Rich progress bar on a terminal; silent otherwise (the command prints its own summary)."""
+
+    def __init__(self, label: str, total: int | None):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), console=err, disable=not err.is_terminal)
+        self.task = self.progress.add_task(label, total=total)
+
+    def __enter__(self) -> _Advance:
+        self.progress.__enter__()
+        return _Advance(self.progress, self.task)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+
+def main() -> None:
+    app(prog_name="imgen")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

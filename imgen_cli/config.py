@@ -1,0 +1,264 @@
+"""Run configuration: TOML recipes, size presets, `--set key=value` overrides, typed dataclasses.
+
+A run's configuration has three sections, each a dataclass: `model` (the family's own config class),
+`train` (the shared loop) and `data` (where batches come from). Values are layered, later wins:
+
+    dataclass defaults < recipe file < size preset < --set key=value < explicit flags (--steps, --data, ...)
+
+Every key is checked against the dataclass fields, so a typo is an error that names the key and the
+valid ones, never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imgen_cli.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SECTIONS = ("model", "train", "data")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32  # global batch: split across ranks and accumulation steps
+    grad_accum: int = 1
+    lr: float = 2e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    ema_decay: float = 0.999
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    log_every: int = 10
+    ckpt_every: int = 500
+    sample_every: int = 500
+    keep_last: int = 3  # complete checkpoints kept on disk
+
+    def validate(self) -> None:
+        _positive(self, "train", ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every",
+                                  "sample_every", "keep_last"))
+        if self.lr <= 0:
+            raise UserError(f"train.lr must be positive, got {self.lr}.")
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}.")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise UserError(f"train.precision must be auto, bf16 or fp32, got {self.precision!r}.")
+        if self.warmup_steps < 0 or self.grad_clip < 0:
+            raise UserError("train.warmup_steps and train.grad_clip must not be negative.")
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards"  # a tokenize output dir (with manifest.json), or a shard list: glob, {a..b}, pipe:
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+
+    def validate(self) -> None:
+        if self.num_workers < 0 or self.shuffle_buffer < 1:
+            raise UserError("data.num_workers must be >= 0 and data.shuffle_buffer >= 1.")
+
+
+@dataclass
+class RunConfig:
+    family: str
+    preset: str
+    model: Any  # the family's config dataclass
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    vq: str | None = None  # tokenizer run used by token families
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "preset": self.preset,
+            "vq": self.vq,
+            "model": dataclasses.asdict(self.model),
+            "train": dataclasses.asdict(self.train),
+            "data": dataclasses.asdict(self.data),
+        }
+
+
+def _positive(obj: Any, section: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(obj, name) < 1:
+            raise UserError(f"{section}.{name} must be at least 1, got {getattr(obj, name)}.")
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe {path} does not exist.")
+    try:
+        recipe = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"recipe {path} is not valid TOML: {err}.") from None
+    allowed = {"family", "preset", "vq", *SECTIONS}
+    for key, value in recipe.items():
+        if key not in allowed:
+            raise UserError(f"recipe {path} has an unknown key {key!r}; valid keys: {', '.join(sorted(allowed))}.")
+        if key in SECTIONS and not isinstance(value, dict):
+            raise UserError(f"recipe {path}: {key!r} must be a table ([{key}]).")
+    return recipe
+
+
+def parse_set(assignment: str) -> tuple[str, Any]:
+    """`train.lr=1e-4` -> ("train.lr", 1e-4). Values are read as TOML, falling back to a plain string."""
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"--set expects key=value (for example train.lr=1e-4), got {assignment!r}.")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any, origin: str) -> None:
+    parts = key.split(".")
+    if key in ("family", "preset", "vq"):
+        tree[key] = value
+        return
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise UserError(f"{origin}: unknown key {key!r}; keys look like model.NAME, train.NAME or data.NAME.")
+    tree.setdefault(parts[0], {})[parts[1]] = value
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except UserError:
+                continue
+        raise UserError(f"{key} has the wrong type: {value!r}.")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{key} must be a list, got {value!r}.")
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(args) != len(value):
+            raise UserError(f"{key} must have {len(args)} entries, got {len(value)}.")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{key} must be true or false, got {value!r}.")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"{key} must be an integer, got {value!r}.")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"{key} must be a number, got {value!r}.")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"{key} must be a string, got {value!r}.")
+    return value
+
+
+def build_dataclass(cls: type, values: dict[str, Any], section: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise UserError(f"unknown key {section}.{key}; valid keys in [{section}]: {', '.join(names)}.")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj
+
+
+def resolve(
+    family_name: str,
+    model_class: type,
+    presets: dict[str, dict[str, Any]],
+    *,
+    recipe: dict[str, Any] | None = None,
+    preset: str | None = None,
+    sets: list[str] = (),
+    flags: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Layer recipe < preset < --set < flags into a validated RunConfig."""
+    tree: dict[str, Any] = {s: {} for s in SECTIONS}
+    recipe = recipe or {}
+    for section in SECTIONS:
+        tree[section].update(recipe.get(section, {}))
+    preset = preset or recipe.get("preset") or "small"
+    if preset not in presets:
+        raise UserError(f"unknown preset {preset!r} for {family_name}; choose one of: {', '.join(presets)}.")
+    tree["model"].update(presets[preset])
+    vq = recipe.get("vq")
+    for assignment in sets:
+        key, value = parse_set(assignment)
+        if key in ("family", "preset"):
+            raise UserError(f"--set cannot change {key}; use --model or --preset.")
+        if key == "vq":
+            vq = value
+            continue
+        _set_dotted(tree, key, value, "--set")
+    for key, value in (flags or {}).items():
+        if value is None:
+            continue
+        if key == "vq":
+            vq = value
+            continue
+        _set_dotted(tree, key, value, "flag")
+    return RunConfig(
+        family=family_name,
+        preset=preset,
+        model=build_dataclass(model_class, tree["model"], "model"),
+        train=build_dataclass(TrainConfig, tree["train"], "train"),
+        data=build_dataclass(DataConfig, tree["data"], "data"),
+        vq=vq,
+    )
+
+
+def from_dict(saved: dict[str, Any], model_class: type) -> RunConfig:
+    """Rebuild a RunConfig from a run directory's config.json."""
+    return RunConfig(
+        family=saved["family"],
+        preset=saved["preset"],
+        model=build_dataclass(model_class, saved["model"], "model"),
+        train=build_dataclass(TrainConfig, saved["train"], "train"),
+        data=build_dataclass(DataConfig, saved["data"], "data"),
+        vq=saved.get("vq"),
+    )
+
+
+def differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += differences(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: {vb!r} -> {va!r}")
+    return out

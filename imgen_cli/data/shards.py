@@ -1,0 +1,193 @@
+"""WebDataset shards: the manifest, the streaming training loader and the exact evaluation reader.
+
+Shard layout (written by `imgen tokenize`): `train-000000.tar`, `val-000000.tar`, ..., each sample
+`{key}.png` (the image), `{key}.txt` (one caption), `{key}.json` (all captions, source id, original
+size), plus `manifest.json` and `sizes.json`, written last: a shard not listed there is incomplete.
+
+Training stream, per rank: the rank takes every world_size-th shard (so ranks never read the same
+data), each loader worker takes every num_workers-th of those when there are enough, and draws shards
+from its share with replacement from an RNG seeded by (seed, rank, worker, start step). The loader,
+not the dataset, fixes the number of batches, so every rank yields exactly the same count and DDP
+stays in lock-step. Evaluation reads every sample exactly once.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import io
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from braceexpand import braceexpand
+from PIL import Image
+
+from imgen_cli.errors import UserError
+
+MANIFEST = "manifest.json"
+FORMAT = "imgen-shards"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    urls: list[str]
+    image_size: int | None  # from the manifest, when there is one
+    manifest: dict[str, Any] | None
+    count: int | None  # samples in this split, when known
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{directory} has no {MANIFEST}; make shards with `imgen tokenize SRC --out {directory}`.")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err}).") from None
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"{path} is not an imgen shard manifest.")
+    return manifest
+
+
+def open_shards(spec: str, split: str) -> ShardSet:
+    """A tokenize output directory, or a shard list (glob, brace pattern {000..009}, pipe:CMD)."""
+    if spec.startswith("pipe:") or "://" in spec:
+        return ShardSet(list(braceexpand(spec)), None, None, None)
+    path = Path(spec)
+    if path.is_dir():
+        manifest = read_manifest(path)
+        info = manifest["splits"].get(split)
+        if not info or not info["shards"]:
+            raise UserError(f"{spec} has no {split} split (see its {MANIFEST}).")
+        return ShardSet([str(path / s) for s in info["shards"]], manifest["image_size"], manifest, info["count"])
+    urls = sorted({u for pattern in braceexpand(spec) for u in (glob.glob(pattern) or [pattern])})
+    missing = [u for u in urls if not Path(u).is_file()]
+    if missing:
+        raise UserError(f"shard {missing[0]} does not exist.")
+    return ShardSet(urls, None, None, None)
+
+
+# --- samples -------------------------------------------------------------------------------------------
+
+
+def _decode_sample(sample: dict[str, Any], rng: random.Random | None) -> dict[str, Any]:
+    image = Image.open(io.BytesIO(sample["png"]))
+    image = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    captions = meta.get("captions") or [sample["txt"].decode()]
+    caption = rng.choice(captions) if rng is not None else captions[0]
+    out = {"image": image, "caption": caption, "key": sample["__key__"]}
+    if "vq.npy" in sample:
+        out["tokens"] = torch.from_numpy(np.load(io.BytesIO(sample["vq.npy"])).astype(np.int64))
+    return out
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    batch = {"image": torch.stack([s["image"] for s in samples]),
+             "caption": [s["caption"] for s in samples],
+             "key": [s["key"] for s in samples]}
+    if "tokens" in samples[0]:
+        batch["tokens"] = torch.stack([s["tokens"] for s in samples])
+    return batch
+
+
+def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """uint8 images -> float [0, 1] on the device; the families see only this form."""
+    out = dict(batch)
+    out["image"] = batch["image"].to(device, non_blocking=True).float().div_(255)
+    if "tokens" in batch:
+        out["tokens"] = batch["tokens"].to(device, non_blocking=True)
+    return out
+
+
+# --- training stream -----------------------------------------------------------------------------------
+
+
+def _stream_seed(*parts: int) -> int:
+    return int.from_bytes(np.random.SeedSequence(list(parts)).generate_state(2, np.uint32).tobytes(), "little")
+
+
+class RankShardSampler(wds.PipelineStage):
+    """Endless shard URLs for one rank and loader worker; see the module docstring."""
+
+    def __init__(self, urls: list[str], seed: int, rank: int, world_size: int, start_step: int):
+        if len(urls) < world_size:
+            raise UserError(f"{len(urls)} shard(s) cannot feed {world_size} ranks without sharing data; "
+                            f"re-tokenize with a smaller --shard-size so there are at least {world_size}.")
+        self.urls, self.seed, self.rank, self.world_size, self.start_step = urls, seed, rank, world_size, start_step
+
+    def run(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        share = self.urls[self.rank :: self.world_size]
+        if len(share) >= num_workers:
+            share = share[worker::num_workers]
+        rng = random.Random(_stream_seed(self.seed, self.rank, worker, self.start_step))
+        while True:
+            yield {"url": rng.choice(share)}
+
+
+def _sample_stage(seed: int, rank: int, start_step: int):
+    """Decode + random caption choice, with a per-worker RNG created where the worker runs."""
+
+    def stage(samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(_stream_seed(seed, rank, info.id if info else 0, start_step, 1))
+        for sample in samples:
+            try:
+                yield _decode_sample(sample, rng)
+            except Exception as err:  # a damaged sample must not stop a week-long run
+                wds.warn_and_continue(err)
+
+    return stage
+
+
+def train_loader(
+    shards: ShardSet,
+    batch_size: int,
+    steps: int,
+    *,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 2,
+    shuffle_buffer: int = 1000,
+    start_step: int = 0,
+) -> wds.WebLoader:
+    """Exactly `steps` batches of `batch_size` (per rank), reproducible from (seed, rank, start_step)."""
+    pipeline = wds.DataPipeline(
+        RankShardSampler(shards.urls, seed, rank, world_size, start_step),
+        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100),
+                    rng=random.Random(_stream_seed(seed, rank, start_step, 2))),
+        _sample_stage(seed, rank, start_step),
+        wds.batched(batch_size, collation_fn=collate, partial=False),
+    )
+    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers,
+                           persistent_workers=num_workers > 0)
+    return loader.with_epoch(steps)
+
+
+# --- exact single pass ------------------------------------------------------------------------------
+
+
+def exact_loader(shards: ShardSet, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0) -> wds.WebLoader:
+    """Every sample of the split exactly once (split across ranks, uneven counts allowed)."""
+    own = shards.urls[rank::world_size]
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(own),
+        wds.split_by_worker,
+        wds.tarfile_to_samples(),
+        wds.map(functools.partial(_decode_sample, rng=None)),
+        wds.batched(batch_size, collation_fn=collate, partial=True),
+    )
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=min(num_workers, len(own)))

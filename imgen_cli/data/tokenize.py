@@ -1,0 +1,167 @@
+"""`imgen tokenize`: a dataset (COCO dir, image+caption folder, shards) to train/val WebDataset shards.
+
+Images are decoded and resized in a process pool, but written in source order, so the shards are
+byte-identical whatever the number of workers. The manifest is written last: a directory without
+one is an unfinished run.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import multiprocessing
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+from PIL import Image
+
+import imgen_cli
+from imgen_cli.data import shards as shard_format
+from imgen_cli.data.sources import SKIP_REASONS, PreparedImage, Skip, SourceItem, open_source, prepare_image
+from imgen_cli.errors import UserError
+from imgen_cli.runs import write_json_atomic
+
+SPLITS = ("train", "val")
+
+
+class _SplitWriter:
+    """ShardWriter for one split, opened on the first sample, tallying samples per shard."""
+
+    def __init__(self, out: Path, split: str, shard_size: int):
+        self.out, self.split, self.shard_size = out, split, shard_size
+        self.writer: wds.ShardWriter | None = None
+        self.sizes: dict[str, int] = {}
+
+    def write(self, sample: dict[str, Any]) -> None:
+        if self.writer is None:
+            # mtime=0 and no compression: the same input gives the same bytes
+            self.writer = wds.ShardWriter(str(self.out / f"{self.split}-%06d.tar"), maxcount=self.shard_size,
+                                          verbose=0, mtime=0)
+        self.writer.write(sample)
+        name = Path(self.writer.fname).name
+        self.sizes[name] = self.sizes.get(name, 0) + 1
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _prepare(item: SourceItem, size: int, max_pixels: int) -> tuple[SourceItem, PreparedImage | Skip]:
+    result = prepare_image(item, size, max_pixels)
+    item.data = None  # the bytes need not travel back from the worker
+    return item, result
+
+
+def _prepared(items: Iterator[SourceItem], prepare: Callable, pool: Any) -> Iterator[tuple[SourceItem, Any]]:
+    """Results in source order. Pool.imap would read the whole source ahead, so feed it in windows."""
+    if pool is None:
+        yield from map(prepare, items)
+        return
+    while window := list(itertools.islice(items, 1024)):
+        yield from pool.imap(prepare, window, chunksize=16)
+
+
+def _natural_size(src: str | Path, val_fraction: float, max_pixels: int) -> int:
+    """The shorter side of the first readable image, capped at 256: shapes stay 64px, COCO becomes 256px."""
+    for item in open_source(src, val_fraction).items:
+        result = prepare_image(item, 8, max_pixels)
+        if isinstance(result, PreparedImage):
+            return min(256, min(result.original_size))
+    raise UserError(f"{src} holds no readable image with a caption.")
+
+
+def _clear_previous(out: Path) -> None:
+    for name in (shard_format.MANIFEST, "sizes.json"):
+        (out / name).unlink(missing_ok=True)
+    for split in SPLITS:
+        for tar in out.glob(f"{split}-*.tar"):
+            tar.unlink()
+
+
+def tokenize(
+    src: str | Path,
+    out: str | Path,
+    *,
+    size: int | None = None,
+    workers: int = 1,
+    shard_size: int = 1000,
+    val_fraction: float = 0.05,
+    max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485,
+    on_total: Callable[[int | None], None] = lambda total: None,
+    on_item: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
+    """Write shards + manifest; returns the manifest (which includes the skip counts).
+
+    `size` None takes the source's own image size, at most 256.
+    """
+    if size is None:
+        size = _natural_size(src, val_fraction, max_pixels)
+    if size < 8:
+        raise UserError(f"--size must be at least 8 pixels, got {size}.")
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}.")
+    out = Path(out)
+    src_path = Path(src)
+    if src_path.exists() and out.exists() and out.resolve() == src_path.resolve():
+        raise UserError("--out must differ from the source directory.")
+    source = open_source(src, val_fraction)
+    on_total(source.total)
+    out.mkdir(parents=True, exist_ok=True)
+    _clear_previous(out)
+
+    started = time.time()
+    writers = {s: _SplitWriter(out, s, shard_size) for s in SPLITS}
+    skipped: Counter[str] = Counter()
+    skipped_examples: list[str] = []
+    index = 0
+    prepare = functools.partial(_prepare, size=size, max_pixels=max_pixels)
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    try:
+        for item, result in _prepared(source.items, prepare, pool):
+            on_item()
+            if isinstance(result, Skip):
+                skipped[result.reason] += 1
+                if len(skipped_examples) < 10:
+                    skipped_examples.append(f"{result.source_id}: {result.reason}")
+                continue
+            key = f"{index:09d}"
+            index += 1
+            meta = {"captions": item.captions, "source_id": item.source_id,
+                    "original_size": list(result.original_size)}
+            writers[item.split].write({"__key__": key, "png": result.png, "txt": item.captions[0],
+                                       "json": json.dumps(meta, sort_keys=True).encode()})
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+        for w in writers.values():
+            w.close()
+
+    if not writers["train"].sizes:
+        raise UserError(f"{src} gave no usable training images ({_skip_text(skipped)}).")
+    sizes = {name: n for w in writers.values() for name, n in w.sizes.items()}
+    manifest = {
+        "format": shard_format.FORMAT,
+        "version": shard_format.FORMAT_VERSION,
+        "imgen_version": imgen_cli.__version__,
+        "source": {"kind": source.kind, "path": str(Path(src).resolve())},
+        "image_size": size,
+        "splits": {s: {"count": sum(w.sizes.values()), "shards": sorted(w.sizes)} for s, w in writers.items()},
+        "skipped": {reason: skipped.get(reason, 0) for reason in SKIP_REASONS},
+        "skipped_examples": skipped_examples,
+        "tokenizer": None,
+        "seconds": round(time.time() - started, 2),
+    }
+    write_json_atomic(out / "sizes.json", sizes)
+    write_json_atomic(out / shard_format.MANIFEST, manifest)
+    return manifest
+
+
+def _skip_text(skipped: Counter[str]) -> str:
+    parts = [f"{n} {reason.replace('_', ' ')}" for reason, n in skipped.items() if n]
+    return ", ".join(parts) + " skipped" if parts else "nothing found"

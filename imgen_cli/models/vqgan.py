@@ -1,0 +1,369 @@
+"""VQGAN: a convolutional autoencoder whose latent grid is snapped to a learned codebook of K vectors.
+
+The encoder downsamples an image by f = 2**(len(channel_mult) - 1) into an (H/f)x(W/f) grid of latents,
+which a 1x1 conv projects to a small code_dim d. Each latent is replaced by its nearest codebook vector and
+the decoder maps the quantised grid back to pixels; the code indices are the discrete image tokens that the
+token families model. Gradients pass the non-differentiable lookup by the straight-through estimator, and a
+commitment loss keeps the encoder close to the codes it picks.
+
+Two quantisers. "cosine" (ViT-VQGAN) l2-normalises latents and codes, so the nearest code is the most similar
+direction, and learns the codebook by gradient through a codebook loss; low-dimensional normalised codes use
+the codebook far better than raw Euclidean lookups. "ema" (VQ-VAE-2) keeps Euclidean codes that move to the
+exponential moving average of the latents assigned to them, with no codebook gradient. With either, codes
+whose running share of assignments falls too low are restarted from random encoder outputs of the batch
+(Jukebox); the running share starts at zero, so the first training step seeds the codebook from data.
+
+The loss is reconstruction (L1 + L2, on images in [-1, 1]) plus the quantiser terms; the perceptual and
+adversarial terms of the VQGAN paper are not part of this family.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from imgen_cli.errors import UserError
+
+QUANTIZERS = ("cosine", "ema")
+DOWNSAMPLE_FACTORS = (4, 8, 16)
+
+
+@dataclass
+class VQGANConfig:
+    image_size: int = 64  # training resolution; the network itself is fully convolutional
+    channels: int = 64  # base width, multiplied per level by channel_mult
+    channel_mult: tuple[int, ...] = (1, 2, 2, 4)  # len - 1 stride-2 downsamplings
+    num_res_blocks: int = 1  # per encoder level; the decoder uses one more
+    attn_at_lowest: bool = True
+    codebook_size: int = 1024
+    code_dim: int = 32
+    quantizer: str = "cosine"
+    commitment_weight: float = 0.25
+    ema_decay: float = 0.99  # codebook EMA, quantizer="ema" only
+    usage_decay: float = 0.99  # EMA of each code's share of assignments, for dead-code restarts
+    # A code is dead when its running share of assignments is below dead_code_threshold times the uniform
+    # share 1/K (and the current batch did not use it); 0 disables restarts.
+    dead_code_threshold: float = 0.01
+    l1_weight: float = 1.0
+    l2_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.channel_mult = tuple(self.channel_mult)  # configs read from TOML or JSON carry lists
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    def validate(self) -> None:
+        def check(ok: bool, message: str, hint: str | None = None) -> None:
+            if not ok:
+                raise UserError(message, hint)
+
+        mult = list(self.channel_mult)
+        check(len(mult) > 0 and all(m >= 1 for m in mult),
+              f"channel_mult must be a non-empty list of positive integers, got {mult}.")
+        f = self.downsample_factor
+        check(f in DOWNSAMPLE_FACTORS,
+              f"channel_mult {mult} gives a downsampling factor of {f}, but VQGAN supports only 4, 8 or 16.",
+              "Use 3, 4 or 5 entries in channel_mult.")
+        check(self.image_size >= f and self.image_size % f == 0,
+              f"image_size {self.image_size} is not a multiple of the downsampling factor {f}.")
+        check(self.channels >= 1, f"channels must be at least 1, got {self.channels}.")
+        check(self.num_res_blocks >= 1, f"num_res_blocks must be at least 1, got {self.num_res_blocks}.")
+        check(self.codebook_size >= 2, f"codebook_size must be at least 2, got {self.codebook_size}.")
+        check(self.code_dim >= 1, f"code_dim must be at least 1, got {self.code_dim}.")
+        check(self.quantizer in QUANTIZERS,
+              f"unknown quantizer {self.quantizer!r}; choose one of {', '.join(QUANTIZERS)}.")
+        check(self.commitment_weight >= 0, f"commitment_weight must be >= 0, got {self.commitment_weight}.")
+        check(0 < self.ema_decay < 1, f"ema_decay must be between 0 and 1, got {self.ema_decay}.")
+        check(0 <= self.usage_decay < 1, f"usage_decay must be in [0, 1), got {self.usage_decay}.")
+        check(self.dead_code_threshold >= 0,
+              f"dead_code_threshold must be >= 0, got {self.dead_code_threshold}.")
+        check(self.l1_weight >= 0 and self.l2_weight >= 0 and self.l1_weight + self.l2_weight > 0,
+              f"l1_weight and l2_weight must be >= 0 and not both 0, "
+              f"got {self.l1_weight} and {self.l2_weight}.")
+
+
+def _norm(width: int) -> nn.GroupNorm:
+    # 32 groups as in taming-transformers, fewer where a narrow width is not a multiple of 32
+    return nn.GroupNorm(math.gcd(32, width), width, eps=1e-6)
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.norm1 = _norm(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = _norm(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.shortcut(x) + h
+
+
+class _Attention(nn.Module):
+    """Single-head self-attention across the positions of a (low-resolution) feature map."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = _norm(width)
+        self.qkv = nn.Conv2d(width, 3 * width, 1)
+        self.proj = nn.Conv2d(width, width, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, 1, c, h * w).transpose(-1, -2)  # [B, 3, heads=1, hw, C]
+        out = F.scaled_dot_product_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2])
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class _Upsample(nn.Module):
+    # nearest + conv rather than a transposed conv, which leaves checkerboard artefacts
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _middle(width: int, attn: bool) -> nn.Sequential:
+    attention = [_Attention(width)] if attn else []
+    return nn.Sequential(_ResBlock(width, width), *attention, _ResBlock(width, width))
+
+
+class _Encoder(nn.Module):
+    """Image in [-1, 1] -> features at 1/f resolution and the top width (before the 1x1 to code_dim)."""
+
+    def __init__(self, cfg: VQGANConfig) -> None:
+        super().__init__()
+        widths = [cfg.channels * m for m in cfg.channel_mult]
+        self.conv_in = nn.Conv2d(3, widths[0], 3, padding=1)
+        blocks: list[nn.Module] = []
+        cin = widths[0]
+        for level, width in enumerate(widths):
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(_ResBlock(cin, width))
+                cin = width
+            if level < len(widths) - 1:
+                blocks.append(nn.Conv2d(width, width, 3, stride=2, padding=1))
+        self.down = nn.Sequential(*blocks)
+        self.mid = _middle(widths[-1], cfg.attn_at_lowest)
+        self.norm_out = _norm(widths[-1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.silu(self.norm_out(self.mid(self.down(self.conv_in(x)))))
+
+
+class _Decoder(nn.Module):
+    """Features at 1/f resolution and the top width -> image in [-1, 1] (unclamped)."""
+
+    def __init__(self, cfg: VQGANConfig) -> None:
+        super().__init__()
+        widths = [cfg.channels * m for m in cfg.channel_mult]
+        self.mid = _middle(widths[-1], cfg.attn_at_lowest)
+        blocks: list[nn.Module] = []
+        cin = widths[-1]
+        for level in reversed(range(len(widths))):
+            # one block more than the encoder, as in taming: generating detail is the harder direction
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(_ResBlock(cin, widths[level]))
+                cin = widths[level]
+            if level > 0:
+                blocks.append(_Upsample(cin))
+        self.up = nn.Sequential(*blocks)
+        self.norm_out = _norm(widths[0])
+        self.conv_out = nn.Conv2d(widths[0], 3, 3, padding=1)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.conv_out(F.silu(self.norm_out(self.up(self.mid(h)))))
+
+
+class _VectorQuantizer(nn.Module):
+    """Nearest-code lookup with a straight-through gradient, a cosine or EMA codebook and dead-code restarts.
+
+    `weight` holds the codebook [K, d]: a parameter for "cosine" (kept unit-norm at restarts, normalised again
+    on every use), a buffer for "ema" (recomputed from the EMA statistics `cluster_size` and `embed_sum`).
+    """
+
+    def __init__(self, cfg: VQGANConfig) -> None:
+        super().__init__()
+        self.codebook_size = k = cfg.codebook_size
+        self.cosine = cfg.quantizer == "cosine"
+        self.beta = cfg.commitment_weight
+        self.ema_decay = cfg.ema_decay
+        self.usage_decay = cfg.usage_decay
+        self.dead_code_threshold = cfg.dead_code_threshold
+        init = torch.randn(k, cfg.code_dim)
+        if self.cosine:
+            self.weight = nn.Parameter(F.normalize(init, dim=1))
+        else:
+            init = init / math.sqrt(cfg.code_dim)  # about unit norm, the scale of fresh encoder outputs
+            self.register_buffer("weight", init)
+            self.register_buffer("cluster_size", torch.ones(k))  # pseudo-count 1 keeps unused codes in place
+            self.register_buffer("embed_sum", init.clone())
+        # Running share of assignments per code. Zero at start, so the first training step restarts every code
+        # the batch does not use: the codebook is seeded from real encoder outputs.
+        self.register_buffer("usage", torch.zeros(k))
+
+    def project(self, z: Tensor, dim: int) -> Tensor:
+        """Map latents to the space the codes live in (the unit sphere for "cosine")."""
+        return F.normalize(z, dim=dim) if self.cosine else z
+
+    def lookup(self, idx: Tensor) -> Tensor:
+        """Code vectors for indices of any shape: [...] -> [..., d]."""
+        # index first, normalise after: autograd keeps no reference to `weight`, which restarts overwrite
+        return self.project(self.weight[idx], dim=-1)
+
+    def _nearest(self, flat: Tensor) -> Tensor:
+        """Indices of the nearest codes for projected latents [N, d] (fp32)."""
+        codes = self.project(self.weight.float(), dim=1)
+        if self.cosine:
+            return (flat @ codes.t()).argmax(dim=1)
+        dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codes.t() + codes.pow(2).sum(1)
+        return dist.argmin(dim=1)
+
+    def _flatten(self, z: Tensor) -> Tensor:
+        return self.project(z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1]), dim=1)
+
+    @torch.no_grad()
+    def assign(self, z: Tensor) -> Tensor:
+        """Code indices [B, h, w] for latents [B, d, h, w]; never touches the codebook statistics."""
+        b, _, h, w = z.shape
+        # fp32 outside autocast: bf16 distances tie, and ties always resolve to the lowest index
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return self._nearest(self._flatten(z)).reshape(b, h, w)
+
+    def forward(self, z: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Quantise latents [B, d, h, w]; in training mode also update the codebook and restart dead codes."""
+        b, d, h, w = z.shape
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            flat = self._flatten(z)
+            with torch.no_grad():
+                idx = self._nearest(flat)
+            zq = self.lookup(idx)
+            commit = self.beta * F.mse_loss(flat, zq.detach())
+            # the EMA codebook learns from its statistics, the cosine one from this loss
+            codebook = F.mse_loss(flat.detach(), zq) if self.cosine else flat.new_zeros(())
+            out = flat + (zq - flat).detach()  # straight-through: forward is zq, backward is identity to z
+            counts = torch.bincount(idx, minlength=self.codebook_size).float()
+            restarts = self._update(flat.detach(), idx, counts) if self.training else flat.new_zeros(())
+        probs = counts / counts.sum()
+        stats = {
+            "commit": commit,
+            "codebook": codebook,
+            "usage": (counts > 0).float().mean(),
+            "perplexity": torch.exp(-(probs * probs.clamp_min(1e-10).log()).sum()),
+            "restarts": restarts,
+        }
+        return out.reshape(b, h, w, d).permute(0, 3, 1, 2), stats
+
+    @torch.no_grad()
+    def _update(self, flat: Tensor, idx: Tensor, counts: Tensor) -> Tensor:
+        k = self.codebook_size
+        if not self.cosine:
+            decay = self.ema_decay
+            self.cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
+            sums = torch.zeros_like(self.embed_sum).index_add_(0, idx, flat)
+            self.embed_sum.mul_(decay).add_(sums, alpha=1 - decay)
+            n = self.cluster_size.sum()
+            # Laplace smoothing: no division by a vanishing cluster size
+            size = (self.cluster_size + 1e-5) / (n + k * 1e-5) * n
+            self.weight.copy_(self.embed_sum / size[:, None])
+        self.usage.mul_(self.usage_decay).add_(counts / counts.sum(), alpha=1 - self.usage_decay)
+        if self.dead_code_threshold == 0:
+            return flat.new_zeros(())
+        # a code this batch used is alive, whatever its running share says
+        dead = (self.usage < self.dead_code_threshold / k) & (counts == 0)
+        # Distinct batch latents for up to N dead codes, drawn for every code and masked, so the step never
+        # waits on the device for a count of the dead codes.
+        pick = torch.randperm(len(flat), device=flat.device).repeat(-(-k // len(flat)))[:k]
+        fresh = flat[pick].to(self.weight.dtype)
+        self.weight.copy_(torch.where(dead[:, None], fresh, self.weight))
+        self.usage.copy_(torch.where(dead, 1.0 / k, self.usage))  # the grace period of a fresh code
+        if not self.cosine:
+            self.cluster_size.copy_(torch.where(dead, 1.0, self.cluster_size))
+            self.embed_sum.copy_(torch.where(dead[:, None], fresh, self.embed_sum))
+        return dead.sum().float()
+
+
+class VQGAN(nn.Module):
+    """Image tokenizer: images in [0, 1] <-> [B, H/f, W/f] grids of code indices in [0, K)."""
+
+    def __init__(self, cfg: VQGANConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        top = cfg.channels * cfg.channel_mult[-1]
+        self.encoder = _Encoder(cfg)
+        self.quant_conv = nn.Conv2d(top, cfg.code_dim, 1)
+        self.quantizer = _VectorQuantizer(cfg)
+        self.post_quant_conv = nn.Conv2d(cfg.code_dim, top, 1)
+        self.decoder = _Decoder(cfg)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.cfg.codebook_size
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.cfg.downsample_factor
+
+    def grid_shape(self, image_size: int | None = None) -> tuple[int, int]:
+        size = self.cfg.image_size if image_size is None else image_size
+        f = self.downsample_factor
+        if size % f:
+            raise UserError(f"image size {size} is not a multiple of the downsampling factor {f}.")
+        return size // f, size // f
+
+    def encode_continuous(self, images: Tensor) -> Tensor:
+        """Pre-quantisation latents [B, d, h, w] of images [B, 3, H, W] in [0, 1]."""
+        return self.quant_conv(self.encoder(images * 2 - 1))
+
+    def decode_continuous(self, latents: Tensor) -> Tensor:
+        """Images in [0, 1] from latents [B, d, h, w], quantised or not (projected as the codes are)."""
+        h = self.post_quant_conv(self.quantizer.project(latents, dim=1))
+        return ((self.decoder(h) + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """Code indices [B, h, w] (int64) of images [B, 3, H, W] in [0, 1]."""
+        return self.quantizer.assign(self.encode_continuous(images))
+
+    def decode(self, tokens: Tensor) -> Tensor:
+        """Images [B, 3, H, W] in [0, 1] from code indices [B, h, w]."""
+        return self.decode_continuous(self.quantizer.lookup(tokens).permute(0, 3, 1, 2))
+
+    def loss(self, batch: dict) -> dict[str, Tensor]:
+        x = batch["image"] * 2 - 1
+        zq, stats = self.quantizer(self.encode_continuous(batch["image"]))
+        rec = self.decoder(self.post_quant_conv(zq)).float()
+        l1 = (rec - x).abs().mean()
+        l2 = (rec - x).pow(2).mean()
+        total = self.cfg.l1_weight * l1 + self.cfg.l2_weight * l2 + stats["commit"] + stats["codebook"]
+        logged = {name: value.detach() for name, value in stats.items()}
+        return {"loss": total, "l1": l1.detach(), "l2": l2.detach(), **logged}
+
+    @torch.no_grad()
+    def preview(self, batch: dict, n: int = 8) -> Tensor:
+        """First n originals, then their reconstructions through the codes: [2n, 3, H, W] in [0, 1]."""
+        x = batch["image"][:n].float()
+        return torch.cat([x, self.decode(self.encode(x)).float()])
+
+
+PRESETS: dict[str, dict] = {
+    # tests: 16x16 images, f=4 -> 4x4 tokens; a forward and backward take milliseconds
+    "tiny": dict(image_size=16, channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, codebook_size=64,
+                 code_dim=8),
+    # CPU-sized: 64x64 images, f=8 -> 8x8 tokens (the VQGANConfig defaults)
+    "small": dict(image_size=64, channels=64, channel_mult=(1, 2, 2, 4), num_res_blocks=1, codebook_size=1024,
+                  code_dim=32),
+    # GPU recipe: 256x256 images, f=16 -> 16x16 tokens, K=8192 low-dimensional codes as in ViT-VQGAN
+    "base": dict(image_size=256, channels=128, channel_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+                 codebook_size=8192, code_dim=32),
+}

@@ -1,0 +1,83 @@
+"""Model registry: one entry per family, the only place the commands learn what a model name means.
+
+A family's module provides a config dataclass, a PRESETS dict and a network class that honours the
+family contract (see DESIGN.md): `loss(batch) -> dict`, `preview(batch) -> images`, plus `generate`
+and `edit` for generator families. Modules are imported lazily so `imgen --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+from imgen_cli.errors import UserError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    summary: str
+    paper: str
+    module: str | None  # None: named in the brief, not implemented in this version
+    config_class: str = ""
+    model_class: str = ""
+    needs_vq_tokens: bool = False
+    generates_images: bool = False  # text-to-image generator (sample/edit/eval --fid apply)
+    supports_edit: bool = False
+    supports_dual_output: bool = False
+
+    @property
+    def available(self) -> bool:
+        return self.module is not None
+
+    def _module(self) -> Any:
+        if not self.available:
+            raise UserError(
+                f"the {self.name} family ({self.summary}) is not implemented in this version of imgen yet.",
+                hint=f"Families available now: {', '.join(available_names())} (see `imgen models`).",
+            )
+        return importlib.import_module(self.module)
+
+    def config_cls(self) -> type:
+        return getattr(self._module(), self.config_class)
+
+    def model_cls(self) -> type:
+        return getattr(self._module(), self.model_class)
+
+    def presets(self) -> dict[str, dict[str, Any]]:
+        return self._module().PRESETS
+
+    def build(self, model_config: Any) -> Any:
+        return self.model_cls()(model_config)
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in [
+        Family(
+            "vqgan", "VQGAN image tokenizer", "Esser et al. 2021",
+            module="imgen_cli.models.vqgan", config_class="VQGANConfig", model_class="VQGAN",
+        ),
+        Family("muse", "masked generative transformer", "Chang et al. 2023", module=None,
+               needs_vq_tokens=True, generates_images=True, supports_edit=True),
+        Family("vqdiffusion", "mask-and-replace discrete diffusion", "Gu et al. 2021", module=None,
+               needs_vq_tokens=True, generates_images=True, supports_edit=True),
+        Family("bitdiff", "Bit Diffusion with analog bits", "Chen et al. 2022", module=None,
+               generates_images=True, supports_edit=True, supports_dual_output=True),
+        Family("diffit", "DiffiT vision-transformer diffusion", "Hatamizadeh et al. 2023", module=None,
+               generates_images=True, supports_edit=True, supports_dual_output=True),
+        Family("clip", "in-project CLIP evaluator", "Radford et al. 2021", module=None),
+    ]
+}
+
+
+def available_names() -> list[str]:
+    return [name for name, fam in FAMILIES.items() if fam.available]
+
+
+def get(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(FAMILIES)}.") from None

@@ -1,0 +1,41 @@
+"""Exponential moving average of a model's weights, kept in fp32 as a full module for sampling."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """Shadow copy updated as ema = d * ema + (1 - d) * weights, with d warmed up from 0.
+
+    The warm-up (d_k = min(decay, (1 + k) / (10 + k))) keeps the first checkpoints from being
+    dominated by the random initialisation. Buffers (running statistics, codebook usage counts)
+    are copied, not averaged: they are state, not weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.current_decay()
+        self.updates += 1
+        for ema_p, p in zip(self.module.parameters(), model.parameters(), strict=True):
+            ema_p.lerp_(p.detach().float(), 1 - d)
+        for ema_b, b in zip(self.module.buffers(), model.buffers(), strict=True):
+            ema_b.copy_(b)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], updates: int) -> None:
+        self.module.load_state_dict(state)
+        self.updates = updates

@@ -1,0 +1,113 @@
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from imgen_cli.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, list(args), env={"COLUMNS": "250"})
+    assert "Traceback" not in result.output
+    return result
+
+
+def one_line(result) -> str:
+    return " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("command", ["synth", "tokenize", "train", "sample", "edit", "eval", "models"])
+def test_every_command_has_help_with_an_example(command: str) -> None:
+    result = invoke(command, "--help")
+    assert result.exit_code == 0
+    assert "Example" in result.output
+
+
+def test_top_level_help_lists_commands() -> None:
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("synth", "tokenize", "train", "sample", "edit", "eval", "models"):
+        assert command in result.output
+
+
+def test_models_lists_presets_and_status() -> None:
+    result = invoke("models")
+    assert result.exit_code == 0
+    text = one_line(result)
+    assert "│ vqgan │ VQGAN image tokenizer │ Esser et al. 2021 │ tiny (0.2M), small (12.0M), base (64.4M) │ available" in text
+    assert "│ muse │ masked generative transformer │ Chang et al. 2023 │ - │ not implemented yet" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--model", "nosuch"], "unknown model 'nosuch'; choose one of: vqgan, muse"),
+        (["train", "--model", "bitdiff"], "the bitdiff family (Bit Diffusion with analog bits) is not implemented"),
+        (["train"], "--model is required for a new run"),
+        (["tokenize", "no/such/dir"], "no/such/dir does not exist"),
+        (["train", "--model", "vqgan", "--set", "train.nosuch=1"], "unknown key train.nosuch"),
+        (["train", "--model", "vqgan", "--set", "oops"], "--set expects key=value"),
+        (["train", "--model", "vqgan", "--preset", "giant"], "unknown preset 'giant'"),
+        (["train", "--model", "vqgan", "--data", "no_shards_here"], "no_shards_here"),
+        (["sample", "a bear riding a bicycle"], "no trained run found under runs/"),
+        (["sample", "x", "--ckpt", "nowhere"], "--ckpt nowhere does not exist"),
+        (["edit", "missing.png", "a red circle"], "missing.png does not exist"),
+        (["eval"], "choose at least one metric"),
+    ],
+)
+def test_user_errors_are_one_sentence_exit_2(args: list[str], message: str, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output
+    assert message in one_line(result)
+
+
+def test_malformed_recipe_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("bad.toml").write_text("[train\n")
+    result = invoke("train", "--model", "vqgan", "--recipe", "bad.toml")
+    assert result.exit_code == 2 and "not valid TOML" in one_line(result)
+    Path("other.toml").write_text('family = "muse"\n')
+    result = invoke("train", "--model", "vqgan", "--recipe", "other.toml")
+    assert result.exit_code == 2 and "is for muse, not vqgan" in one_line(result)
+
+
+def test_the_users_four_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """synth -> tokenize -> train -> sample/eval exactly as the README tells users to type them."""
+    monkeypatch.chdir(tmp_path)
+    assert invoke("synth", "coco/", "--n", "40", "--val", "8", "--size", "16").exit_code == 0
+    assert sorted(p.name for p in Path("coco").iterdir()) == ["annotations", "train2017", "val2017"]
+
+    result = invoke("tokenize", "coco/", "--shard-size", "10", "--workers", "1")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(Path("shards/manifest.json").read_text())
+    assert manifest["splits"]["train"]["count"] == 40 and manifest["image_size"] == 16
+
+    result = invoke("train", "--model", "bitdiff")
+    assert result.exit_code == 2 and "not implemented in this version" in one_line(result)
+
+    args = ["train", "--model", "vqgan", "--preset", "tiny", "--steps", "2", "--set", "train.batch_size=4",
+            "--set", "data.num_workers=0", "--set", "train.log_every=1"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    config = json.loads(Path("runs/vqgan/config.json").read_text())
+    assert config["family"] == "vqgan" and config["preset"] == "tiny" and config["train"]["steps"] == 2
+    assert config["model"]["codebook_size"] == 64 and config["data"]["shards"] == "shards"
+    assert (Path("runs/vqgan/checkpoints/step-000002") / "ema.safetensors").is_file()
+
+    # same command, more steps: resumes; a changed model setting is refused
+    result = invoke(*[a if a != "2" else "3" for a in args])
+    assert result.exit_code == 0 and "resuming runs/vqgan from step 2" in one_line(result)
+    result = invoke(*args, "--set", "model.codebook_size=32")
+    assert result.exit_code == 2 and "was trained with other settings (model.codebook_size" in one_line(result)
+
+    result = invoke("sample", "a bear riding a bicycle")
+    assert result.exit_code == 2
+    assert "runs/vqgan is a vqgan run (VQGAN image tokenizer); sampling needs a text-to-image run" in one_line(result)
+    result = invoke("eval", "--fid")
+    assert result.exit_code == 2 and "imgen eval is not implemented in this version" in one_line(result)

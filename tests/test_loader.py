@@ -1,0 +1,59 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from imgen_cli.data.shards import exact_loader, open_shards, to_device, train_loader
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_train_loader_batches_are_typed_and_reproducible(shapes_shards: Path) -> None:
+    shards = open_shards(str(shapes_shards), "train")
+
+    def keys(start_step: int) -> list[list[str]]:
+        loader = train_loader(shards, 4, steps=6, seed=3, num_workers=0, shuffle_buffer=8, start_step=start_step)
+        return [list(b["key"]) for b in loader]
+
+    batch = next(iter(train_loader(shards, 4, steps=1, num_workers=0)))
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (4, 3, 16, 16)
+    assert len(batch["caption"]) == 4 and all(isinstance(c, str) and c for c in batch["caption"])
+    images = to_device(batch, "cpu")["image"]
+    assert images.dtype == torch.float32 and 0 <= images.min() and images.max() <= 1
+    assert keys(0) == keys(0)  # same seed and start step: same stream
+    assert keys(0) != keys(100)  # a resumed run does not replay the batches it already saw
+    assert sum(len(k) for k in keys(0)) == 24
+
+
+def test_random_caption_choice_covers_the_captions(shapes_shards: Path) -> None:
+    shards = open_shards(str(shapes_shards), "train")
+    seen: dict[str, set[str]] = {}
+    for batch in train_loader(shards, 8, steps=80, num_workers=0, shuffle_buffer=8):
+        for key, caption in zip(batch["key"], batch["caption"], strict=True):
+            seen.setdefault(key, set()).add(caption)
+    assert max(len(c) for c in seen.values()) >= 3  # not always the first caption
+
+
+def test_exact_loader_reads_each_sample_once(shapes_shards: Path) -> None:
+    shards = open_shards(str(shapes_shards), "train")
+    keys = [k for b in exact_loader(shards, 5) for k in b["key"]]
+    assert len(keys) == 64 == len(set(keys))
+    per_rank = [[k for b in exact_loader(shards, 5, rank=r, world_size=3) for k in b["key"]] for r in range(3)]
+    assert sorted(sum(per_rank, [])) == sorted(keys)
+
+
+def test_two_rank_torchrun_equal_steps_disjoint_data(shapes_shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "keys.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(HERE / "dist_loader_worker.py"), str(shapes_shards), str(out), "7"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    per_rank = json.loads(out.read_text())
+    assert [len(steps) for steps in per_rank] == [7, 7]
+    for step_a, step_b in zip(*per_rank, strict=True):
+        assert len(step_a) == len(step_b) == 4
+        assert not set(step_a) & set(step_b)
+    # ranks draw from disjoint shard subsets, so they never share a sample at all
+    assert not {k for s in per_rank[0] for k in s} & {k for s in per_rank[1] for k in s}
