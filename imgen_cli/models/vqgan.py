@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -132,6 +133,10 @@ class _Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _middle(width: int, attn: bool) -> nn.Sequential:
     attention = [_Attention(width)] if attn else []
     return nn.Sequential(_ResBlock(width, width), *attention, _ResBlock(width, width))
@@ -189,6 +194,8 @@ class _VectorQuantizer(nn.Module):
 
     `weight` holds the codebook [K, d]: a parameter for "cosine" (kept unit-norm at restarts, normalised again
     on every use), a buffer for "ema" (recomputed from the EMA statistics `cluster_size` and `embed_sum`).
+    Under torch.distributed the counts and sums are pooled over ranks and restarts come from rank 0, so every
+    rank keeps the same codebook; a training-mode forward is therefore a collective that all ranks must run.
     """
 
     def __init__(self, cfg: VQGANConfig) -> None:
@@ -252,7 +259,11 @@ class _VectorQuantizer(nn.Module):
             codebook = F.mse_loss(flat.detach(), zq) if self.cosine else flat.new_zeros(())
             out = flat + (zq - flat).detach()  # straight-through: forward is zq, backward is identity to z
             counts = torch.bincount(idx, minlength=self.codebook_size).float()
-            restarts = self._update(flat.detach(), idx, counts) if self.training else flat.new_zeros(())
+            restarts = flat.new_zeros(())
+            if self.training:
+                if _distributed():  # every rank must make the same codebook update: pool all ranks' counts
+                    dist.all_reduce(counts)
+                restarts = self._update(flat.detach(), idx, counts)
         probs = counts / counts.sum()
         stats = {
             "commit": commit,
@@ -270,6 +281,8 @@ class _VectorQuantizer(nn.Module):
             decay = self.ema_decay
             self.cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
             sums = torch.zeros_like(self.embed_sum).index_add_(0, idx, flat)
+            if _distributed():
+                dist.all_reduce(sums)
             self.embed_sum.mul_(decay).add_(sums, alpha=1 - decay)
             n = self.cluster_size.sum()
             # Laplace smoothing: no division by a vanishing cluster size
@@ -284,6 +297,8 @@ class _VectorQuantizer(nn.Module):
         # waits on the device for a count of the dead codes.
         pick = torch.randperm(len(flat), device=flat.device).repeat(-(-k // len(flat)))[:k]
         fresh = flat[pick].to(self.weight.dtype)
+        if _distributed():  # rank 0's latents, so that the ranks' codebooks stay identical
+            dist.broadcast(fresh, src=0)
         self.weight.copy_(torch.where(dead[:, None], fresh, self.weight))
         self.usage.copy_(torch.where(dead, 1.0 / k, self.usage))  # the grace period of a fresh code
         if not self.cosine:
