@@ -37,7 +37,8 @@ def test_models_lists_presets_and_status() -> None:
     result = invoke("models")
     assert result.exit_code == 0
     text = one_line(result)
-    assert "│ vqgan │ VQGAN image tokenizer │ Esser et al. 2021 │ tiny (0.2M), small (12.0M), base (64.4M) │ available" in text
+    assert ("│ vqgan │ VQGAN image tokenizer │ Esser et al. 2021 │ tiny (0.2M), small (12.0M), base (64.4M) "
+            "│ available") in text
     assert "│ muse │ masked generative transformer │ Chang et al. 2023 │ - │ not implemented yet" in text
 
 

@@ -47,7 +47,8 @@ def test_set_overrides_preset_and_explicit_preset_overrides_recipe(tmp_path: Pat
 
 def test_unknown_key_names_the_key_and_the_valid_ones(tmp_path: Path) -> None:
     recipe = load_recipe(write(tmp_path, "[train]\nlearning_rate = 1e-3\n"))
-    with pytest.raises(UserError, match=r"unknown key train\.learning_rate.*valid keys in \[train\]: steps, batch_size"):
+    expected = r"unknown key train\.learning_rate.*valid keys in \[train\]: steps, batch_size"
+    with pytest.raises(UserError, match=expected):
         resolve("vqgan", VQGANConfig, PRESETS, recipe=recipe)
     with pytest.raises(UserError, match=r"unknown key model\.widht; valid keys in \[model\]: image_size"):
         resolve("vqgan", VQGANConfig, PRESETS, sets=["model.widht=3"])

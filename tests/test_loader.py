@@ -57,3 +57,24 @@ def test_two_rank_torchrun_equal_steps_disjoint_data(shapes_shards: Path, tmp_pa
         assert not set(step_a) & set(step_b)
     # ranks draw from disjoint shard subsets, so they never share a sample at all
     assert not {k for s in per_rank[0] for k in s} & {k for s in per_rank[1] for k in s}
+
+
+def test_unreadable_shards_fail_instead_of_looping(shapes_shards: Path, tmp_path: Path) -> None:
+    import shutil
+    import warnings
+
+    import pytest
+
+    from imgen_cli.errors import RunError
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shapes_shards, copy)
+    shards = open_shards(str(copy), "train")
+    (copy / "train-000001.tar").write_bytes(b"garbage, not a tar")  # one bad shard is skipped
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert sum(len(b["key"]) for b in train_loader(shards, 4, steps=20, num_workers=0)) == 80
+        for url in shards.urls:
+            Path(url).unlink()  # every shard gone: a clear failure, not an endless loop
+        with pytest.raises(RunError, match="reads failed in a row"):
+            list(train_loader(shards, 4, steps=3, num_workers=0))

@@ -29,7 +29,7 @@ import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image
 
-from imgen_cli.errors import UserError
+from imgen_cli.errors import RunError, UserError
 
 MANIFEST = "manifest.json"
 FORMAT = "imgen-shards"
@@ -135,7 +135,27 @@ class RankShardSampler(wds.PipelineStage):
             yield {"url": rng.choice(share)}
 
 
-def _sample_stage(seed: int, rank: int, start_step: int):
+class _FailureBudget:
+    """Skip damaged shards and samples with a warning, but stop when nothing readable is left.
+
+    Resampling draws shards forever, so a vanished shard directory would otherwise warn in an
+    endless loop instead of failing.
+    """
+
+    def __init__(self, limit: int = 100):
+        self.limit, self.in_a_row = limit, 0
+
+    def handler(self, err: Exception) -> bool:
+        self.in_a_row += 1
+        if self.in_a_row > self.limit:
+            raise RunError(f"{self.limit} shard or sample reads failed in a row; last error: {err}")
+        return wds.warn_and_continue(err)
+
+    def ok(self) -> None:
+        self.in_a_row = 0
+
+
+def _sample_stage(seed: int, rank: int, start_step: int, budget: _FailureBudget):
     """Decode + random caption choice, with a per-worker RNG created where the worker runs."""
 
     def stage(samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -143,9 +163,12 @@ def _sample_stage(seed: int, rank: int, start_step: int):
         rng = random.Random(_stream_seed(seed, rank, info.id if info else 0, start_step, 1))
         for sample in samples:
             try:
-                yield _decode_sample(sample, rng)
+                decoded = _decode_sample(sample, rng)
             except Exception as err:  # a damaged sample must not stop a week-long run
-                wds.warn_and_continue(err)
+                budget.handler(err)
+                continue
+            budget.ok()
+            yield decoded
 
     return stage
 
@@ -163,12 +186,13 @@ def train_loader(
     start_step: int = 0,
 ) -> wds.WebLoader:
     """Exactly `steps` batches of `batch_size` (per rank), reproducible from (seed, rank, start_step)."""
+    budget = _FailureBudget()
     pipeline = wds.DataPipeline(
         RankShardSampler(shards.urls, seed, rank, world_size, start_step),
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        wds.tarfile_to_samples(handler=budget.handler),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100),
                     rng=random.Random(_stream_seed(seed, rank, start_step, 2))),
-        _sample_stage(seed, rank, start_step),
+        _sample_stage(seed, rank, start_step, budget),
         wds.batched(batch_size, collation_fn=collate, partial=False),
     )
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers,
