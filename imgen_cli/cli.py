@@ -147,6 +147,8 @@ def train(
     seed: Annotated[int | None, typer.Option("--seed", help="Training seed.")] = None,
     sets: Annotated[list[str] | None, typer.Option("--set", help="Override any key: --set train.lr=1e-4.")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 [default: cuda if present].")] = None,
+    compile_model: Annotated[bool | None, typer.Option("--compile", help="torch.compile the model (train.compile).")] = None,
+    tensorboard: Annotated[bool | None, typer.Option("--tensorboard", help="Also log to RUN/tensorboard.")] = None,
 ) -> None:
     """Train a model (one process, or every rank under torchrun). Re-running on an existing --out resumes it."""
     from imgen_cli import config as cfg_mod
@@ -167,7 +169,8 @@ def train(
     if recipe_values.get("family", model) != model:
         raise UserError(f"recipe {recipe} is for {recipe_values['family']}, not {model}.")
     cfg = cfg_mod.resolve(model, family.config_cls(), family.presets(), recipe=recipe_values, preset=preset,
-                          sets=sets or [], flags={"data.shards": data, "train.steps": steps, "train.seed": seed, "vq": vq})
+                          sets=sets or [], flags={"data.shards": data, "train.steps": steps, "train.seed": seed, "vq": vq,
+                                 "train.compile": compile_model, "train.tensorboard": tensorboard})
     if family.needs_vq_tokens and not cfg.vq:
         raise UserError(f"{model} trains on image tokens: pass --vq RUN (a trained vqgan run).")
 
@@ -188,7 +191,9 @@ def train(
 
 # keys a resumed run may change: how long, how often, from where, not what is trained
 RESUMABLE_KEYS = {"train.steps", "train.log_every", "train.ckpt_every", "train.sample_every", "train.keep_last",
-                  "data.shards", "data.num_workers"}
+                  "train.val_every", "train.val_max_batches", "train.compile", "train.tensorboard",
+                  "train.activation_checkpointing", "train.nan_policy", "data.shards", "data.num_workers",
+                  "data.resume"}
 
 
 def _run_config(cfg: Any) -> dict[str, Any]:

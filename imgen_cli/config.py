@@ -42,11 +42,18 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     ema_decay: float = 0.999
     seed: int = 0
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 (with a grad scaler) | fp32
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2: each block sharded, for models too big for one GPU)
+    compile: bool = False  # torch.compile the model (first steps are slow while it compiles)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
+    nan_policy: str = "stop"  # stop | skip (drop the update, stop after 10 bad steps in a row)
     log_every: int = 10
     ckpt_every: int = 500
     sample_every: int = 500
+    val_every: int = 0  # held-out loss on the val split every N steps; 0 = never
+    val_max_batches: int = 0  # cap on val batches per rank; 0 = the whole split
     keep_last: int = 3  # complete checkpoints kept on disk
+    tensorboard: bool = False  # also log to RUN/tensorboard (needs the tensorboard package)
 
     def validate(self) -> None:
         _positive(self, "train", ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every",
@@ -55,10 +62,12 @@ class TrainConfig:
             raise UserError(f"train.lr must be positive, got {self.lr}.")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}.")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise UserError(f"train.precision must be auto, bf16 or fp32, got {self.precision!r}.")
-        if self.warmup_steps < 0 or self.grad_clip < 0:
-            raise UserError("train.warmup_steps and train.grad_clip must not be negative.")
+        for name, choices in (("precision", ("auto", "bf16", "fp16", "fp32")), ("parallel", ("ddp", "fsdp")),
+                              ("nan_policy", ("stop", "skip"))):
+            if getattr(self, name) not in choices:
+                raise UserError(f"train.{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")
+        if min(self.warmup_steps, self.grad_clip, self.val_every, self.val_max_batches) < 0:
+            raise UserError("train.warmup_steps, grad_clip, val_every and val_max_batches must not be negative.")
 
 
 @dataclass
@@ -66,10 +75,15 @@ class DataConfig:
     shards: str = "shards"  # a tokenize output dir (with manifest.json), or a shard list: glob, {a..b}, pipe:
     num_workers: int = 2
     shuffle_buffer: int = 1000
+    # on resume: "replay" fast-forwards the stream past the batches already seen (exact: the run continues
+    # as if never stopped; re-reads, but does not decode, those samples); "reseed" starts a fresh stream
+    resume: str = "replay"
 
     def validate(self) -> None:
         if self.num_workers < 0 or self.shuffle_buffer < 1:
             raise UserError("data.num_workers must be >= 0 and data.shuffle_buffer >= 1.")
+        if self.resume not in ("replay", "reseed"):
+            raise UserError(f"data.resume must be replay or reseed, got {self.resume!r}.")
 
 
 @dataclass

@@ -10,7 +10,7 @@ from imgen_cli.data.shards import open_shards, train_loader
 shards_dir, out_path, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
-loader = train_loader(open_shards(shards_dir, "train"), batch_size=4, steps=steps, seed=0, rank=rank,
+loader = train_loader(open_shards(shards_dir, "train"), 4, steps, seed=0, rank=rank,
                       world_size=world, num_workers=2, shuffle_buffer=8)
 keys = [list(batch["key"]) for batch in loader]
 gathered = [None] * world

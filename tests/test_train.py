@@ -1,4 +1,5 @@
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,9 @@ from imgen_cli import registry
 from imgen_cli.config import resolve
 from imgen_cli.errors import RunError
 from imgen_cli.runs import RunDir
+from imgen_cli.train.checkpoint import TrainingState, resume
 from imgen_cli.train.distributed import DistEnv
-from imgen_cli.train.loop import _resume, make_optimizer, train, warmup_cosine
+from imgen_cli.train.loop import make_optimizer, train, warmup_cosine
 
 ENV = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 QUIET = Console(file=open("/dev/null", "w"))  # noqa: SIM115
@@ -54,15 +56,17 @@ def test_training_writes_run_dir_and_resume_restores_everything(shapes_shards: P
     ema = EMA(model, 0.999)
     opt = make_optimizer(model, cfg, torch.device("cpu"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    step = _resume(ckpt, model, ema, opt, sched, ENV)
-    assert step == 4 and ema.updates == 4 and sched.last_epoch == 4
+    state = TrainingState(model, ema, opt, sched, torch.amp.GradScaler("cpu", enabled=False))
+    restored = resume(run, state, ENV, print)
+    assert restored.step == 4 and ema.updates == 4 and sched.last_epoch == 4
     saved_model, saved_ema = ckpt.load_weights(ema=False), ckpt.load_weights(ema=True)
     assert all(torch.equal(v, saved_model[k]) for k, v in model.state_dict().items())
     assert all(torch.equal(v, saved_ema[k]) for k, v in ema.state_dict().items())
     assert any(not torch.equal(saved_model[k], saved_ema[k]) for k in saved_model)  # EMA is its own copy
-    saved_opt = ckpt.load_train_state()["optimizer"]
-    assert all(torch.equal(opt.state_dict()["state"][i]["exp_avg"], s["exp_avg"])
-               for i, s in saved_opt["state"].items())
+    saved_opt = ckpt.load_train_state()["optimizer"]["state"]
+    names = [n for n, _ in model.named_parameters()]
+    assert set(saved_opt) == set(names)
+    assert all(torch.equal(opt.state[p]["exp_avg"], saved_opt[n]["exp_avg"]) for n, p in model.named_parameters())
 
     # continuing the run picks up at step 4 and prunes down to keep_last=2
     more = train(tiny_config(shapes_shards, 6), run, ENV, QUIET)
@@ -115,3 +119,120 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(shapes_shards: P
     with pytest.raises(RunError, match=r"loss became nan .* at step 3; the last good checkpoint is .*step-000002"):
         train(tiny_config(shapes_shards, 4), run, ENV, QUIET)
     assert [c.step for c in run.checkpoints()] == [2]
+
+
+def _weights(run: RunDir) -> dict[str, torch.Tensor]:
+    ckpt = run.latest_checkpoint()
+    return {**ckpt.load_weights(ema=False), **{f"ema.{k}": v for k, v in ckpt.load_weights(ema=True).items()}}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_interrupted_run_resumes_to_the_same_weights(shapes_shards: Path, tmp_path: Path, workers: int) -> None:
+    import signal
+
+    settings = {"ckpt_every": 100, "sample_every": 100, "val_every": 0}
+    cfg = tiny_config(shapes_shards, 6, **settings)
+    cfg.data.num_workers = workers
+    whole = RunDir(tmp_path / "whole")
+    train(cfg, whole, ENV, QUIET)
+
+    def preempt(info) -> None:  # noqa: ANN001
+        if info.step == 3:
+            signal.raise_signal(signal.SIGTERM)  # what a cluster scheduler sends
+
+    parts = RunDir(tmp_path / "parts")
+    first = train(cfg, parts, ENV, QUIET, on_step=preempt)
+    assert first.stopped_early and first.step == 3 and [c.step for c in parts.checkpoints()] == [3]
+    second = train(cfg, parts, ENV, QUIET)
+    assert second.step == 6 and not second.stopped_early
+    a, b = _weights(whole), _weights(parts)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged from the uninterrupted one"
+    state_a = whole.latest_checkpoint().load_train_state()
+    state_b = parts.latest_checkpoint().load_train_state()
+    assert state_a["scheduler"] == state_b["scheduler"]
+    moments_a, moments_b = state_a["optimizer"]["state"], state_b["optimizer"]["state"]
+    assert all(torch.equal(moments_a[n]["exp_avg_sq"], moments_b[n]["exp_avg_sq"]) for n in moments_a)
+
+
+def test_truncated_checkpoint_is_skipped_on_resume(shapes_shards: Path, tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run")
+    train(tiny_config(shapes_shards, 4, val_every=0), run, ENV, QUIET)
+    latest = run.latest_checkpoint().path / "model.safetensors"
+    latest.write_bytes(latest.read_bytes()[:100])  # the disk filled up mid-write of a copied run
+    notes = []
+    cfg = tiny_config(shapes_shards, 5, val_every=0)
+    from imgen_cli.train.loop import _build
+
+    model, ema, _ = _build(cfg, ENV)
+    opt = make_optimizer(model, cfg, torch.device("cpu"))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    restored = resume(run, TrainingState(model, ema, opt, sched, torch.amp.GradScaler("cpu", enabled=False)),
+                      ENV, notes.append)
+    assert restored.step == 2
+    assert "step-000004" in notes[0] and "unreadable" in notes[0]
+    assert train(cfg, run, ENV, QUIET).step == 5
+
+
+def test_nan_skip_policy_drops_the_update_then_gives_up(shapes_shards: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    model_cls = registry.get("vqgan").model_cls()
+    real_loss = model_cls.loss
+    calls = {"n": 0}
+
+    def sometimes_nan(self, batch):  # noqa: ANN001
+        out = real_loss(self, batch)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(model_cls, "loss", sometimes_nan)
+    run = RunDir(tmp_path / "run")
+    result = train(tiny_config(shapes_shards, 3, nan_policy="skip", val_every=0), run, ENV, QUIET)
+    assert result.step == 3 and all(torch.isfinite(v).all() for v in _weights(run).values())
+
+    monkeypatch.setattr(model_cls, "loss", lambda self, batch: {"loss": real_loss(self, batch)["loss"] * float("inf")})
+    with pytest.raises(RunError, match="11 non-finite losses in a row"):
+        train(tiny_config(shapes_shards, 20, nan_policy="skip", val_every=0), RunDir(tmp_path / "bad"), ENV, QUIET)
+
+
+def test_activation_checkpointing_gives_the_same_training(shapes_shards: Path, tmp_path: Path) -> None:
+    plain, recomputed = RunDir(tmp_path / "a"), RunDir(tmp_path / "b")
+    train(tiny_config(shapes_shards, 2, val_every=0), plain, ENV, QUIET)
+    train(tiny_config(shapes_shards, 2, val_every=0, activation_checkpointing=True), recomputed, ENV, QUIET)
+    a, b = _weights(plain), _weights(recomputed)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_bf16_autocast_and_validation_on_cpu(shapes_shards: Path, tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run")
+    result = train(tiny_config(shapes_shards, 2, precision="bf16", val_every=1), run, ENV, QUIET)
+    assert math.isfinite(result.last_loss)
+    records = [json.loads(x) for x in run.metrics_path.read_text().splitlines()]
+    val = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in val] == [1, 2] and all(math.isfinite(r["val_loss"]) for r in val)
+    assert all(r["tokens_per_s"] == pytest.approx(r["samples_per_s"] * 16) for r in records if "loss" in r)
+    assert all(v.dtype == torch.float32 for v in _weights(run).values())  # fp32 master weights
+
+
+def test_sigterm_to_the_cli_writes_a_checkpoint_and_exits_cleanly(shapes_shards: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "imgen_cli", "train", "--model", "vqgan", "--preset", "tiny", "--data",
+           str(shapes_shards), "--out", str(run), "--steps", "100000", "--set", "train.batch_size=4",
+           "--set", "train.log_every=1", "--set", "data.num_workers=0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by signal" in err
+    steps = [c.step for c in RunDir(run).checkpoints()]
+    assert len(steps) == 1 and 1 <= steps[0] < 100000

@@ -6,7 +6,7 @@ size), plus `manifest.json` and `sizes.json`, written last: a shard not listed t
 
 Training stream, per rank: the rank takes every world_size-th shard (so ranks never read the same
 data), each loader worker takes every num_workers-th of those when there are enough, and draws shards
-from its share with replacement from an RNG seeded by (seed, rank, worker, start step). The loader,
+from its share with replacement from an RNG seeded by (seed, rank, worker). The loader,
 not the dataset, fixes the number of batches, so every rank yields exactly the same count and DDP
 stays in lock-step. Evaluation reads every sample exactly once.
 """
@@ -16,8 +16,10 @@ from __future__ import annotations
 import functools
 import glob
 import io
+import itertools
 import json
 import random
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,22 +117,34 @@ def _stream_seed(*parts: int) -> int:
     return int.from_bytes(np.random.SeedSequence(list(parts)).generate_state(2, np.uint32).tobytes(), "little")
 
 
+def _worker_role(start_batch: int) -> tuple[int, int]:
+    """(role, num_workers) of this loader worker: the stream it produces.
+
+    The loader takes batch j from worker j mod num_workers, so in a loader that starts at batch
+    `start_batch` of the stream, worker w must produce what worker (w + start_batch) mod num_workers
+    produced in the original loader for the batches to line up.
+    """
+    info = torch.utils.data.get_worker_info()
+    worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+    return (worker + start_batch) % num_workers, num_workers
+
+
 class RankShardSampler(wds.PipelineStage):
     """Endless shard URLs for one rank and loader worker; see the module docstring."""
 
-    def __init__(self, urls: list[str], seed: int, rank: int, world_size: int, start_step: int):
+    def __init__(self, urls: list[str], seed: int, rank: int, world_size: int, start_batch: int):
         if len(urls) < world_size:
             raise UserError(f"{len(urls)} shard(s) cannot feed {world_size} ranks without sharing data; "
                             f"re-tokenize with a smaller --shard-size so there are at least {world_size}.")
-        self.urls, self.seed, self.rank, self.world_size, self.start_step = urls, seed, rank, world_size, start_step
+        self.urls, self.seed, self.rank, self.world_size = urls, seed, rank, world_size
+        self.start_batch = start_batch
 
     def run(self) -> Iterator[dict[str, Any]]:
-        info = torch.utils.data.get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        worker, num_workers = _worker_role(self.start_batch)
         share = self.urls[self.rank :: self.world_size]
         if len(share) >= num_workers:
             share = share[worker::num_workers]
-        rng = random.Random(_stream_seed(self.seed, self.rank, worker, self.start_step))
+        rng = random.Random(_stream_seed(self.seed, self.rank, worker, 0))
         while True:
             yield {"url": rng.choice(share)}
 
@@ -149,20 +163,31 @@ class _FailureBudget:
         self.in_a_row += 1
         if self.in_a_row > self.limit:
             raise RunError(f"{self.limit} shard or sample reads failed in a row; last error: {err}")
-        return wds.warn_and_continue(err)
+        warnings.warn(f"skipping unreadable data: {err!r}", stacklevel=2)  # wds's own handler sleeps 0.5 s
+        return True
 
     def ok(self) -> None:
         self.in_a_row = 0
 
 
-def _sample_stage(seed: int, rank: int, start_step: int, budget: _FailureBudget):
-    """Decode + random caption choice, with a per-worker RNG created where the worker runs."""
+def _sample_stage(seed: int, rank: int, batch_size: int, skip_batches: int, budget: _FailureBudget):
+    """Decode + random caption choice, with a per-worker RNG created where the worker runs.
+
+    To fast-forward past `skip_batches` batches each worker drops its role's share of them before
+    decoding, drawing the same caption choices it would have drawn: the stream then continues
+    exactly as if never stopped.
+    """
 
     def stage(samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        info = torch.utils.data.get_worker_info()
-        rng = random.Random(_stream_seed(seed, rank, info.id if info else 0, start_step, 1))
+        worker, num_workers = _worker_role(skip_batches)
+        rng = random.Random(_stream_seed(seed, rank, worker, 1))
+        to_skip = len(range(worker, skip_batches, num_workers)) * batch_size
         for sample in samples:
             try:
+                if to_skip:
+                    rng.choice(json.loads(sample["json"])["captions"])
+                    to_skip -= 1
+                    continue
                 decoded = _decode_sample(sample, rng)
             except Exception as err:  # a damaged sample must not stop a week-long run
                 budget.handler(err)
@@ -176,42 +201,57 @@ def _sample_stage(seed: int, rank: int, start_step: int, budget: _FailureBudget)
 def train_loader(
     shards: ShardSet,
     batch_size: int,
-    steps: int,
+    batches: int,
     *,
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 2,
     shuffle_buffer: int = 1000,
-    start_step: int = 0,
+    start_batch: int = 0,
+    replay: bool = True,
 ) -> wds.WebLoader:
-    """Exactly `steps` batches of `batch_size` (per rank), reproducible from (seed, rank, start_step)."""
+    """Exactly `batches` batches of `batch_size` for this rank, starting at batch `start_batch` of its stream.
+
+    The stream is a function of (seed, rank, num_workers). `replay` fast-forwards through the batches
+    before `start_batch` (exact resume; reads but does not decode them); without it the stream is
+    instead reseeded from `start_batch` (instant, but a resumed run then sees other data).
+    """
+    if not replay:
+        seed, start_batch = _stream_seed(seed, start_batch), 0
     budget = _FailureBudget()
     pipeline = wds.DataPipeline(
-        RankShardSampler(shards.urls, seed, rank, world_size, start_step),
+        RankShardSampler(shards.urls, seed, rank, world_size, start_batch),
         wds.tarfile_to_samples(handler=budget.handler),
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100),
-                    rng=random.Random(_stream_seed(seed, rank, start_step, 2))),
-        _sample_stage(seed, rank, start_step, budget),
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(_stream_seed(seed, rank, 2))),
+        _sample_stage(seed, rank, batch_size, start_batch, budget),
         wds.batched(batch_size, collation_fn=collate, partial=False),
     )
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers,
                            persistent_workers=num_workers > 0)
-    return loader.with_epoch(steps)
+    return loader.with_epoch(batches)
 
 
 # --- exact single pass ------------------------------------------------------------------------------
 
 
-def exact_loader(shards: ShardSet, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0) -> wds.WebLoader:
-    """Every sample of the split exactly once (split across ranks, uneven counts allowed)."""
-    own = shards.urls[rank::world_size]
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList(own),
-        wds.split_by_worker,
+def _every_nth(n: int, offset: int):
+    def stage(samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        return itertools.islice(samples, offset, None, n)
+
+    return stage
+
+
+def exact_loader(shards: ShardSet, batch_size: int, *, rank: int = 0, world_size: int = 1) -> wds.DataPipeline:
+    """Every sample of the split exactly once, in shard order; rank r takes samples r, r + world_size, ...
+
+    Splitting by sample rather than by shard keeps the ranks' counts within one of each other
+    however few shards there are (each rank reads, but does not decode, the others' samples).
+    """
+    return wds.DataPipeline(
+        wds.SimpleShardList(shards.urls),
         wds.tarfile_to_samples(),
+        _every_nth(world_size, rank),
         wds.map(functools.partial(_decode_sample, rng=None)),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=min(num_workers, len(own)))

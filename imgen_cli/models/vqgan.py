@@ -310,6 +310,9 @@ class _VectorQuantizer(nn.Module):
 class VQGAN(nn.Module):
     """Image tokenizer: images in [0, 1] <-> [B, H/f, W/f] grids of code indices in [0, K)."""
 
+    # the units the training engine shards (FSDP2) and recomputes (activation checkpointing)
+    block_types = (_ResBlock, _Attention)
+
     def __init__(self, cfg: VQGANConfig) -> None:
         super().__init__()
         cfg.validate()
@@ -328,6 +331,11 @@ class VQGAN(nn.Module):
     @property
     def downsample_factor(self) -> int:
         return self.cfg.downsample_factor
+
+    @property
+    def tokens_per_sample(self) -> int:
+        h, w = self.grid_shape()
+        return h * w
 
     def grid_shape(self, image_size: int | None = None) -> tuple[int, int]:
         size = self.cfg.image_size if image_size is None else image_size

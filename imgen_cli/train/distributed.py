@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from imgen_cli.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -50,3 +53,49 @@ def setup(requested_device: str | None = None) -> DistEnv:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_agree(flag: bool, env: DistEnv) -> bool:
+    """True on every rank if it is true on any rank (a stop request, a bad loss)."""
+    if not env.distributed:
+        return flag
+    t = torch.tensor([float(flag)], device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_objects(obj: object, env: DistEnv) -> list[object]:
+    if not env.distributed:
+        return [obj]
+    out: list[object] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    types = getattr(model, "block_types", ())
+    return [m for m in model.modules() if types and isinstance(m, types)]
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each of the family's blocks in backward instead of storing its activations."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing as wrap,
+    )
+
+    types = getattr(model, "block_types", ())
+    if not types:
+        raise UserError(f"{type(model).__name__} declares no block_types, so it cannot use activation checkpointing.")
+    wrap(model, check_fn=lambda m: isinstance(m, types))
+
+
+def shard_fsdp(model: nn.Module, bf16: bool, methods: tuple[str, ...] = ("loss", "preview")) -> None:
+    """FSDP2: shard each block, then the root; entry points other than forward unshard too."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for block in _blocks(model):
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    for name in methods:
+        register_fsdp_forward_method(model, name)

@@ -1,9 +1,11 @@
 """The one training loop every family shares.
 
 It speaks only the family contract: `model.loss(batch) -> {"loss": ..., parts...}` and
-`model.preview(batch) -> images`. Everything a long run needs sits here in plain sight, in order:
-seeding, data, optimizer and schedule, EMA, resume, the step (accumulation, clipping, NaN guard),
-logging, sample grids, checkpoints, and a clean stop on SIGTERM/SIGINT.
+`model.preview(batch) -> images` (plus the optional `block_types`, the units to shard and
+recompute, and `tokens_per_sample`). Everything a long run needs sits here in plain sight, in order:
+seeding, the model and its parallel wrapping, optimizer and schedule, EMA, resume, data, then per
+step: accumulation, clipping, the NaN guard, logging, validation, sample grids, checkpoints, and a
+clean stop on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +23,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from imgen_cli import registry
@@ -28,8 +30,12 @@ from imgen_cli.config import RunConfig
 from imgen_cli.data import shards as shard_io
 from imgen_cli.errors import RunError, UserError
 from imgen_cli.runs import Checkpoint, RunDir
-from imgen_cli.train.distributed import DistEnv
+from imgen_cli.train import checkpoint
+from imgen_cli.train.distributed import DistEnv, all_agree, apply_activation_checkpointing, shard_fsdp
 from imgen_cli.train.ema import EMA
+from imgen_cli.train.monitor import Monitor
+
+MAX_BAD_STEPS_IN_A_ROW = 10
 
 
 @dataclass
@@ -41,7 +47,14 @@ class TrainResult:
     seconds: float
 
 
-# --- pieces -------------------------------------------------------------------------------------------
+@dataclass
+class StepInfo:
+    """Handed to the optional `on_step` callback after every optimizer step."""
+
+    step: int
+    model: nn.Module
+    keys: list[str]  # the samples this rank trained on in this step
+    parts: dict[str, float]
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -53,7 +66,7 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
 
 
 def make_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices and kernels, never on biases, norms or embeddings tables' scale."""
+    """AdamW; weight decay only on matrices and kernels, never on biases or norm scales."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -63,37 +76,16 @@ def make_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device) -> to
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas, fused=device.type == "cuda")
 
 
-def capture_rng() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state["numpy"] = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _gather(obj: Any, env: DistEnv) -> list[Any]:
-    if not env.distributed:
-        return [obj]
-    out: list[Any] = [None] * env.world_size
-    dist.all_gather_object(out, obj)
-    return out
+def autocast_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
 def autocast(cfg: RunConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    dtype = autocast_dtype(cfg, device)
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 class _LossForward(nn.Module):
@@ -129,213 +121,220 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-class _Monitor:
-    """Rich progress bar on a terminal, plain log lines otherwise; metrics.jsonl. Rank 0 only."""
-
-    def __init__(self, run: RunDir, console: Console, enabled: bool, total: int, start: int):
-        self.run, self.console, self.enabled, self.total = run, console, enabled, total
-        self.interactive = enabled and console.is_terminal
-        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
-                                 console=console, disable=not self.interactive)
-        self.task = self.progress.add_task("train", total=total, completed=start, status="")
-        self.started = time.time()
-        self.start = start
-
-    def __enter__(self) -> _Monitor:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.__exit__(*exc)
-
-    def log(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        self.run.append_metrics(record)
-        status = f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['samples_per_s']:.1f} img/s"
-        self.progress.update(self.task, completed=record["step"], status=status)
-        if not self.interactive:
-            done = record["step"] - self.start
-            eta = (time.time() - self.started) / max(done, 1) * (self.total - record["step"])
-            self.console.print(f"step {record['step']}/{self.total} {status} eta {eta:.0f}s", highlight=False)
-
-    def note(self, message: str) -> None:
-        if self.enabled:
-            self.console.print(message, highlight=False)
-
-
-# --- the loop -----------------------------------------------------------------------------------------
-
-
-def train(cfg: RunConfig, run: RunDir, env: DistEnv, console: Console) -> TrainResult:
+def _build(cfg: RunConfig, env: DistEnv) -> tuple[nn.Module, EMA, nn.Module]:
+    """The model, its EMA and the module the loop calls (plain, DDP or FSDP2; compiled on request)."""
     family = registry.get(cfg.family)
     device = env.device
-    per_rank, rem = divmod(cfg.train.batch_size, env.world_size * cfg.train.grad_accum)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls; convolutions already use it
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+    model = family.build(cfg.model).to(device)
+    ema = EMA(model, cfg.train.ema_decay)  # before sharding, so both shard alike
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    fsdp = cfg.train.parallel == "fsdp"
+    if fsdp and not env.distributed:
+        raise UserError("train.parallel=fsdp needs several processes: launch with torchrun.")
+    if fsdp:
+        bf16 = autocast_dtype(cfg, device) == torch.bfloat16
+        shard_fsdp(model, bf16)
+        shard_fsdp(ema.module, bf16)
+    net: nn.Module = _LossForward(model)
+    if env.distributed and not fsdp:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        net.compile()
+    return model, ema, net
+
+
+def train(cfg: RunConfig, run: RunDir, env: DistEnv, console: Console,
+          on_step: Callable[[StepInfo], None] | None = None) -> TrainResult:
+    device = env.device
+    accum = cfg.train.grad_accum
+    per_rank, rem = divmod(cfg.train.batch_size, env.world_size * accum)
     if rem or per_rank == 0:
         raise UserError(f"train.batch_size {cfg.train.batch_size} must be a multiple of ranks x grad_accum "
-                        f"({env.world_size} x {cfg.train.grad_accum}).")
-
+                        f"({env.world_size} x {accum}).")
     train_shards = shard_io.open_shards(cfg.data.shards, "train")
     model_size = getattr(cfg.model, "image_size", None)
     if train_shards.image_size and model_size and train_shards.image_size != model_size:
         raise UserError(f"model.image_size is {model_size} but {cfg.data.shards} holds "
                         f"{train_shards.image_size}px images; re-tokenize with --size {model_size} "
                         f"or --set model.image_size={train_shards.image_size}.")
+    val_shards = _val_shards(cfg)
 
-    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-    model = family.build(cfg.model).to(device)
-    ema = EMA(model, cfg.train.ema_decay)
+    model, ema, net = _build(cfg, env)
     optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, cfg.train.steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio))
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg, device) == torch.float16)
+    state = checkpoint.TrainingState(model, ema, optimizer, scheduler, scaler)
 
-    step = 0
-    latest = run.latest_checkpoint()
-    if latest is not None:
-        step = _resume(latest, model, ema, optimizer, scheduler, env)
+    if env.is_main:
+        run.path.mkdir(parents=True, exist_ok=True)
+    monitor = Monitor(run, console, env.is_main, cfg.train.steps, 0, cfg.train.tensorboard)
+    saved = checkpoint.resume(run, state, env, monitor.note)
+    step = saved.step if saved else 0
+    if saved:
+        monitor.note(f"resuming {run.path} from step {step}")
     else:
         random.seed(cfg.train.seed + env.rank)
         np.random.seed(cfg.train.seed + env.rank)
         torch.manual_seed(cfg.train.seed + env.rank)  # different noise, masks, timesteps per rank
+    monitor.start = step
 
-    net: nn.Module = _LossForward(model)
-    if env.distributed:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-
-    preview_batch = _preview_batch(cfg, train_shards)
+    preview_batch = next(iter(shard_io.exact_loader(val_shards or train_shards, 8)))
     remaining = cfg.train.steps - step
     loader = shard_io.train_loader(
-        train_shards, per_rank, max(remaining, 0) * cfg.train.grad_accum, seed=cfg.train.seed, rank=env.rank,
+        train_shards, per_rank, max(remaining, 0) * accum, seed=cfg.train.seed, rank=env.rank,
         world_size=env.world_size, num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-        start_step=step)
-
-    if env.is_main:
-        run.path.mkdir(parents=True, exist_ok=True)
-    monitor = _Monitor(run, console, env.is_main, cfg.train.steps, step)
-    if latest is not None:
-        monitor.note(f"resuming {run.path} from step {step}")
+        start_batch=step * accum, replay=cfg.data.resume == "replay")
+    dtype = autocast_dtype(cfg, device)
     monitor.note(f"{cfg.family}/{cfg.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-                 f"global batch {cfg.train.batch_size} = {env.world_size} rank(s) x {per_rank} x "
-                 f"{cfg.train.grad_accum} accumulation, {remaining} steps to go, {device.type}")
+                 f"global batch {cfg.train.batch_size} = {env.world_size} rank(s) x {per_rank} x {accum} "
+                 f"accumulation, {remaining} steps to go on {device.type} "
+                 f"({cfg.train.parallel if env.distributed else 'one process'}, "
+                 f"{str(dtype).removeprefix('torch.') if dtype else 'fp32'})")
 
     started = time.time()
-    last_loss, saved = math.nan, latest
+    last_loss, bad_in_a_row = math.nan, 0
     sums: dict[str, float] = {}
-    window_start, window_samples = time.time(), 0
+    window_start, window_steps = time.time(), 0
     batches = iter(loader)
     with _StopRequest() as stop, monitor:
         while step < cfg.train.steps:
             net.train()
-            parts = _accumulate(net, batches, cfg, device)
+            parts, keys = _accumulate(net, batches, cfg, device, scaler)
+            scaler.unscale_(optimizer)
             grad_norm = _clip(model, cfg.train.grad_clip)
-            if not (math.isfinite(parts["loss"]) and math.isfinite(grad_norm)):
-                kept = f"; the last good checkpoint is {saved.path}" if saved else ""
-                raise RunError(f"loss became {parts['loss']} (grad norm {grad_norm}) at step {step + 1}{kept}.")
-            optimizer.step()
+            # fp16: an inf gradient is the scaler's business (it skips that step and lowers the scale)
+            finite = math.isfinite(parts["loss"]) and (scaler.is_enabled() or math.isfinite(grad_norm))
+            if not all_agree(not finite, env):
+                scaler.step(optimizer)
+                bad_in_a_row = 0
+            else:
+                where = f"; the last good checkpoint is {saved.path}" if saved else ""
+                if cfg.train.nan_policy == "stop":
+                    raise RunError(f"loss became {parts['loss']} (grad norm {grad_norm:.3g}) "
+                                   f"at step {step + 1}{where}.")
+                bad_in_a_row += 1
+                monitor.note(f"step {step + 1}: loss {parts['loss']}, update skipped")
+                if bad_in_a_row > MAX_BAD_STEPS_IN_A_ROW:
+                    raise RunError(f"{bad_in_a_row} non-finite losses in a row up to step {step + 1}{where}.")
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             ema.update(model)
             step += 1
             last_loss = parts["loss"]
-            window_samples += cfg.train.batch_size
+            window_steps += 1
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
+            if on_step is not None:
+                on_step(StepInfo(step, model, keys, parts))
 
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                n = cfg.train.log_every if step % cfg.train.log_every == 0 else step % cfg.train.log_every
-                elapsed = time.time() - window_start
-                record = {"step": step, **{k: v / n for k, v in sums.items()},
+                elapsed = max(time.time() - window_start, 1e-9)
+                record = {"step": step, **{k: v / window_steps for k, v in sums.items()},
                           "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                          "samples_per_s": window_samples / max(elapsed, 1e-9), "time": round(time.time(), 3)}
+                          "samples_per_s": window_steps * cfg.train.batch_size / elapsed, "time": round(time.time(), 3)}
+                if hasattr(model, "tokens_per_sample"):
+                    record["tokens_per_s"] = record["samples_per_s"] * model.tokens_per_sample
                 if device.type == "cuda":
                     record["max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 monitor.log(record)
-                sums, window_start, window_samples = {}, time.time(), 0
-            if env.is_main and (step % cfg.train.sample_every == 0 or step == cfg.train.steps):
-                _save_grid(ema.module, preview_batch, run, step, device)
-            stopping = stop.signal is not None
-            if env.distributed:  # every rank must agree to stop on the same step
-                flag = torch.tensor([float(stopping)], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stopping = bool(flag.item())
+                sums, window_start, window_steps = {}, time.time(), 0
+            if val_shards and cfg.train.val_every and (step % cfg.train.val_every == 0 or step == cfg.train.steps):
+                monitor.log({"step": step, "val_loss": _validate(model, val_shards, cfg, env, per_rank)})
+            if step % cfg.train.sample_every == 0 or step == cfg.train.steps:
+                _save_grid(ema.module, preview_batch, run, step, env, cfg)
+            stopping = all_agree(stop.signal is not None, env)  # every rank stops on the same step
             if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stopping:
-                saved = _save(run, step, model, ema, optimizer, scheduler, env, cfg.train.keep_last)
+                saved = checkpoint.save(run, step, state, env, cfg.train.keep_last)
             if stopping:
-                monitor.note(f"stopped by signal at step {step}; checkpoint {saved.path.name} written")
+                monitor.note(f"stopped by signal at step {step}; checkpoint {saved.path.name if saved else ''} written")
                 break
     seconds = time.time() - started
     monitor.note(f"done: step {step}, loss {last_loss:.4f}, {seconds:.0f}s, run {run.path}")
     return TrainResult(step, last_loss, saved, step < cfg.train.steps, seconds)
 
 
-def _accumulate(net: nn.Module, batches: Any, cfg: RunConfig, device: torch.device) -> dict[str, float]:
+def _accumulate(net: nn.Module, batches: Any, cfg: RunConfig, device: torch.device,
+                scaler: torch.amp.GradScaler) -> tuple[dict[str, float], list[str]]:
     """grad_accum forward/backward passes; DDP all-reduces gradients only on the last one."""
     parts: dict[str, float] = {}
+    keys: list[str] = []
     accum = cfg.train.grad_accum
     for micro in range(accum):
         try:
-            batch = shard_io.to_device(next(batches), device)
+            raw = next(batches)
         except StopIteration:
             raise RunError("the data loader ran dry before the last step.") from None
-        sync = micro == accum - 1 or not isinstance(net, nn.parallel.DistributedDataParallel)
-        with contextlib.nullcontext() if sync else net.no_sync():
+        keys += raw["key"]
+        batch = shard_io.to_device(raw, device)
+        is_ddp = isinstance(net, nn.parallel.DistributedDataParallel)
+        with net.no_sync() if is_ddp and micro < accum - 1 else contextlib.nullcontext():
             with autocast(cfg, device):
                 out = net(batch)
-            (out["loss"] / accum).backward()
+            scaler.scale(out["loss"].float() / accum).backward()
         for k, v in out.items():
             parts[k] = parts.get(k, 0.0) + float(v.detach()) / accum
-    return parts
+    return parts, keys
 
 
 def _clip(model: nn.Module, max_norm: float) -> float:
     params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+        norm = norm.full_tensor()
+    return float(norm)
 
 
-def _preview_batch(cfg: RunConfig, train_shards: shard_io.ShardSet) -> dict[str, Any]:
-    """A fixed batch (the first val samples, else the first train samples) so grids are comparable."""
+def _val_shards(cfg: RunConfig) -> shard_io.ShardSet | None:
     try:
-        shards = shard_io.open_shards(cfg.data.shards, "val")
+        return shard_io.open_shards(cfg.data.shards, "val")
     except UserError:
-        shards = train_shards
-    return next(iter(shard_io.exact_loader(shards, 8)))
+        return None
 
 
-def _save_grid(model: nn.Module, batch: dict[str, Any], run: RunDir, step: int, device: torch.device) -> None:
+@torch.no_grad()
+def _validate(model: nn.Module, shards: shard_io.ShardSet, cfg: RunConfig, env: DistEnv, per_rank: int) -> float:
+    """Mean loss over the val split (each sample once across ranks). Ranks may hold uneven counts, so
+    under FSDP, whose forward is a collective, ranks that ran out repeat their last batch at weight 0."""
+    model.eval()
+    lock_step = env.distributed and cfg.train.parallel == "fsdp"
+    total = torch.zeros(2, device=env.device, dtype=torch.float64)
+    batches = iter(shard_io.exact_loader(shards, per_rank, rank=env.rank, world_size=env.world_size))
+    last, done = None, 0
+    while True:
+        raw = next(batches, None) if not cfg.train.val_max_batches or done < cfg.train.val_max_batches else None
+        if lock_step and not all_agree(raw is not None, env):
+            break
+        if raw is None and not lock_step:
+            break
+        batch = raw if raw is not None else last
+        if batch is None:
+            batch = next(iter(shard_io.exact_loader(shards, per_rank)))
+        with autocast(cfg, env.device):
+            loss = model.loss(shard_io.to_device(batch, env.device))["loss"].double()
+        if raw is not None:
+            total += torch.stack([loss * len(raw["key"]), torch.tensor(len(raw["key"]), device=env.device)])
+            last, done = raw, done + 1
+    if env.distributed:
+        dist.all_reduce(total)
+    model.train()
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def _save_grid(ema_model: nn.Module, batch: dict[str, Any], run: RunDir, step: int, env: DistEnv,
+               cfg: RunConfig) -> None:
+    """Rank 0 writes the grid; under FSDP every rank runs preview, which is then a collective."""
+    if not env.is_main and cfg.train.parallel != "fsdp":
+        return
     from torchvision.utils import save_image
 
-    images = model.preview(shard_io.to_device(batch, device))
-    run.samples_dir.mkdir(parents=True, exist_ok=True)
-    save_image(images.float().cpu(), run.samples_dir / f"step-{step:06d}.png", nrow=len(batch["caption"]))
-
-
-def _save(run: RunDir, step: int, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,
-          scheduler: Any, env: DistEnv, keep_last: int) -> Checkpoint | None:
-    rng = _gather(capture_rng(), env)  # every rank's RNG, so each resumes its own stream
-    if not env.is_main:
-        checkpoint = None
-    else:
-        train_state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                       "ema_updates": ema.updates, "world_size": env.world_size, "rng": rng}
-        checkpoint = run.save_checkpoint(step, model.state_dict(), ema.state_dict(), train_state, keep_last)
-    if env.distributed:
-        dist.barrier()
-    return checkpoint
-
-
-def _resume(ckpt: Checkpoint, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer, scheduler: Any,
-            env: DistEnv) -> int:
-    state = ckpt.load_train_state()
-    model.load_state_dict(ckpt.load_weights(ema=False))
-    ema.load_state_dict(ckpt.load_weights(ema=True), state["ema_updates"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rngs = state["rng"]
-    # same world size: each rank takes its own stream back; otherwise derive fresh ones from rank 0's
-    restore_rng(rngs[env.rank] if len(rngs) == env.world_size else rngs[0])
-    if len(rngs) != env.world_size:
-        torch.manual_seed(int(torch.randint(0, 2**31, (1,))) + env.rank)
-    return int(state["step"])
+    with autocast(cfg, env.device):
+        images = ema_model.preview(shard_io.to_device(batch, env.device))
+    if env.is_main:
+        run.samples_dir.mkdir(parents=True, exist_ok=True)
+        save_image(images.float().cpu(), run.samples_dir / f"step-{step:06d}.png", nrow=len(batch["caption"]))
