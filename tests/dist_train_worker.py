@@ -1,5 +1,7 @@
 """Run under torchrun by test_distributed.py: a tiny vqgan trains; rank 0 records, after every step,
-a hash of every rank's weights and the sample keys every rank trained on."""
+a hash of every rank's weights and the sample keys every rank trained on.
+
+args: SHARDS RUN_DIR OUT_JSON ddp|fsdp STEPS"""
 
 import hashlib
 import json

@@ -35,12 +35,22 @@ def check_lockstep(out: Path, steps: int, world: int) -> None:
     assert len(hashes) == steps  # and the weights did change every step
 
 
-def test_ddp_two_processes_stay_in_lockstep(shapes_shards: Path, tmp_path: Path) -> None:
-    out, run = tmp_path / "record.json", tmp_path / "run"
+def torchrun_train(shards: Path, run: Path, out: Path, parallel: str, steps: int) -> None:
     cmd = [*TORCHRUN, "--standalone", "--nproc-per-node=2", str(HERE / "dist_train_worker.py"),
-           str(shapes_shards), str(run), str(out), "ddp", "4"]
+           str(shards), str(run), str(out), parallel, str(steps)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(shapes_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("ddp")
+    torchrun_train(shapes_shards, tmp / "run", tmp / "record.json", "ddp", 4)
+    return tmp / "run", tmp / "record.json"
+
+
+def test_ddp_two_processes_stay_in_lockstep(ddp_run: tuple[Path, Path]) -> None:
+    run, out = ddp_run
     check_lockstep(out, 4, 2)
     assert [c.step for c in RunDir(run).checkpoints()] == [2, 4]
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -67,12 +77,7 @@ def test_two_nodes_on_localhost_with_c10d_rendezvous(shapes_shards: Path, tmp_pa
 
 def test_fsdp2_trains_and_saves_full_weights(shapes_shards: Path, tmp_path: Path) -> None:
     out, run = tmp_path / "record.json", tmp_path / "run"
-    cmd = [*TORCHRUN, "--standalone", "--nproc-per-node=2", str(HERE / "dist_train_worker.py"),
-           str(shapes_shards), str(run), str(out), "fsdp", "2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    if proc.returncode != 0 and "not supported" in proc.stderr.lower():
-        pytest.skip(f"FSDP2 is not supported on this torch's CPU build: {proc.stderr[-300:]}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_train(shapes_shards, run, out, "fsdp", 2)
     check_lockstep(out, 2, 2)
     # the checkpoint holds whole tensors, loadable into a plain single-process model
     from imgen_cli import registry

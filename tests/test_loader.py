@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from imgen_cli.data.shards import exact_loader, open_shards, to_device, train_loader
+from imgen_cli.errors import UserError
 
 HERE = Path(__file__).resolve().parent
 
@@ -87,3 +88,17 @@ def test_unreadable_shards_fail_instead_of_looping(shapes_shards: Path, tmp_path
             Path(url).unlink()  # every shard gone: a clear failure, not an endless loop
         with pytest.raises(RunError, match="reads failed in a row"):
             list(train_loader(shards, 4, 3, num_workers=0))
+
+
+def test_shard_lists_glob_brace_and_pipe(shapes_shards: Path) -> None:
+    d = shapes_shards
+    by_manifest = open_shards(str(d), "train").urls
+    assert open_shards(f"{d}/train-*.tar", "train").urls == by_manifest
+    assert open_shards(f"{d}/train-{{000000..000003}}.tar", "train").urls == by_manifest
+    piped = open_shards(f"pipe:cat {d}/train-{{000000..000003}}.tar", "train")  # object stores work this way
+    assert piped.urls == [f"pipe:cat {u}" for u in by_manifest]
+    keys = [k for b in exact_loader(piped, 16) for k in b["key"]]
+    assert keys == [k for b in exact_loader(open_shards(str(d), "train"), 16) for k in b["key"]]
+    assert sum(len(b["key"]) for b in train_loader(piped, 4, 5, num_workers=0)) == 20
+    with pytest.raises(UserError, match="does not exist"):
+        open_shards(f"{d}/nothing-{{0..3}}.tar", "train")

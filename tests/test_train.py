@@ -236,3 +236,46 @@ def test_sigterm_to_the_cli_writes_a_checkpoint_and_exits_cleanly(shapes_shards:
     assert "stopped by signal" in err
     steps = [c.step for c in RunDir(run).checkpoints()]
     assert len(steps) == 1 and 1 <= steps[0] < 100000
+
+
+def test_tensorboard_logging_and_its_missing_package_error(shapes_shards: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from imgen_cli.errors import UserError
+
+    run = RunDir(tmp_path / "run")
+    train(tiny_config(shapes_shards, 2, tensorboard=True, val_every=0), run, ENV, QUIET)
+    events = list((run.path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 100
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    with pytest.raises(UserError, match="needs the tensorboard package: pip install tensorboard"):
+        train(tiny_config(shapes_shards, 2, tensorboard=True), RunDir(tmp_path / "other"), ENV, QUIET)
+
+
+def test_kill_9_then_the_same_command_resumes_to_the_same_weights(shapes_shards: Path, tmp_path: Path) -> None:
+    """What `torchrun --max-restarts` does after a node dies: run the same command again."""
+    import subprocess
+    import sys
+    import time
+
+    def command(run: Path) -> list[str]:
+        return [sys.executable, "-m", "imgen_cli", "train", "--model", "vqgan", "--preset", "tiny", "--data",
+                str(shapes_shards), "--out", str(run), "--steps", "60", "--set", "train.batch_size=4",
+                "--set", "train.ckpt_every=2", "--set", "train.keep_last=3", "--set", "data.num_workers=0"]
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert subprocess.run(command(whole), capture_output=True, timeout=120).returncode == 0
+    proc = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(RunDir(killed).checkpoints()) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no handler runs, whatever was being written stays half-written
+    proc.wait()
+    survivors = [c.step for c in RunDir(killed).checkpoints()]
+    assert survivors and survivors[-1] < 60, "the run finished before it could be killed"
+    again = subprocess.run(command(killed), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming {killed} from step {survivors[-1]}" in " ".join(again.stderr.split())
+    a, b = _weights(RunDir(whole)), _weights(RunDir(killed))
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run diverged from the uninterrupted one"

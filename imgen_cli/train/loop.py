@@ -200,7 +200,8 @@ def train(cfg: RunConfig, run: RunDir, env: DistEnv, console: Console,
     last_loss, bad_in_a_row = math.nan, 0
     sums: dict[str, float] = {}
     window_start, window_steps = time.time(), 0
-    batches = iter(loader)
+    with torch.random.fork_rng(devices=[]):  # the loader draws its worker seed; keep the training RNG exact
+        batches = iter(loader)
     with _StopRequest() as stop, monitor:
         while step < cfg.train.steps:
             net.train()
