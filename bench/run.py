@@ -6,10 +6,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -22,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from imgen_cli.data.shards import open_shards, train_loader  # noqa: E402
 from imgen_cli.data.synthetic import write_coco_layout  # noqa: E402
 from imgen_cli.data.tokenize import tokenize  # noqa: E402
+from imgen_cli.nn.transformer import TransformerStack, stack_flops_per_token  # noqa: E402
 
 
 def machine() -> str:
@@ -66,7 +69,64 @@ def bench_data() -> str:
     return f"| what | throughput |\n|---|---|\n{table}\n"
 
 
-SUITES = {"data": ("Data pipeline: synth, tokenize, streaming loader", bench_data)}
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 20) -> float:
+    """Measured dense matmul FLOP/s: the denominator of MFU."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_train(device_name: str = "cpu") -> str:
+    """Training step (forward + backward + AdamW) of the shared transformer block stack at two widths."""
+    device = torch.device(device_name)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    peak = matmul_rate(device, dtype or torch.float32)
+    seq, depth, batch = 64, 4, 32  # an 8x8 token grid, as the shapes recipes use
+    rows = []
+    for width in (256, 512):
+        torch.manual_seed(0)
+        stack = TransformerStack(width, depth, heads=width // 64).to(device)
+        opt = torch.optim.AdamW(stack.parameters(), lr=1e-4, fused=device.type == "cuda")
+        x = torch.randn(batch, seq, width, device=device)
+        times = []
+        for i in range(13):
+            _sync(device)
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+                loss = stack(x).float().pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _sync(device)
+            if i >= 3:  # the first steps allocate and pick kernels
+                times.append(time.perf_counter() - start)
+        step = statistics.median(times)
+        flops = stack_flops_per_token(width, depth, seq) * seq * batch
+        params = sum(p.numel() for p in stack.parameters()) / 1e6
+        rows.append(f"| {width} | {depth} | {params:.1f}M | {batch} x {seq} | {batch / step:.1f} | "
+                    f"{batch * seq / step:.0f} | {flops / step / 1e9:.1f} | {100 * flops / step / peak:.0f}% |")
+    precision = "bf16 autocast" if dtype else "fp32"
+    return (f"Measured matmul rate ({precision}, 2048^3): {peak / 1e9:.1f} GFLOP/s. MFU = model FLOPs "
+            "(6 x matmul parameters + attention, per token) / step time / that rate.\n\n"
+            "| width | depth | params | batch x tokens | samples/s | tokens/s | model GFLOP/s | MFU |\n"
+            "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
+SUITES = {
+    "data": ("Data pipeline: synth, tokenize, streaming loader", bench_data),
+    "train": ("Training throughput: shared transformer block stack", bench_train),
+}
 
 
 def write_section(path: Path, suite: str, title: str, body: str, command: str) -> None:
@@ -83,13 +143,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--suite", choices=sorted(SUITES), action="append")
+    parser.add_argument("--device", default="cpu", help="cuda: the train suite in bf16 on the GPU")
     args = parser.parse_args()
     for suite in args.suite or sorted(SUITES):
         title, fn = SUITES[suite]
-        print(f"bench {suite} ...", flush=True)
-        body = fn()
+        print(f"bench {suite} on {args.device} ...", flush=True)
+        if suite == "train":
+            body = fn(args.device)
+            key = suite if args.device == "cpu" else f"{suite}-{args.device.split(':')[0]}"
+            title = f"{title} ({args.device})"
+        else:
+            body, key = fn(), suite
         print(body)
-        write_section(args.out, suite, title, body, f"make bench  (python bench/run.py --suite {suite})")
+        command = f"python bench/run.py --suite {suite}" + (f" --device {args.device}" if args.device != "cpu" else "")
+        write_section(args.out, key, title, body, command)
 
 
 if __name__ == "__main__":
