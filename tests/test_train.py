@@ -279,3 +279,14 @@ def test_kill_9_then_the_same_command_resumes_to_the_same_weights(shapes_shards:
     assert f"resuming {killed} from step {survivors[-1]}" in " ".join(again.stderr.split())
     a, b = _weights(RunDir(whole)), _weights(RunDir(killed))
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run diverged from the uninterrupted one"
+
+
+def test_compiled_training_matches_eager(shapes_shards: Path, tmp_path: Path) -> None:
+    eager, compiled = RunDir(tmp_path / "eager"), RunDir(tmp_path / "compiled")
+    train(tiny_config(shapes_shards, 3, val_every=0), eager, ENV, QUIET)
+    train(tiny_config(shapes_shards, 3, val_every=0, compile=True), compiled, ENV, QUIET)
+
+    def losses(run: RunDir) -> list[float]:
+        return [json.loads(x)["loss"] for x in run.metrics_path.read_text().splitlines()]
+
+    assert losses(compiled) == pytest.approx(losses(eager), rel=1e-3)

@@ -274,6 +274,9 @@ class _VectorQuantizer(nn.Module):
         }
         return out.reshape(b, h, w, d).permute(0, 3, 1, 2), stats
 
+    # Eager on purpose: under torch.compile the backward may keep `weight` itself for the lookup, and an
+    # in-place write would then trip autograd's version check.
+    @torch.compiler.disable
     @torch.no_grad()
     def _update(self, flat: Tensor, idx: Tensor, counts: Tensor) -> Tensor:
         k = self.codebook_size
@@ -299,7 +302,9 @@ class _VectorQuantizer(nn.Module):
         fresh = flat[pick].to(self.weight.dtype)
         if _distributed():  # rank 0's latents, so that the ranks' codebooks stay identical
             dist.broadcast(fresh, src=0)
-        self.weight.copy_(torch.where(dead[:, None], fresh, self.weight))
+        # `.data`: no version bump. Safe for this step's gradient, which only reads the rows `idx` picked,
+        # and a dead code is by definition not among them.
+        self.weight.data.copy_(torch.where(dead[:, None], fresh, self.weight))
         self.usage.copy_(torch.where(dead, 1.0 / k, self.usage))  # the grace period of a fresh code
         if not self.cosine:
             self.cluster_size.copy_(torch.where(dead, 1.0, self.cluster_size))
