@@ -105,17 +105,21 @@ def tokenize(
     shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Samples per shard.")] = 1000,
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Held-out share for sources without a val split.")] = 0.05,
     vq: Annotated[str | None, typer.Option("--vq", help="Tokenizer run: also store image tokens ({key}.vq.npy).")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="Where --vq encodes [default: cuda if present].")] = None,
 ) -> None:
-    """Turn a captioned image dataset into train/val WebDataset shards (images + captions)."""
-    if vq is not None:
-        raise UserError("--vq pre-encoding is not implemented in this version of imgen yet; "
-                        "tokenize without --vq (token families will encode on the fly once they exist).")
+    """Turn a captioned image dataset into train/val WebDataset shards (images + captions [+ image tokens])."""
     from imgen_cli.data.tokenize import tokenize as run_tokenize
 
+    tokens = _token_encoder(vq, device) if vq is not None else None
+    if tokens is not None and size is None:
+        size = tokens.record["image_size"]
     with _progress("tokenize", None) as advance:
         manifest = run_tokenize(src, out_dir, size=size, workers=workers, shard_size=shard_size,
-                                val_fraction=val_fraction, on_total=advance.set_total, on_item=lambda: advance(1))
-    table = Table(title=f"{out_dir}/ ({manifest['image_size']}px, from {manifest['source']['kind']})")
+                                val_fraction=val_fraction, tokens=tokens, on_total=advance.set_total,
+                                on_item=lambda: advance(1))
+    tokenizer = manifest["tokenizer"]
+    grid = f", {tokenizer['grid'][0]}x{tokenizer['grid'][1]} tokens of {tokenizer['codebook_size']}" if tokenizer else ""
+    table = Table(title=f"{out_dir}/ ({manifest['image_size']}px{grid}, from {manifest['source']['kind']})")
     table.add_column("split")
     table.add_column("images", justify="right")
     table.add_column("shards", justify="right")
@@ -127,6 +131,35 @@ def tokenize(
     out.print(table)
     total = sum(i["count"] for i in manifest["splits"].values()) + sum(manifest["skipped"].values())
     out.print(f"{total / max(manifest['seconds'], 1e-9):.0f} images/s", highlight=False)
+
+
+def _token_encoder(vq: str, device: str | None) -> Any:
+    """A trained tokenizer run as tokenize's TokenEncoder (EMA weights, no grad)."""
+    import numpy as np
+    import torch
+
+    from imgen_cli import registry
+    from imgen_cli.data.shards import tokenizer_record
+    from imgen_cli.data.tokenize import TokenEncoder
+    from imgen_cli.train.distributed import pick_device
+
+    dev = pick_device(device)
+    trained = registry.load_trained(vq, dev, flag="--vq")
+    if not hasattr(trained.model, "encode"):
+        raise UserError(f"--vq {vq} is a {trained.family.name} run, not an image tokenizer (vqgan).")
+    model = trained.model
+    record = tokenizer_record(trained.run.path, trained.checkpoint.step, model.codebook_size, model.grid_shape(),
+                              trained.checkpoint.path / "ema.safetensors")
+    record["image_size"] = trained.config.model.image_size
+
+    @torch.no_grad()
+    def encode(images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(images).to(dev).permute(0, 3, 1, 2).float().div_(255)
+        if x.shape[-1] % model.downsample_factor:
+            raise UserError(f"--size {x.shape[-1]} is not divisible by the tokenizer's factor {model.downsample_factor}.")
+        return model.encode(x).cpu().numpy()
+
+    return TokenEncoder(encode, record, np.int16 if model.codebook_size <= 32768 else np.int32)
 
 
 # --- train ------------------------------------------------------------------------------------------------
@@ -268,8 +301,8 @@ def edit(
     _generator_run(ckpt, "editing")
 
 
-@app.command(name="eval", epilog="Examples: imgen eval --fid | imgen eval --ckpt runs/muse --data shards --fid "
-                                 "--clip-score --n 1000 --json metrics.json")
+@app.command(name="eval", epilog="Examples: imgen eval --ckpt runs/vqgan --recon --json recon.json | "
+                                 "imgen eval --ckpt runs/muse --data shards --fid --clip-score --n 1000")
 @guarded
 def evaluate(
     ckpt: Annotated[str | None, typer.Option("--ckpt", help="Run to evaluate [default: newest under runs/].")] = None,
@@ -278,14 +311,45 @@ def evaluate(
     clip_score: Annotated[bool, typer.Option("--clip-score")] = False,
     r_precision: Annotated[bool, typer.Option("--r-precision")] = False,
     recon: Annotated[bool, typer.Option("--recon", help="Tokenizer reconstruction: PSNR, SSIM, codebook usage.")] = False,
-    n: Annotated[int, typer.Option("--n", min=1)] = 1000,
-    json_path: Annotated[Path | None, typer.Option("--json")] = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Images to evaluate.")] = 1000,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write every number to this file.")] = None,
+    device: Annotated[str | None, typer.Option("--device")] = None,
 ) -> None:
     """Score a run: FID / CLIP score / R-precision for generators, reconstruction metrics for tokenizers."""
     if not (fid or clip_score or r_precision or recon):
         raise UserError("choose at least one metric: --fid, --clip-score, --r-precision or --recon.")
-    raise UserError("imgen eval is not implemented in this version of imgen yet "
-                    "(FID/KID, CLIP score, R-precision and reconstruction metrics are planned).")
+    if fid or clip_score or r_precision:
+        raise UserError("FID, CLIP score and R-precision are not implemented in this version of imgen yet; "
+                        "--recon (tokenizer reconstruction) is.")
+    import time
+
+    from imgen_cli import registry
+    from imgen_cli.data.shards import open_shards
+    from imgen_cli.eval.recon import json_safe, reconstruction_metrics
+    from imgen_cli.train.distributed import pick_device
+
+    started = time.time()
+    dev = pick_device(device)
+    trained = registry.load_trained(ckpt, dev, runs_root=str(RUNS_ROOT))
+    if not hasattr(trained.model, "encode") or not hasattr(trained.model, "decode"):
+        raise UserError(f"--recon scores image tokenizers; {trained.run.path} is a {trained.family.name} run.")
+    shards = open_shards(data, "val")
+    total = min(n, shards.count) if shards.count else n
+    with _progress("recon", total) as advance:
+        metrics = reconstruction_metrics(trained.model, shards, dev, limit=n, on_batch=advance)
+    table = Table(title=f"{trained.run.path} step {trained.checkpoint.step} on {data} val ({metrics['images']} images)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("PSNR (dB)", f"{metrics['psnr']:.2f}")
+    table.add_row("SSIM", f"{metrics['ssim']:.4f}")
+    table.add_row("codebook usage", f"{100 * metrics['codebook_usage']:.1f}% of {metrics['codebook_size']}")
+    table.add_row("codebook perplexity", f"{metrics['codebook_perplexity']:.1f}")
+    out.print(table)
+    if json_path is not None:
+        report = {"run": str(trained.run.path), "step": trained.checkpoint.step, "weights": "ema", "data": data,
+                  "split": "val", "metrics": {k: json_safe(v) for k, v in metrics.items()},
+                  "seconds": round(time.time() - started, 2)}
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 # --- models ---------------------------------------------------------------------------------------------------

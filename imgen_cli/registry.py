@@ -81,3 +81,27 @@ def get(name: str) -> Family:
         return FAMILIES[name]
     except KeyError:
         raise UserError(f"unknown model {name!r}; choose one of: {', '.join(FAMILIES)}.") from None
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    run: Any  # runs.RunDir
+    checkpoint: Any  # runs.Checkpoint
+    config: Any  # config.RunConfig
+    family: Family
+    model: Any  # torch.nn.Module, eval mode, EMA weights by default
+
+
+def load_trained(ckpt: str | None, device: Any = "cpu", ema: bool = True, runs_root: str = "runs",
+                 flag: str = "--ckpt") -> TrainedModel:
+    """`--ckpt RUN` (or the newest run) -> the family's network with the checkpoint's weights, ready to use."""
+    from imgen_cli.config import from_dict
+    from imgen_cli.runs import resolve_run
+
+    run, checkpoint = resolve_run(ckpt, runs_root, flag)
+    saved = run.read_config()
+    family = get(saved["family"])
+    config = from_dict(saved, family.config_cls())
+    model = family.build(config.model)
+    model.load_state_dict(checkpoint.load_weights(ema=ema))
+    return TrainedModel(run, checkpoint, config, family, model.to(device).eval())

@@ -163,7 +163,7 @@ def newest_run(root: str | Path = "runs") -> RunDir:
     return max(candidates, key=lambda c: c[0])[1]
 
 
-def resolve_run(ckpt: str | None, root: str | Path = "runs") -> tuple[RunDir, Checkpoint]:
+def resolve_run(ckpt: str | None, root: str | Path = "runs", flag: str = "--ckpt") -> tuple[RunDir, Checkpoint]:
     """`--ckpt RUN` (or the newest run under runs/) -> the run and its newest complete checkpoint."""
     if ckpt is None:
         run = newest_run(root)
@@ -178,10 +178,10 @@ def resolve_run(ckpt: str | None, root: str | Path = "runs") -> tuple[RunDir, Ch
                 raise UserError(f"checkpoint {path} is incomplete or missing.")
             return run, match[0]
         if not path.exists():
-            raise UserError(f"--ckpt {ckpt} does not exist.")
+            raise UserError(f"{flag} {ckpt} does not exist.")
         run = RunDir(path)
         if not run.exists():
-            raise UserError(f"--ckpt {ckpt} is not an imgen run directory (no config.json).")
+            raise UserError(f"{flag} {ckpt} is not an imgen run directory (no config.json).")
     latest = run.latest_checkpoint()
     if latest is None:
         raise UserError(f"run {run.path} has no complete checkpoint yet.")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import io
 import itertools
 import json
@@ -75,6 +76,29 @@ def open_shards(spec: str, split: str) -> ShardSet:
     if missing:
         raise UserError(f"shard {missing[0]} does not exist.")
     return ShardSet(urls, None, None, None)
+
+
+# --- pre-encoded image tokens ----------------------------------------------------------------------
+
+
+def tokenizer_record(run: str | Path, step: int, codebook_size: int, grid: tuple[int, int],
+                     weights: str | Path) -> dict[str, Any]:
+    """What identifies a tokenizer: shards made with it can only serve a model trained on the same."""
+    digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
+    return {"run": str(Path(run).resolve()), "step": step, "codebook_size": codebook_size,
+            "grid": list(grid), "hash": digest}
+
+
+def check_tokenizer(shards: ShardSet, expected: dict[str, Any], spec: str) -> None:
+    """Refuse, in one sentence, shards whose tokens came from another tokenizer than `expected`."""
+    found = (shards.manifest or {}).get("tokenizer")
+    if found is None:
+        raise UserError(f"{spec} holds no image tokens; pre-encode them with "
+                        f"`imgen tokenize {spec} --vq {expected['run']} --out {spec}_vq`.")
+    if found["hash"] != expected["hash"]:
+        raise UserError(f"{spec} was tokenized with {found['run']} (step {found['step']}, weights {found['hash']}), "
+                        f"not {expected['run']} (step {expected['step']}, weights {expected['hash']}); "
+                        f"re-tokenize with --vq {expected['run']}.")
 
 
 # --- samples -------------------------------------------------------------------------------------------

@@ -8,15 +8,18 @@ one is an unfinished run.
 from __future__ import annotations
 
 import functools
+import io
 import itertools
 import json
 import multiprocessing
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import webdataset as wds
 from PIL import Image
 
@@ -27,6 +30,16 @@ from imgen_cli.errors import UserError
 from imgen_cli.runs import write_json_atomic
 
 SPLITS = ("train", "val")
+
+
+@dataclass
+class TokenEncoder:
+    """An image tokenizer as tokenize sees it: a function and the identity the manifest records."""
+
+    encode: Callable[[np.ndarray], np.ndarray]  # uint8 [B, H, W, 3] -> integer token grids [B, h, w]
+    record: dict[str, Any]  # run, step, codebook size, grid, weights hash (see shards.tokenizer_record)
+    dtype: type = np.int16
+    batch_size: int = 64
 
 
 class _SplitWriter:
@@ -92,12 +105,14 @@ def tokenize(
     shard_size: int = 1000,
     val_fraction: float = 0.05,
     max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485,
+    tokens: TokenEncoder | None = None,
     on_total: Callable[[int | None], None] = lambda total: None,
     on_item: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
     """Write shards + manifest; returns the manifest (which includes the skip counts).
 
-    `size` None takes the source's own image size, at most 256.
+    `size` None takes the source's own image size, at most 256. With `tokens`, every sample also gets
+    `{key}.vq.npy`, its image's token grid, and the manifest records the tokenizer.
     """
     if size is None:
         size = _natural_size(src, val_fraction, max_pixels)
@@ -121,6 +136,17 @@ def tokenize(
     index = 0
     prepare = functools.partial(_prepare, size=size, max_pixels=max_pixels)
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    pending: list[tuple[str, dict[str, Any]]] = []  # samples waiting for a batch of token grids
+
+    def flush() -> None:
+        if tokens is not None and pending:
+            images = np.stack([np.asarray(Image.open(io.BytesIO(s["png"])).convert("RGB")) for _, s in pending])
+            for (_, sample), grid in zip(pending, tokens.encode(images), strict=True):
+                sample["vq.npy"] = grid.astype(tokens.dtype)
+        for split, sample in pending:
+            writers[split].write(sample)
+        pending.clear()
+
     try:
         for item, result in _prepared(source.items, prepare, pool):
             on_item()
@@ -133,8 +159,11 @@ def tokenize(
             index += 1
             meta = {"captions": item.captions, "source_id": item.source_id,
                     "original_size": list(result.original_size)}
-            writers[item.split].write({"__key__": key, "png": result.png, "txt": item.captions[0],
-                                       "json": json.dumps(meta, sort_keys=True).encode()})
+            pending.append((item.split, {"__key__": key, "png": result.png, "txt": item.captions[0],
+                                         "json": json.dumps(meta, sort_keys=True).encode()}))
+            if tokens is None or len(pending) >= tokens.batch_size:
+                flush()
+        flush()
     finally:
         if pool:
             pool.close()
@@ -154,7 +183,7 @@ def tokenize(
         "splits": {s: {"count": sum(w.sizes.values()), "shards": sorted(w.sizes)} for s, w in writers.items()},
         "skipped": {reason: skipped.get(reason, 0) for reason in SKIP_REASONS},
         "skipped_examples": skipped_examples,
-        "tokenizer": None,
+        "tokenizer": tokens.record if tokens else None,
         "seconds": round(time.time() - started, 2),
     }
     write_json_atomic(out / "sizes.json", sizes)

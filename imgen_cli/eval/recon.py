@@ -1,0 +1,54 @@
+"""Tokenizer reconstruction quality on a held-out split: PSNR and SSIM (torchmetrics) of
+decode(encode(x)) against x, and how much of the codebook the split actually uses.
+
+PSNR is the mean over images of 10 log10(1 / MSE) for images in [0, 1]; an exact reconstruction
+has MSE 0 and PSNR +inf, reported as such rather than as an error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from imgen_cli.data import shards as shard_io
+
+
+@torch.no_grad()
+def reconstruction_metrics(model: Any, shards: shard_io.ShardSet, device: torch.device, *, limit: int | None = None,
+                           batch_size: int = 32, on_batch: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
+    psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3)).to(device)
+    ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
+    counts = torch.zeros(model.codebook_size, dtype=torch.long, device=device)
+    seen = 0
+    for batch in shard_io.exact_loader(shards, batch_size):
+        images = shard_io.to_device(batch, device)["image"]
+        if limit is not None:
+            images = images[: limit - seen]
+        tokens = model.encode(images)
+        recon = model.decode(tokens).clamp(0, 1)
+        psnr.update(recon, images)
+        ssim.update(recon, images)
+        counts += torch.bincount(tokens.flatten(), minlength=model.codebook_size)
+        seen += len(images)
+        on_batch(len(images))
+        if limit is not None and seen >= limit:
+            break
+    probs = counts.double() / counts.sum()
+    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
+    return {
+        "images": seen,
+        "psnr": float(psnr.compute()),
+        "ssim": float(ssim.compute()),
+        "codebook_usage": float((counts > 0).double().mean()),
+        "codebook_perplexity": float(entropy.exp()),
+        "codebook_size": model.codebook_size,
+    }
+
+
+def json_safe(value: float) -> float | str:
+    """JSON has no infinity: an exact reconstruction's PSNR is written as the string "inf"."""
+    return "inf" if isinstance(value, float) and math.isinf(value) else value
