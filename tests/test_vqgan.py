@@ -260,3 +260,82 @@ def test_codebooks_stay_identical_across_ranks(tmp_path: Path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_discriminator_is_off_by_default_and_waits_for_disc_start():
+    assert tiny().discriminator is None and "d_loss" not in tiny().loss({"image": images()})
+    model = tiny(disc_weight=0.8, disc_start=2, disc_channels=8, disc_layers=2)
+    model.train()
+    for step in range(3):
+        model.zero_grad()
+        out = model.loss({"image": images()})
+        out["loss"].backward()
+        disc_grad = sum(p.grad.abs().sum() for p in model.discriminator.parameters())
+        if step < 2:  # before disc_start: computed for the log, but no gradient and no adversarial term
+            assert disc_grad == 0 and out["adaptive_weight"] == 0
+        else:
+            assert disc_grad > 0 and out["adaptive_weight"] > 0
+    assert int(model.steps_seen) == 3
+
+
+def test_each_player_gets_only_its_own_gradient_and_the_adaptive_weight():
+    torch.manual_seed(0)
+    model = tiny(disc_weight=0.5, disc_start=0, disc_channels=8, disc_layers=2)
+    x = images()
+
+    def grads(select: str) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        torch.manual_seed(5)
+        with torch.no_grad():
+            model.steps_seen.fill_(0)
+            model.quantizer.usage.fill_(1.0)  # no restarts: the three passes must see the same codebook
+        out = model.loss({"image": x})
+        target = {"total": out["loss"], "d": None}[select]
+        if target is None:  # the discriminator's own hinge loss, recomputed from outside
+            rec = model.decoder(model.post_quant_conv(model.quantizer(model.encode_continuous(x))[0])).detach()
+            d = model.discriminator
+            target = F.relu(1 - d(x * 2 - 1)).mean() + F.relu(1 + d(rec)).mean()
+        target.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, out
+
+    total, out = grads("total")
+    disc_only, _ = grads("d")
+    for name, g in disc_only.items():
+        if name.startswith("discriminator."):
+            assert torch.allclose(total[name], g, atol=1e-6), name  # no gradient from the generator's term
+    # the adaptive weight: |grad L_rec| / (|grad L_adv| + 1e-4) at the decoder's last layer, times disc_weight
+    model.zero_grad()
+    with torch.no_grad():
+        model.steps_seen.fill_(0)
+        model.quantizer.usage.fill_(1.0)
+    rec = model.decoder(model.post_quant_conv(model.quantizer(model.encode_continuous(x))[0])).float()
+    x2 = x * 2 - 1
+    l_rec = (rec - x2).abs().mean() + (rec - x2).pow(2).mean()
+    last = model.decoder.conv_out.weight
+    g_rec = torch.autograd.grad(l_rec, last, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(-model.discriminator(rec).mean(), last)[0]
+    expected = 0.5 * g_rec.norm() / (g_adv.norm() + 1e-4)
+    assert out["adaptive_weight"] == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_perceptual_term_needs_local_weights_and_measures_feature_distance(tmp_path: Path):
+    with pytest.raises(UserError, match="perceptual_weight > 0 needs model.perceptual_weights"):
+        tiny(perceptual_weight=1.0)
+    missing = tmp_path / "vgg16.pth"
+    with pytest.raises(UserError, match=f"model.perceptual_weights {missing} does not exist"):
+        tiny(perceptual_weight=1.0, perceptual_weights=str(missing))
+    import torchvision
+
+    torch.manual_seed(0)
+    torch.save(torchvision.models.vgg16(weights=None).features.state_dict(), missing)
+    model = tiny(perceptual_weight=1.0, perceptual_weights=str(missing))
+    distance = model._perceptual[0]
+    x = images() * 2 - 1
+    assert float(distance(x, x)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distance(x, x.flip(-1))) > 0
+    out = model.loss({"image": images()})
+    assert out["perceptual"] > 0
+    assert not any("perceptual" in k for k in model.state_dict())  # frozen VGG stays out of checkpoints
+    torch.save({"not": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(UserError, match="is not a VGG16 state dict"):
+        tiny(perceptual_weight=1.0, perceptual_weights=str(tmp_path / "other.pth"))

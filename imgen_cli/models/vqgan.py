@@ -13,12 +13,19 @@ exponential moving average of the latents assigned to them, with no codebook gra
 whose running share of assignments falls too low are restarted from random encoder outputs of the batch
 (Jukebox); the running share starts at zero, so the first training step seeds the codebook from data.
 
-The loss is reconstruction (L1 + L2, on images in [-1, 1]) plus the quantiser terms; the perceptual and
-adversarial terms of the VQGAN paper are not part of this family.
+The loss is reconstruction (L1 + L2, on images in [-1, 1]) plus the quantiser terms, and two options of the
+VQGAN paper. A perceptual term compares VGG16 features (LPIPS without its learned heads) when VGG16 weights
+are given as a local file; nothing is downloaded. A PatchGAN discriminator with the hinge loss joins after
+`disc_start` steps, its generator term scaled by the paper's adaptive weight
+lambda = |grad L_rec| / (|grad L_adv| + 1e-4) at the decoder's last layer. Both players train in the one
+shared loop with one optimizer: the discriminator loss sees detached reconstructions and the generator's
+adversarial term sees a detached copy of the discriminator, so one backward gives each player only its own
+gradient.
 """
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -49,6 +56,12 @@ class VQGANConfig:
     dead_code_threshold: float = 0.01
     l1_weight: float = 1.0
     l2_weight: float = 1.0
+    perceptual_weight: float = 0.0  # > 0 needs perceptual_weights
+    perceptual_weights: str = ""  # local VGG16 state dict (torchvision layout, full model or `features` only)
+    disc_weight: float = 0.0  # > 0 adds the PatchGAN discriminator
+    disc_start: int = 2000  # training steps before the adversarial terms switch on
+    disc_channels: int = 64
+    disc_layers: int = 3
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(self.channel_mult)  # configs read from TOML or JSON carry lists
@@ -85,6 +98,12 @@ class VQGANConfig:
         check(self.l1_weight >= 0 and self.l2_weight >= 0 and self.l1_weight + self.l2_weight > 0,
               f"l1_weight and l2_weight must be >= 0 and not both 0, "
               f"got {self.l1_weight} and {self.l2_weight}.")
+        check(self.perceptual_weight >= 0 and self.disc_weight >= 0 and self.disc_start >= 0,
+              "perceptual_weight, disc_weight and disc_start must be >= 0.")
+        check(self.perceptual_weight == 0 or self.perceptual_weights != "",
+              "perceptual_weight > 0 needs model.perceptual_weights, the path of a local VGG16 state dict.",
+              "e.g. torchvision's vgg16-397923af.pth; imgen downloads nothing.")
+        check(self.disc_layers >= 1 and self.disc_channels >= 1, "disc_layers and disc_channels must be >= 1.")
 
 
 def _norm(width: int) -> nn.GroupNorm:
@@ -312,6 +331,67 @@ class _VectorQuantizer(nn.Module):
         return dead.sum().float()
 
 
+class _PatchDiscriminator(nn.Module):
+    """PatchGAN (pix2pix): a logit per overlapping patch, real vs reconstructed.
+
+    GroupNorm instead of the original BatchNorm, whose batch statistics would differ between ranks and
+    between the real and fake halves.
+    """
+
+    def __init__(self, channels: int, layers: int) -> None:
+        super().__init__()
+        widths = [channels * min(2**i, 8) for i in range(layers + 1)]
+        seq: list[nn.Module] = [nn.Conv2d(3, widths[0], 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        for i in range(1, layers + 1):
+            stride = 2 if i < layers else 1
+            seq += [nn.Conv2d(widths[i - 1], widths[i], 4, stride=stride, padding=1), _norm(widths[i]),
+                    nn.LeakyReLU(0.2)]
+        seq.append(nn.Conv2d(widths[-1], 1, 4, stride=1, padding=1))
+        self.net = nn.Sequential(*seq)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class _PerceptualDistance(nn.Module):
+    """Mean squared distance of channel-normalised VGG16 features at relu1_2 ... relu5_3 (LPIPS without
+    its learned linear heads), from a local weights file. Frozen."""
+
+    LAYERS = (3, 8, 15, 22, 29)
+
+    def __init__(self, weights: str) -> None:
+        super().__init__()
+        import torchvision
+
+        path = Path(weights)
+        if not path.is_file():
+            raise UserError(f"model.perceptual_weights {weights} does not exist.",
+                            "Give a local VGG16 state dict (torchvision's vgg16-397923af.pth); "
+                            "imgen downloads nothing.")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = {k.removeprefix("features."): v for k, v in state.items() if not k.startswith("classifier.")}
+        features = torchvision.models.vgg16(weights=None).features[: self.LAYERS[-1] + 1]
+        try:
+            features.load_state_dict(state)
+        except RuntimeError as err:
+            raise UserError(f"{weights} is not a VGG16 state dict ({str(err).splitlines()[0]}).") from None
+        self.features = features.eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        """Images in [-1, 1]."""
+        x = torch.cat([a, b])
+        x = ((x + 1) / 2 - self.mean) / self.std
+        total = x.new_zeros(())
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.LAYERS:
+                fa, fb = F.normalize(x, dim=1).chunk(2)
+                total = total + (fa - fb).pow(2).sum(1).mean()
+        return total
+
+
 class VQGAN(nn.Module):
     """Image tokenizer: images in [0, 1] <-> [B, H/f, W/f] grids of code indices in [0, K)."""
 
@@ -328,6 +408,10 @@ class VQGAN(nn.Module):
         self.quantizer = _VectorQuantizer(cfg)
         self.post_quant_conv = nn.Conv2d(cfg.code_dim, top, 1)
         self.decoder = _Decoder(cfg)
+        self.discriminator = _PatchDiscriminator(cfg.disc_channels, cfg.disc_layers) if cfg.disc_weight else None
+        # outside the module tree: frozen, and not worth 56 MB in every checkpoint
+        self._perceptual = [_PerceptualDistance(cfg.perceptual_weights)] if cfg.perceptual_weight else []
+        self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))  # switches the discriminator on
 
     @property
     def codebook_size(self) -> int:
@@ -368,14 +452,43 @@ class VQGAN(nn.Module):
         return self.decode_continuous(self.quantizer.lookup(tokens).permute(0, 3, 1, 2))
 
     def loss(self, batch: dict) -> dict[str, Tensor]:
+        cfg = self.cfg
         x = batch["image"] * 2 - 1
         zq, stats = self.quantizer(self.encode_continuous(batch["image"]))
         rec = self.decoder(self.post_quant_conv(zq)).float()
         l1 = (rec - x).abs().mean()
         l2 = (rec - x).pow(2).mean()
-        total = self.cfg.l1_weight * l1 + self.cfg.l2_weight * l2 + stats["commit"] + stats["codebook"]
+        reconstruction = cfg.l1_weight * l1 + cfg.l2_weight * l2
+        parts = {"l1": l1.detach(), "l2": l2.detach()}
+        if self._perceptual:
+            perceptual = self._perceptual[0].to(x.device)(rec, x)
+            reconstruction = reconstruction + cfg.perceptual_weight * perceptual
+            parts["perceptual"] = perceptual.detach()
+        total = reconstruction + stats["commit"] + stats["codebook"]
+        if self.discriminator is not None:
+            adversarial = self._adversarial(x, rec, reconstruction)
+            total = total + adversarial.pop("total")
+            parts.update(adversarial)
+        if self.training:
+            self.steps_seen += 1
         logged = {name: value.detach() for name, value in stats.items()}
-        return {"loss": total, "l1": l1.detach(), "l2": l2.detach(), **logged}
+        return {"loss": total, **parts, **logged}
+
+    def _adversarial(self, x: Tensor, rec: Tensor, reconstruction: Tensor) -> dict[str, Tensor]:
+        """Hinge losses of both players and the adaptive weight; zero-weighted before disc_start (the
+        discriminator still runs, so data-parallel training sees every parameter used in every step)."""
+        on = float(self.training and int(self.steps_seen) >= self.cfg.disc_start)
+        d_loss = F.relu(1 - self.discriminator(x)).mean() + F.relu(1 + self.discriminator(rec.detach())).mean()
+        frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
+        g_adv = -torch.func.functional_call(self.discriminator, frozen, (rec,)).mean()
+        weight = rec.new_zeros(())
+        if on and torch.is_grad_enabled():
+            last = self.decoder.conv_out.weight
+            g_rec = torch.autograd.grad(reconstruction, last, retain_graph=True)[0]
+            g_gen = torch.autograd.grad(g_adv, last, retain_graph=True)[0]
+            weight = (g_rec.norm() / (g_gen.norm() + 1e-4)).clamp(0, 1e4).detach() * self.cfg.disc_weight
+        total = on * (weight * g_adv + d_loss)
+        return {"total": total, "d_loss": d_loss.detach(), "g_adv": g_adv.detach(), "adaptive_weight": weight}
 
     @torch.no_grad()
     def preview(self, batch: dict, n: int = 8) -> Tensor:
