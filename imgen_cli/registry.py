@@ -103,5 +103,10 @@ def load_trained(ckpt: str | None, device: Any = "cpu", ema: bool = True, runs_r
     family = get(saved["family"])
     config = from_dict(saved, family.config_cls())
     model = family.build(config.model)
-    model.load_state_dict(checkpoint.load_weights(ema=ema))
+    try:
+        model.load_state_dict(checkpoint.load_weights(ema=ema))
+    except RuntimeError as err:  # weights from another version of the family's network
+        detail = " ".join(str(err).split("\n", 1)[-1].split())[:300]
+        raise UserError(f"{checkpoint.path} does not fit the {family.name} network of this imgen version "
+                        f"({detail}).") from None
     return TrainedModel(run, checkpoint, config, family, model.to(device).eval())

@@ -111,4 +111,6 @@ def test_the_users_four_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert result.exit_code == 2
     assert "runs/vqgan is a vqgan run (VQGAN image tokenizer); sampling needs a text-to-image run" in one_line(result)
     result = invoke("eval", "--fid")
-    assert result.exit_code == 2 and "imgen eval is not implemented in this version" in one_line(result)
+    assert result.exit_code == 2 and "FID, CLIP score and R-precision are not implemented" in one_line(result)
+    result = invoke("eval", "--recon", "--n", "4")  # the newest run is the tokenizer: reconstruction works
+    assert result.exit_code == 0 and "PSNR (dB)" in result.output
