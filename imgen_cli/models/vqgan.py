@@ -397,6 +397,8 @@ class VQGAN(nn.Module):
 
     # the units the training engine shards (FSDP2) and recomputes (activation checkpointing)
     block_types = (_ResBlock, _Attention)
+    # the EMA copies the codebook instead of averaging it: a restarted code must not blend with its dead self
+    ema_copied = ("quantizer.weight",)
 
     def __init__(self, cfg: VQGANConfig) -> None:
         super().__init__()

@@ -13,13 +13,17 @@ class EMA:
 
     The warm-up (d_k = min(decay, (1 + k) / (10 + k))) keeps the first checkpoints from being
     dominated by the random initialisation. Buffers (running statistics, codebook usage counts)
-    are copied, not averaged: they are state, not weights.
+    are copied, not averaged: they are state, not weights. So are the parameters a family names in
+    `ema_copied`: a VQ codebook whose dead codes restart would average into vectors no encoder
+    output is near.
     """
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.updates = 0
         self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
+        copied = set(getattr(model, "ema_copied", ()))
+        self.copied = [name in copied for name, _ in model.named_parameters()]
 
     def current_decay(self) -> float:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
@@ -28,8 +32,11 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         d = self.current_decay()
         self.updates += 1
-        for ema_p, p in zip(self.module.parameters(), model.parameters(), strict=True):
-            ema_p.lerp_(p.detach().float(), 1 - d)
+        for ema_p, p, copied in zip(self.module.parameters(), model.parameters(), self.copied, strict=True):
+            if copied:
+                ema_p.copy_(p.detach())
+            else:
+                ema_p.lerp_(p.detach().float(), 1 - d)
         for ema_b, b in zip(self.module.buffers(), model.buffers(), strict=True):
             ema_b.copy_(b)
 
