@@ -3,7 +3,10 @@
 A run's configuration has three sections, each a dataclass: `model` (the family's own config class),
 `train` (the shared loop) and `data` (where batches come from). Values are layered, later wins:
 
-    dataclass defaults < recipe file < size preset < --set key=value < explicit flags (--steps, --data, ...)
+    dataclass defaults < recipe file < size preset (--preset) < --set key=value < explicit flags (--steps, ...)
+
+A recipe may name its own preset; that preset is then the base the recipe's [model] table refines,
+while a --preset on the command line overrides the recipe.
 
 Every key is checked against the dataclass fields, so a typo is an error that names the key and the
 valid ones, never a silently ignored setting.
@@ -222,12 +225,16 @@ def resolve(
     """Layer recipe < preset < --set < flags into a validated RunConfig."""
     tree: dict[str, Any] = {s: {} for s in SECTIONS}
     recipe = recipe or {}
+    chosen = preset or recipe.get("preset") or "small"
+    if chosen not in presets:
+        raise UserError(f"unknown preset {chosen!r} for {family_name}; choose one of: {', '.join(presets)}.")
+    if preset is None:  # the recipe's own preset is its starting point, which its [model] table refines
+        tree["model"].update(presets[chosen])
     for section in SECTIONS:
         tree[section].update(recipe.get(section, {}))
-    preset = preset or recipe.get("preset") or "small"
-    if preset not in presets:
-        raise UserError(f"unknown preset {preset!r} for {family_name}; choose one of: {', '.join(presets)}.")
-    tree["model"].update(presets[preset])
+    if preset is not None:  # a preset named on the command line overrides the recipe
+        tree["model"].update(presets[chosen])
+    preset = chosen
     vq = recipe.get("vq")
     for assignment in sets:
         key, value = parse_set(assignment)

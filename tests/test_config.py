@@ -19,8 +19,8 @@ def test_precedence_recipe_preset_set_flags(tmp_path: Path) -> None:
 family = "vqgan"
 preset = "tiny"
 [model]
-codebook_size = 32      # the preset sets it too, and wins
-quantizer = "ema"       # the preset does not set it: kept
+codebook_size = 32      # refines the recipe's own preset
+quantizer = "ema"
 [train]
 lr = 0.5
 steps = 7
@@ -29,12 +29,17 @@ batch_size = 4
     cfg = resolve("vqgan", VQGANConfig, PRESETS, recipe=recipe, sets=["train.steps=9", "train.lr=0.25"],
                   flags={"train.steps": 11, "data.shards": None})
     assert cfg.preset == "tiny"
-    assert cfg.model.codebook_size == PRESETS["tiny"]["codebook_size"]  # preset > recipe
+    assert cfg.model.channels == PRESETS["tiny"]["channels"]  # the recipe's preset is the base...
+    assert cfg.model.codebook_size == 32  # ...which the recipe's [model] table refines
     assert cfg.model.quantizer == "ema"  # recipe > defaults
     assert cfg.train.lr == 0.25  # --set > recipe
     assert cfg.train.steps == 11  # flag > --set
     assert cfg.train.batch_size == 4
     assert cfg.data.shards == "shards"  # a flag left unset changes nothing
+    # --preset on the command line beats the recipe, even for keys its [model] table sets
+    cfg = resolve("vqgan", VQGANConfig, PRESETS, recipe=recipe, preset="small")
+    assert cfg.preset == "small" and cfg.model.codebook_size == PRESETS["small"]["codebook_size"]
+    assert cfg.model.quantizer == "ema"  # keys the preset leaves alone still come from the recipe
 
 
 def test_set_overrides_preset_and_explicit_preset_overrides_recipe(tmp_path: Path) -> None:
