@@ -213,7 +213,7 @@ def test_bf16_autocast_and_validation_on_cpu(shapes_shards: Path, tmp_path: Path
     val = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in val] == [1, 2] and all(math.isfinite(r["val_loss"]) for r in val)
     assert all(r["tokens_per_s"] == pytest.approx(r["samples_per_s"] * 16) for r in records if "loss" in r)
-    assert all(v.dtype == torch.float32 for v in _weights(run).values())  # fp32 master weights
+    assert all(v.dtype == torch.float32 for v in _weights(run).values() if v.is_floating_point())  # fp32 master
 
 
 def test_sigterm_to_the_cli_writes_a_checkpoint_and_exits_cleanly(shapes_shards: Path, tmp_path: Path) -> None:
