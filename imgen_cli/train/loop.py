@@ -172,7 +172,7 @@ def train(cfg: RunConfig, run: RunDir, env: DistEnv, console: Console,
 
     if env.is_main:
         run.path.mkdir(parents=True, exist_ok=True)
-    monitor = Monitor(run, console, env.is_main, cfg.train.steps, 0, cfg.train.tensorboard)
+    monitor = Monitor(run, console, env.is_main, cfg.train.steps, cfg.train.tensorboard)
     saved = checkpoint.resume(run, state, env, monitor.note)
     step = saved.step if saved else 0
     if saved:
@@ -181,7 +181,7 @@ def train(cfg: RunConfig, run: RunDir, env: DistEnv, console: Console,
         random.seed(cfg.train.seed + env.rank)
         np.random.seed(cfg.train.seed + env.rank)
         torch.manual_seed(cfg.train.seed + env.rank)  # different noise, masks, timesteps per rank
-    monitor.start = step
+    monitor.begin_at(step)
 
     preview_batch = next(iter(shard_io.exact_loader(val_shards or train_shards, 8)))
     remaining = cfg.train.steps - step

@@ -14,15 +14,20 @@ from imgen_cli.runs import RunDir
 
 
 class Monitor:
-    def __init__(self, run: RunDir, console: Console, enabled: bool, total: int, start: int, tensorboard: bool):
-        self.run, self.console, self.enabled, self.total, self.start = run, console, enabled, total, start
+    def __init__(self, run: RunDir, console: Console, enabled: bool, total: int, tensorboard: bool):
+        self.run, self.console, self.enabled, self.total, self.start = run, console, enabled, total, 0
         self.interactive = enabled and console.is_terminal
         self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
                                  console=console, disable=not self.interactive)
-        self.task = self.progress.add_task("train", total=total, completed=start, status="")
+        self.task = self.progress.add_task("train", total=total, completed=0, status="")
         self.started = time.time()
         self.writer = _tensorboard(run) if enabled and tensorboard else None
+
+    def begin_at(self, step: int) -> None:
+        """Where the run starts (a resumed run does not start at 0): the bar and the ETA count from here."""
+        self.start, self.started = step, time.time()
+        self.progress.update(self.task, completed=step)
 
     def __enter__(self) -> Monitor:
         self.progress.__enter__()
