@@ -114,3 +114,17 @@ def test_the_users_four_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert result.exit_code == 2 and "FID, CLIP score and R-precision are not implemented" in one_line(result)
     result = invoke("eval", "--recon", "--n", "4")  # the newest run is the tokenizer: reconstruction works
     assert result.exit_code == 0 and "PSNR (dB)" in result.output
+
+
+def test_unreadable_shards_in_a_loader_worker_end_in_one_sentence(shapes_shards: Path, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "shards"
+    shutil.copytree(shapes_shards, broken)
+    for tar in broken.glob("train-*.tar"):
+        tar.write_bytes(b"")
+    result = invoke("train", "--model", "vqgan", "--preset", "tiny", "--data", str(broken), "--out",
+                    str(tmp_path / "run"), "--steps", "2", "--set", "data.num_workers=1", "--set", "train.batch_size=4")
+    assert result.exit_code == 1
+    text = one_line(result)
+    assert "error: 100 shard or sample reads failed in a row" in text and "Original Traceback" not in text

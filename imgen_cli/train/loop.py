@@ -271,6 +271,8 @@ def _accumulate(net: nn.Module, batches: Any, cfg: RunConfig, device: torch.devi
             raw = next(batches)
         except StopIteration:
             raise RunError("the data loader ran dry before the last step.") from None
+        except RunError as err:  # from a loader worker, it arrives wrapped in the worker's traceback
+            raise RunError(str(err).rsplit("RunError: ", 1)[-1].strip()) from None
         keys += raw["key"]
         batch = shard_io.to_device(raw, device)
         is_ddp = isinstance(net, nn.parallel.DistributedDataParallel)
