@@ -22,11 +22,10 @@ lint: install
 
 # The embedded default, end to end on the CPU: synth -> tokenize -> train -> (sample, eval as families land).
 demo: install
-	$(BIN)/imgen synth demo/coco --n 1000 --val 100 --size 64
+	$(BIN)/imgen synth demo/coco --n 2000 --val 200 --size 64
 	$(BIN)/imgen tokenize demo/coco --out demo/shards --size 64 --shard-size 250
-	$(BIN)/imgen train --model vqgan --data demo/shards --out runs/demo/vqgan --steps 400 \
-		--set train.batch_size=16 --set train.warmup_steps=50 \
-		--set train.sample_every=100 --set train.ckpt_every=100 --set train.log_every=50
+	$(BIN)/imgen train --model vqgan --data demo/shards --out runs/demo/vqgan --steps 800 \
+		--set train.warmup_steps=100 --set train.sample_every=200 --set train.ckpt_every=200 --set train.log_every=50
 	$(BIN)/imgen eval --ckpt runs/demo/vqgan --data demo/shards --recon --json runs/demo/vqgan/recon.json
 	@echo "demo done: sample grids (originals above reconstructions) in runs/demo/vqgan/samples/"
 
