@@ -104,13 +104,17 @@ def check_tokenizer(shards: ShardSet, expected: dict[str, Any], spec: str) -> No
 # --- samples -------------------------------------------------------------------------------------------
 
 
+def _choose_caption(sample: dict[str, Any], rng: random.Random | None) -> str:
+    """One of the sample's captions: at random for training, the first for evaluation."""
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    captions = meta.get("captions") or [sample["txt"].decode()]
+    return rng.choice(captions) if rng is not None else captions[0]
+
+
 def _decode_sample(sample: dict[str, Any], rng: random.Random | None) -> dict[str, Any]:
     image = Image.open(io.BytesIO(sample["png"]))
     image = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
-    meta = json.loads(sample["json"]) if "json" in sample else {}
-    captions = meta.get("captions") or [sample["txt"].decode()]
-    caption = rng.choice(captions) if rng is not None else captions[0]
-    out = {"image": image, "caption": caption, "key": sample["__key__"]}
+    out = {"image": image, "caption": _choose_caption(sample, rng), "key": sample["__key__"]}
     if "vq.npy" in sample:
         out["tokens"] = torch.from_numpy(np.load(io.BytesIO(sample["vq.npy"])).astype(np.int64))
     return out
@@ -208,8 +212,8 @@ def _sample_stage(seed: int, rank: int, batch_size: int, skip_batches: int, budg
         to_skip = len(range(worker, skip_batches, num_workers)) * batch_size
         for sample in samples:
             try:
-                if to_skip:
-                    rng.choice(json.loads(sample["json"])["captions"])
+                if to_skip:  # the same caption draw as decoding would make, without decoding the image
+                    _choose_caption(sample, rng)
                     to_skip -= 1
                     continue
                 decoded = _decode_sample(sample, rng)
