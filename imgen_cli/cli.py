@@ -111,8 +111,11 @@ def tokenize(
     from imgen_cli.data.tokenize import tokenize as run_tokenize
 
     tokens = _token_encoder(vq, device) if vq is not None else None
-    if tokens is not None and size is None:
-        size = tokens.record["image_size"]
+    if tokens is not None:
+        size = size or tokens.record["image_size"]
+        factor = tokens.record["image_size"] // tokens.record["grid"][0]
+        if size % factor:  # before anything is written, not in the middle of the shards
+            raise UserError(f"--size {size} is not divisible by the tokenizer's downsampling factor {factor}.")
     with _progress("tokenize", None) as advance:
         manifest = run_tokenize(src, out_dir, size=size, workers=workers, shard_size=shard_size,
                                 val_fraction=val_fraction, tokens=tokens, on_total=advance.set_total,
@@ -155,8 +158,6 @@ def _token_encoder(vq: str, device: str | None) -> Any:
     @torch.no_grad()
     def encode(images: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(images).to(dev).permute(0, 3, 1, 2).float().div_(255)
-        if x.shape[-1] % model.downsample_factor:
-            raise UserError(f"--size {x.shape[-1]} is not divisible by the tokenizer's factor {model.downsample_factor}.")
         return model.encode(x).cpu().numpy()
 
     return TokenEncoder(encode, record, np.int16 if model.codebook_size <= 32768 else np.int32)

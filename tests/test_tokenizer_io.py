@@ -49,6 +49,14 @@ def test_pre_encoded_tokens_equal_on_the_fly_encoding(vq_run: Path, vq_shards: P
     assert batch["tokens"].dtype == torch.int64 and int(batch["tokens"].max()) < 64
 
 
+def test_tokenize_vq_refuses_a_size_the_tokenizer_cannot_grid(vq_run: Path, shapes_coco: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["tokenize", str(shapes_coco), "--vq", str(vq_run), "--size", "18", "--out",
+                                 str(tmp_path / "o"), "--device", "cpu"])
+    assert result.exit_code == 2
+    assert "--size 18 is not divisible by the tokenizer's downsampling factor 4" in " ".join(result.output.split())
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
 def test_token_shards_from_another_tokenizer_are_refused(vq_shards: Path, shapes_shards: Path) -> None:
     shards = open_shards(str(vq_shards), "train")
     expected = dict(shards.manifest["tokenizer"])
