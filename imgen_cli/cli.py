@@ -77,7 +77,7 @@ def recipes_dir() -> Path:
 def synth(
     out_dir: Annotated[Path, typer.Argument(help="Directory to write the dataset into (COCO 2017 layout).")],
     n: Annotated[int, typer.Option("--n", min=1, help="Training images.")] = 2000,
-    n_val: Annotated[int | None, typer.Option("--val", min=0, help="Validation images [default: n/10].")] = None,
+    n_val: Annotated[int | None, typer.Option("--val", min=0, help="Validation images \\[default: n/10].")] = None,
     size: Annotated[int, typer.Option("--size", min=16, max=1024, help="Image side in pixels.")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="Same seed, same bytes.")] = 0,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Rendering processes.")] = 1,
@@ -100,12 +100,12 @@ def tokenize(
     src: Annotated[Path, typer.Argument(help="COCO directory, folder of images with .txt captions, or WebDataset shards.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Output directory for shards + manifest.json.")] = Path("shards"),
     size: Annotated[int | None, typer.Option("--size", help="Square side after resize + centre crop "
-                                             "[default: the source's own size, at most 256].")] = None,
+                                             "\\[default: the source's own size, at most 256].")] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Decoding processes.")] = max(1, (os.cpu_count() or 2) - 1),
     shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Samples per shard.")] = 1000,
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Held-out share for sources without a val split.")] = 0.05,
     vq: Annotated[str | None, typer.Option("--vq", help="Tokenizer run: also store image tokens ({key}.vq.npy).")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="Where --vq encodes [default: cuda if present].")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="Where --vq encodes \\[default: cuda if present].")] = None,
 ) -> None:
     """Turn a captioned image dataset into train/val WebDataset shards (images + captions [+ image tokens])."""
     from imgen_cli.data.tokenize import tokenize as run_tokenize
@@ -171,16 +171,16 @@ def _token_encoder(vq: str, device: str | None) -> Any:
 @guarded
 def train(
     model: Annotated[str | None, typer.Option("--model", help="Family name (see `imgen models`).")] = None,
-    data: Annotated[str | None, typer.Option("--data", help="Shards directory or shard list [default: shards].")] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory [default: runs/MODEL]; "
+    data: Annotated[str | None, typer.Option("--data", help="Shards directory or shard list \\[default: shards].")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory \\[default: runs/MODEL]; "
                                                  "an existing run resumes.")] = None,
     vq: Annotated[str | None, typer.Option("--vq", help="Tokenizer run for the token families.")] = None,
-    recipe: Annotated[Path | None, typer.Option("--recipe", help="TOML recipe [default: recipes/shapes/MODEL.toml].")] = None,
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="TOML recipe \\[default: recipes/shapes/MODEL.toml].")] = None,
     preset: Annotated[str | None, typer.Option("--preset", help="Size preset: tiny, small, base, ...")] = None,
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Total optimizer steps.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Training seed.")] = None,
     sets: Annotated[list[str] | None, typer.Option("--set", help="Override any key: --set train.lr=1e-4.")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 [default: cuda if present].")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 \\[default: cuda if present].")] = None,
     compile_model: Annotated[bool | None, typer.Option("--compile", help="torch.compile the model (train.compile).")] = None,
     tensorboard: Annotated[bool | None, typer.Option("--tensorboard", help="Also log to RUN/tensorboard.")] = None,
 ) -> None:
@@ -272,9 +272,9 @@ def _generator_run(ckpt: str | None, what: str) -> None:
 @guarded
 def sample(
     prompts: Annotated[list[str], typer.Argument(help="One or more prompts.")],
-    ckpt: Annotated[str | None, typer.Option("--ckpt", help="Run directory [default: newest under runs/].")] = None,
+    ckpt: Annotated[str | None, typer.Option("--ckpt", help="Run directory \\[default: newest under runs/].")] = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Images per prompt.")] = 4,
-    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Sampler steps [default: the family's].")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Sampler steps \\[default: the family's].")] = None,
     guidance: Annotated[float | None, typer.Option("--guidance", help="Classifier-free guidance scale.")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     out_dir: Annotated[Path, typer.Option("--out", help="Where PNGs go.")] = Path("samples"),
@@ -289,7 +289,7 @@ def sample(
 def edit(
     image: Annotated[Path, typer.Argument(help="Image to edit.")],
     prompt: Annotated[str, typer.Argument(help="What the edited image should show.")],
-    ckpt: Annotated[str | None, typer.Option("--ckpt", help="Run directory [default: newest under runs/].")] = None,
+    ckpt: Annotated[str | None, typer.Option("--ckpt", help="Run directory \\[default: newest under runs/].")] = None,
     mask: Annotated[Path | None, typer.Option("--mask", help="PNG, white = region to repaint.")] = None,
     box: Annotated[str | None, typer.Option("--box", help="x0,y0,x1,y1 region to repaint.")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -302,26 +302,118 @@ def edit(
     _generator_run(ckpt, "editing")
 
 
-@app.command(name="eval", epilog="Examples: imgen eval --ckpt runs/vqgan --recon --json recon.json | "
-                                 "imgen eval --ckpt runs/muse --data shards --fid --clip-score --n 1000")
+@app.command(name="eval", epilog="Examples: imgen eval --ckpt runs/vqgan --recon | "
+                                 "imgen eval --ckpt runs/muse --fid --features clip --clip-score --r-precision | "
+                                 "imgen eval --images out/ --prompts prompts.txt --fid --kid | "
+                                 "imgen eval --ckpt runs/muse --r-precision --steps 4,8,16,32 --json sweep.json")
 @guarded
 def evaluate(
-    ckpt: Annotated[str | None, typer.Option("--ckpt", help="Run to evaluate [default: newest under runs/].")] = None,
+    ckpt: Annotated[str | None, typer.Option("--ckpt", help="Run to evaluate \\[default: newest under runs/].")] = None,
     data: Annotated[str, typer.Option("--data", help="Shards with the real val split.")] = "shards",
-    fid: Annotated[bool, typer.Option("--fid")] = False,
-    clip_score: Annotated[bool, typer.Option("--clip-score")] = False,
-    r_precision: Annotated[bool, typer.Option("--r-precision")] = False,
+    images: Annotated[Path | None, typer.Option("--images", help="Evaluate this folder of generated images instead of a run.")] = None,
+    prompts: Annotated[Path | None, typer.Option("--prompts", help="With --images: one prompt per line, in the images' name order.")] = None,
+    fid: Annotated[bool, typer.Option("--fid", help="Frechet distance to the real val images.")] = False,
+    kid: Annotated[bool, typer.Option("--kid", help="Kernel (MMD) distance to the real val images.")] = False,
+    clip_score: Annotated[bool, typer.Option("--clip-score", help="100 x cosine(image, prompt) in CLIP space.")] = False,
+    r_precision: Annotated[bool, typer.Option("--r-precision", help="Prompt ranked first among R val captions.")] = False,
     recon: Annotated[bool, typer.Option("--recon", help="Tokenizer reconstruction: PSNR, SSIM, codebook usage.")] = False,
-    n: Annotated[int, typer.Option("--n", min=1, help="Images to evaluate.")] = 1000,
+    features: Annotated[str, typer.Option("--features", help="FID/KID feature space: inception (standard) | clip.")] = "inception",
+    inception_weights: Annotated[str | None, typer.Option("--inception-weights", help=f"Local {'weights-inception-2015-12-05-6726825d.pth'} \\[default: the torch hub cache].")] = None,
+    clip_model: Annotated[str | None, typer.Option("--clip-model", help="imgen clip RUN | open_clip NAME:TAG | NAME:/path/weights.pt \\[default: newest clip run].")] = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Images to generate (or to reconstruct with --recon).")] = 1000,
+    steps: Annotated[str | None, typer.Option("--steps", help="Sampler steps; a list (4,8,16,32) sweeps speed vs quality.")] = None,
+    guidance: Annotated[float | None, typer.Option("--guidance", help="Classifier-free guidance scale.")] = None,
+    r: Annotated[int, typer.Option("--r", min=2, help="R-precision: captions ranked per image.")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 50,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write every number to this file.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="With several --steps: metric vs seconds per image, PNG \\[default: next to --json].")] = None,
     device: Annotated[str | None, typer.Option("--device")] = None,
 ) -> None:
-    """Score a run: FID / CLIP score / R-precision for generators, reconstruction metrics for tokenizers."""
-    if not (fid or clip_score or r_precision or recon):
-        raise UserError("choose at least one metric: --fid, --clip-score, --r-precision or --recon.")
-    if fid or clip_score or r_precision:
-        raise UserError("FID, CLIP score and R-precision are not implemented in this version of imgen yet; "
-                        "--recon (tokenizer reconstruction) is.")
+    """Score a run: FID / KID / CLIP score / R-precision for generators, reconstruction metrics for tokenizers."""
+    if recon:
+        if fid or kid or clip_score or r_precision or images is not None:
+            raise UserError("--recon scores a tokenizer run on its own; run the generation metrics separately.")
+        return _evaluate_recon(ckpt, data, n, json_path, device)
+    from imgen_cli import registry
+    from imgen_cli.eval.generative import EvalRequest, ImageFolder, evaluate, write_plot
+    from imgen_cli.train import distributed
+
+    req = EvalRequest(fid=fid, kid=kid, clip_score=clip_score, r_precision=r_precision, features=features,
+                      inception_weights=inception_weights, clip_model=clip_model, n=n, batch_size=batch_size,
+                      steps=_step_list(steps), guidance=guidance, seed=seed, r=r)
+    req.validate()
+    if images is not None and ckpt is not None:
+        raise UserError("give either --ckpt (generate, then score) or --images (score a folder), not both.")
+    env = distributed.setup(device)
+    try:
+        model, folder, subject = None, None, str(images)
+        if images is not None:
+            folder = ImageFolder.open(images, prompts)
+        else:
+            trained = registry.load_trained(ckpt, env.device, runs_root=str(RUNS_ROOT))
+            if not trained.family.generates_images:
+                raise UserError(f"{trained.run.path} is a {trained.family.name} run, which does not generate images"
+                                + ("; score it with --recon." if trained.family.name == "vqgan" else "."))
+            model, subject = trained.model, f"{trained.run.path} step {trained.checkpoint.step}"
+        note = (lambda m: err.print(m, highlight=False)) if env.is_main else (lambda m: None)
+        progress = _progress if env.is_main else _silent_progress
+        report = evaluate(req, data, env, progress, note, model=model, folder=folder, runs_root=str(RUNS_ROOT))
+    finally:
+        distributed.teardown()
+    if not env.is_main:
+        return
+    report["subject"] = subject
+    _print_eval(report)
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+    if len(report["rows"]) > 1:
+        metric = next((m for m in ("fid", "r_precision", "clip_score", "kid") if m in report["rows"][0]), None)
+        path = plot or (json_path.with_suffix(".png") if json_path is not None else Path("eval-sweep.png"))
+        write_plot(report["rows"], metric, path)
+        out.print(f"plot: {path}", highlight=False)
+
+
+def _step_list(steps: str | None) -> list[int | None]:
+    if steps is None:
+        return [None]
+    try:
+        values = [int(v) for v in steps.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--steps takes step counts separated by commas (4,8,16), got {steps!r}.") from None
+    if not values or min(values) < 1:
+        raise UserError(f"--steps must be positive step counts, got {steps!r}.")
+    return values
+
+
+def _print_eval(report: dict[str, Any]) -> None:
+    names = {"fid": "FID", "kid": "KID", "clip_score": "CLIP score", "r_precision": f"R-precision (R={report['settings']['r']})",
+             "seconds_per_image": "s / image"}
+    rows = report["rows"]
+    columns = [k for k in ("fid", "kid", "clip_score", "r_precision", "seconds_per_image") if k in rows[0]]
+    table = Table(title=f"{report['subject']} vs {report['data']} val ({report['real_images']} real images)")
+    table.add_column("images")
+    for col in columns:
+        table.add_column(names[col], justify="right")
+
+    def cell(row: dict[str, Any], col: str) -> str:
+        if col not in row:
+            return ""
+        return f"{row[col]:.4f} +- {row['kid_std']:.4f}" if col == "kid" else f"{row[col]:.4g}"
+
+    for row in rows:
+        label = "generated" if row.get("steps", 0) is None else f"{row['steps']} steps" if "steps" in row else "folder"
+        table.add_row(f"{label} ({row['images']})", *(cell(row, col) for col in columns))
+    if report["real"]:
+        table.add_row("real val (ceiling)", *(cell(report["real"], col) for col in columns), style="dim")
+    out.print(table)
+    used = [f"features: {report['feature_extractor']}" if report["feature_extractor"] else "",
+            f"CLIP: {report['clip_model']}" if report["clip_model"] else "",
+            f"seed {report['settings']['seed']}, {report['seconds']:.0f}s"]
+    out.print(", ".join(u for u in used if u), highlight=False)
+
+
+def _evaluate_recon(ckpt: str | None, data: str, n: int, json_path: Path | None, device: str | None) -> None:
     import time
 
     from imgen_cli import registry
@@ -415,6 +507,14 @@ class _progress:
 
     def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
+
+
+class _silent_progress(_progress):
+    """Ranks other than 0 keep quiet."""
+
+    def __init__(self, label: str, total: int | None):
+        super().__init__(label, total)
+        self.progress.disable = True
 
 
 def main() -> None:

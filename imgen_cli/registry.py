@@ -67,7 +67,8 @@ FAMILIES: dict[str, Family] = {
                generates_images=True, supports_edit=True, supports_dual_output=True),
         Family("diffit", "DiffiT vision-transformer diffusion", "Hatamizadeh et al. 2023", module=None,
                generates_images=True, supports_edit=True, supports_dual_output=True),
-        Family("clip", "in-project CLIP evaluator", "Radford et al. 2021", module=None),
+        Family("clip", "in-project CLIP evaluator", "Radford et al. 2021",
+               module="imgen_cli.models.clip", config_class="CLIPConfig", model_class="CLIP"),
     ]
 }
 

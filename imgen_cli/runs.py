@@ -145,19 +145,19 @@ def _contiguous(state: dict[str, Any]) -> dict[str, Any]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def newest_run(root: str | Path = "runs") -> RunDir:
-    """The run under `root` whose newest complete checkpoint is the most recent."""
+def newest_run(root: str | Path = "runs", family: str | None = None) -> RunDir:
+    """The run under `root` (of `family`, if given) whose newest complete checkpoint is the most recent."""
     root = Path(root)
     candidates = []
     if root.is_dir():
         for child in root.iterdir():
             run = RunDir(child)
             ckpt = run.latest_checkpoint() if run.exists() else None
-            if ckpt is not None:
+            if ckpt is not None and family in (None, run.read_config().get("family")):
                 candidates.append((ckpt.path.stat().st_mtime, run))
     if not candidates:
         raise UserError(
-            f"no trained run found under {root}/.",
+            f"no trained {family + ' ' if family else ''}run found under {root}/.",
             hint="Train one first (`imgen train --model NAME`) or pass --ckpt RUN.",
         )
     return max(candidates, key=lambda c: c[0])[1]

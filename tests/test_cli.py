@@ -9,8 +9,8 @@ from imgen_cli.cli import app
 runner = CliRunner()
 
 
-def invoke(*args: str):
-    result = runner.invoke(app, list(args), env={"COLUMNS": "250"})
+def invoke(*args: str, env: dict[str, str] | None = None):
+    result = runner.invoke(app, list(args), env={"COLUMNS": "250", **(env or {})})
     assert "Traceback" not in result.output
     return result
 

@@ -120,6 +120,12 @@ def _decode_sample(sample: dict[str, Any], rng: random.Random | None) -> dict[st
     return out
 
 
+def read_captions(shards: ShardSet) -> list[str]:
+    """The first caption of every sample, in shard order, without decoding any image."""
+    pipeline = wds.DataPipeline(wds.SimpleShardList(shards.urls), wds.tarfile_to_samples())
+    return [_choose_caption(sample, None) for sample in pipeline]
+
+
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch = {"image": torch.stack([s["image"] for s in samples]),
              "caption": [s["caption"] for s in samples],
