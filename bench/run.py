@@ -123,25 +123,44 @@ def bench_train(device_name: str = "cpu") -> str:
             "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
+WORK = Path(__file__).resolve().parent.parent / ".bench-work"  # the shapes world and runs the quality suites share
+RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "shapes"
+
+
+def imgen(*args: str) -> float:
+    """Run one imgen command in the bench workspace, as a user would; returns its wall time in seconds."""
+    import subprocess
+
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "imgen_cli", *args], cwd=WORK, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def shapes_world() -> None:
+    """8,000 train and 500 val images of the shapes world at 64x64, tokenized (made once, then reused)."""
+    WORK.mkdir(exist_ok=True)
+    if not (WORK / "shards" / "manifest.json").is_file():
+        imgen("synth", "coco", "--n", "8000", "--val", "500", "--size", "64", "--workers", "2")
+        imgen("tokenize", "coco", "--out", "shards", "--shard-size", "500")
+
+
+def fresh_run(name: str) -> str:
+    import shutil
+
+    shutil.rmtree(WORK / "runs" / name, ignore_errors=True)
+    return f"runs/{name}"
+
+
 def bench_vqgan() -> str:
     """The tokenizer quality bar: recipes/shapes/vqgan.toml on the shapes world at 64x64, as a user runs it."""
     import json
-    import subprocess
 
-    imgen = [sys.executable, "-m", "imgen_cli"]
-    with tempfile.TemporaryDirectory() as tmp:
-        def run(*args: str) -> float:
-            start = time.perf_counter()
-            subprocess.run([*imgen, *args], cwd=tmp, check=True, stdout=subprocess.DEVNULL)
-            return time.perf_counter() - start
-
-        run("synth", "coco", "--n", "8000", "--val", "500", "--size", "64", "--workers", "2")
-        run("tokenize", "coco", "--out", "shards", "--shard-size", "500")
-        recipe = Path(__file__).resolve().parent.parent / "recipes" / "shapes" / "vqgan.toml"
-        train_s = run("train", "--model", "vqgan", "--recipe", str(recipe), "--data", "shards", "--out", "runs/vq")
-        run("eval", "--ckpt", "runs/vq", "--data", "shards", "--recon", "--n", "500", "--json", "recon.json")
-        report = json.loads((Path(tmp) / "recon.json").read_text())
-        config = json.loads((Path(tmp) / "runs/vq/config.json").read_text())
+    shapes_world()
+    train_s = imgen("train", "--model", "vqgan", "--recipe", str(RECIPES / "vqgan.toml"), "--data", "shards",
+                    "--out", fresh_run("vq"))
+    imgen("eval", "--ckpt", "runs/vq", "--data", "shards", "--recon", "--n", "500", "--json", "recon.json")
+    report = json.loads((WORK / "recon.json").read_text())
+    config = json.loads((WORK / "runs/vq/config.json").read_text())
     m = report["metrics"]
     return (f"`imgen synth coco --n 8000 --val 500 && imgen tokenize coco && imgen train --model vqgan` "
             f"(recipes/shapes/vqgan.toml: preset {config['preset']}, channels {config['model']['channels']}, "
@@ -153,10 +172,96 @@ def bench_vqgan() -> str:
             f"{m['codebook_perplexity']:.0f} | <= 20 min, >= 30 dB, >= 50% |\n")
 
 
+def real_val_folder() -> tuple[str, str]:
+    """The val images as PNG files plus a prompts file: `imgen eval --images` then scores the real data."""
+    from torchvision.utils import save_image
+
+    from imgen_cli.data.shards import exact_loader
+
+    folder = WORK / "real-val"
+    if not folder.is_dir():
+        folder.mkdir()
+        prompts = []
+        for batch in exact_loader(open_shards(str(WORK / "shards"), "val"), 100):
+            for image, caption in zip(batch["image"], batch["caption"], strict=True):
+                save_image(image.float() / 255, folder / f"{len(prompts):05d}.png")
+                prompts.append(caption)
+        (WORK / "real-val-prompts.txt").write_text("\n".join(prompts) + "\n")
+    return "real-val", "real-val-prompts.txt"
+
+
+def bench_clip() -> str:
+    """The evaluator's bar: the in-project CLIP (recipes/shapes/clip.toml) ranks real val captions."""
+    import json
+
+    shapes_world()
+    train_s = imgen("train", "--model", "clip", "--recipe", str(RECIPES / "clip.toml"), "--data", "shards",
+                    "--out", fresh_run("clip"))
+    folder, prompts = real_val_folder()
+    imgen("eval", "--images", folder, "--prompts", prompts, "--data", "shards", "--r-precision", "--clip-score",
+          "--clip-model", "runs/clip", "--json", "clip-real.json")
+    report = json.loads((WORK / "clip-real.json").read_text())
+    config = json.loads((WORK / "runs/clip/config.json").read_text())
+    real = report["real"]
+    return (f"`imgen train --model clip --recipe recipes/shapes/clip.toml` (preset {config['preset']}, "
+            f"{config['train']['steps']} steps of batch {config['train']['batch_size']}) on the shapes world "
+            f"(8,000 train images, 64x64), then `imgen eval --images VAL --r-precision --clip-score` on the "
+            f"{report['real_images']} real val images with their own captions.\n\n"
+            "| training time | R-precision (R=10) | CLIP score | chance | target |\n|---|---|---|---|---|\n"
+            f"| {train_s / 60:.1f} min | {real['r_precision']:.3f} | {real['clip_score']:.1f} | 0.100 | "
+            "<= 15 min, >= 0.9 |\n")
+
+
+def tokenizer_and_evaluator() -> None:
+    """What the generator suites stand on, made once: the recipe tokenizer, token shards and the CLIP."""
+    shapes_world()
+    if not (WORK / "runs" / "vq" / "checkpoints").is_dir():
+        imgen("train", "--model", "vqgan", "--recipe", str(RECIPES / "vqgan.toml"), "--data", "shards",
+              "--out", fresh_run("vq"))
+    if not (WORK / "shards_vq" / "manifest.json").is_file():
+        imgen("tokenize", "coco", "--vq", "runs/vq", "--out", "shards_vq", "--shard-size", "500")
+    if not (WORK / "runs" / "clip" / "checkpoints").is_dir():
+        imgen("train", "--model", "clip", "--recipe", str(RECIPES / "clip.toml"), "--data", "shards",
+              "--out", fresh_run("clip"))
+
+
+def generator_table(report: dict) -> str:
+    rows = "".join(f"| {r['steps']} | {r['r_precision']:.3f} | {r['fid']:.2f} | {r['clip_score']:.2f} | "
+                   f"{1000 * r['seconds_per_image']:.1f} ms |\n" for r in report["rows"])
+    real = report["real"]
+    return ("| sampler steps | R-precision (R=10) | CLIP-space FID | CLIP score | sampling time per image |\n"
+            "|---|---|---|---|---|\n" + rows +
+            f"| real val images | {real['r_precision']:.3f} | 0 | {real['clip_score']:.2f} | |\n")
+
+
+def bench_muse() -> str:
+    """Issue 6's bar: recipes/shapes/muse.toml trained <= 30 min on the CPU (tokenizer excluded), R-precision
+    of its samples with the in-project CLIP, CLIP-space FID, and sampling time per image across step counts."""
+    import json
+
+    tokenizer_and_evaluator()
+    train_s = imgen("train", "--model", "muse", "--recipe", str(RECIPES / "muse.toml"), "--vq", "runs/vq",
+                    "--data", "shards_vq", "--out", fresh_run("muse"))
+    imgen("eval", "--ckpt", "runs/muse", "--data", "shards_vq", "--r-precision", "--clip-score", "--fid",
+          "--features", "clip", "--clip-model", "runs/clip", "--n", "500", "--steps", "4,8,12,16",
+          "--json", "muse-eval.json")
+    report = json.loads((WORK / "muse-eval.json").read_text())
+    config = json.loads((WORK / "runs/muse/config.json").read_text())
+    return (f"`imgen train --model muse --recipe recipes/shapes/muse.toml --vq runs/vq --data shards_vq` "
+            f"(preset {config['preset']}, {config['train']['steps']} steps of batch {config['train']['batch_size']}, "
+            f"tokens pre-encoded by the recipe tokenizer) took **{train_s / 60:.1f} min**. Then `imgen eval --ckpt "
+            f"runs/muse --r-precision --clip-score --fid --features clip --n 500 --steps 4,8,12,16` (guidance "
+            f"{report['settings']['guidance'] or 'default 4.0'}, in-project CLIP `runs/clip`, prompts = the val "
+            f"captions, batch 50; the time per image includes the tokenizer's decoder). Target: R-precision >= 0.6 "
+            f"in <= 30 min of training.\n\n" + generator_table(report))
+
+
 SUITES = {
     "data": ("Data pipeline: synth, tokenize, streaming loader", bench_data),
     "train": ("Training throughput: shared transformer block stack", bench_train),
     "vqgan": ("Tokenizer quality: VQGAN on the shapes world, 64x64", bench_vqgan),
+    "clip": ("Evaluator quality: the in-project CLIP on the shapes world", bench_clip),
+    "muse": ("Muse on the shapes world: R-precision, CLIP-space FID, sampling time", bench_muse),
 }
 
 
@@ -176,7 +281,7 @@ def main() -> None:
     parser.add_argument("--suite", choices=sorted(SUITES), action="append")
     parser.add_argument("--device", default="cpu", help="cuda: the train suite in bf16 on the GPU")
     args = parser.parse_args()
-    for suite in args.suite or sorted(SUITES):
+    for suite in args.suite or list(SUITES):  # in order: the tokenizer and the CLIP before the generators
         title, fn = SUITES[suite]
         print(f"bench {suite} on {args.device} ...", flush=True)
         if suite == "train":

@@ -136,24 +136,31 @@ def tokenize(
     out.print(f"{total / max(manifest['seconds'], 1e-9):.0f} images/s", highlight=False)
 
 
-def _token_encoder(vq: str, device: str | None) -> Any:
-    """A trained tokenizer run as tokenize's TokenEncoder (EMA weights, no grad)."""
-    import numpy as np
-    import torch
-
+def _tokenizer(vq: str, device: Any) -> tuple[Any, dict[str, Any]]:
+    """A trained tokenizer run (EMA weights) and its record, the identity stored in token shards."""
     from imgen_cli import registry
     from imgen_cli.data.shards import tokenizer_record
-    from imgen_cli.data.tokenize import TokenEncoder
-    from imgen_cli.train.distributed import pick_device
 
-    dev = pick_device(device)
-    trained = registry.load_trained(vq, dev, flag="--vq")
+    trained = registry.load_trained(vq, device, flag="--vq")
     if not hasattr(trained.model, "encode"):
         raise UserError(f"--vq {vq} is a {trained.family.name} run, not an image tokenizer (vqgan).")
     model = trained.model
     record = tokenizer_record(trained.run.path, trained.checkpoint.step, model.codebook_size, model.grid_shape(),
                               trained.checkpoint.path / "ema.safetensors")
     record["image_size"] = trained.config.model.image_size
+    return model, record
+
+
+def _token_encoder(vq: str, device: str | None) -> Any:
+    """A trained tokenizer run as tokenize's TokenEncoder (EMA weights, no grad)."""
+    import numpy as np
+    import torch
+
+    from imgen_cli.data.tokenize import TokenEncoder
+    from imgen_cli.train.distributed import pick_device
+
+    dev = pick_device(device)
+    model, record = _tokenizer(vq, dev)
 
     @torch.no_grad()
     def encode(images: np.ndarray) -> np.ndarray:
@@ -196,6 +203,8 @@ def train(
                             f"{', '.join(registry.available_names())} (see `imgen models`).")
         model = existing.read_config()["family"]
     family = registry.get(model)
+    if vq is not None and not family.needs_vq_tokens:
+        raise UserError(f"--vq is for the token families; {model} does not train on image tokens.")
     run = RunDir(out_dir if out_dir is not None else RUNS_ROOT / model)
     if recipe is None and (recipes_dir() / "shapes" / f"{model}.toml").is_file():
         recipe = recipes_dir() / "shapes" / f"{model}.toml"
@@ -203,10 +212,11 @@ def train(
     if recipe_values.get("family", model) != model:
         raise UserError(f"recipe {recipe} is for {recipe_values['family']}, not {model}.")
     cfg = cfg_mod.resolve(model, family.config_cls(), family.presets(), recipe=recipe_values, preset=preset,
-                          sets=sets or [], flags={"data.shards": data, "train.steps": steps, "train.seed": seed, "vq": vq,
+                          sets=sets or [], flags={"data.shards": data, "train.steps": steps, "train.seed": seed,
+                                 "model.vq": str(Path(vq).resolve()) if vq else None,
                                  "train.compile": compile_model, "train.tensorboard": tensorboard})
-    if family.needs_vq_tokens and not cfg.vq:
-        raise UserError(f"{model} trains on image tokens: pass --vq RUN (a trained vqgan run).")
+    if family.needs_vq_tokens:
+        _check_token_data(model, cfg)
 
     from imgen_cli.train import distributed
     from imgen_cli.train.loop import train as run_train
@@ -221,6 +231,22 @@ def train(
         distributed.teardown()
     if env.is_main and result.stopped_early:
         raise typer.Exit(0)
+
+
+def _check_token_data(model: str, cfg: Any) -> None:
+    """A token family needs its tokenizer; shards with pre-encoded tokens must come from that same tokenizer
+    (shards without tokens are encoded on the fly)."""
+    from imgen_cli.data.shards import check_tokenizer, open_shards
+
+    if not cfg.model.vq:
+        raise UserError(f"{model} trains on image tokens: pass --vq RUN (a trained vqgan run).")
+    shards = open_shards(cfg.data.shards, "train")
+    if (shards.manifest or {}).get("tokenizer") is not None:
+        check_tokenizer(shards, _tokenizer(cfg.model.vq, "cpu")[1], cfg.data.shards)
+    elif os.environ.get("RANK", "0") == "0":
+        err.print(f"{cfg.data.shards} holds no pre-encoded tokens: the tokenizer encodes every batch on the fly "
+                  f"(`imgen tokenize {cfg.data.shards} --vq {cfg.model.vq} --out SHARDS_VQ` makes training faster).",
+                  highlight=False)
 
 
 # keys a resumed run may change: how long, how often, from where, not what is trained
@@ -253,53 +279,114 @@ def _checked_config(run: Any, cfg: Any) -> dict[str, Any]:
 # --- sample / edit / eval -------------------------------------------------------------------------------------
 
 
-def _generator_run(ckpt: str | None, what: str) -> None:
-    """Refuse plainly until a generator family exists; say what is missing and how to get it."""
+def _generator(ckpt: str | None, what: str, device: Any, flag: str = "--ckpt") -> Any:
+    """A trained text-to-image run, or one sentence saying why this run cannot do `what`."""
     from imgen_cli import registry
-    from imgen_cli.runs import resolve_run
 
-    run, _ = resolve_run(ckpt, RUNS_ROOT)
-    family = registry.get(run.read_config()["family"])
-    if not family.generates_images:
-        generators = [f.name for f in registry.FAMILIES.values() if f.generates_images]
-        raise UserError(f"{run.path} is a {family.name} run ({family.summary}); {what} needs a text-to-image run "
-                        f"({', '.join(generators)}).",
-                        hint="No generator family is implemented in this version of imgen yet; see `imgen models`.")
-    family.model_cls()  # raises the not-implemented sentence for planned families
+    trained = registry.load_trained(ckpt, device, runs_root=str(RUNS_ROOT), flag=flag)
+    if not trained.family.generates_images:
+        generators = [f.name for f in registry.FAMILIES.values() if f.generates_images and f.available]
+        raise UserError(f"{trained.run.path} is a {trained.family.name} run ({trained.family.summary}); {what} "
+                        f"needs a text-to-image run ({', '.join(generators)}).")
+    return trained
 
 
-@app.command(epilog='Example: imgen sample "a red circle above a blue square" --ckpt runs/muse --n 8 --steps 12')
+@app.command(epilog='Examples: imgen sample "a red circle above a blue square" --ckpt runs/muse --n 8 --steps 12 | '
+                    'imgen sample "a green cross" --ckpt runs/muse --sr runs/muse-sr --guidance 3 --guidance-ramp')
 @guarded
 def sample(
     prompts: Annotated[list[str], typer.Argument(help="One or more prompts.")],
     ckpt: Annotated[str | None, typer.Option("--ckpt", help="Run directory \\[default: newest under runs/].")] = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Images per prompt.")] = 4,
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Sampler steps \\[default: the family's].")] = None,
-    guidance: Annotated[float | None, typer.Option("--guidance", help="Classifier-free guidance scale.")] = None,
+    guidance: Annotated[float | None, typer.Option("--guidance", help="Classifier-free guidance scale s (1 = none) \\[default: the family's].")] = None,
+    guidance_ramp: Annotated[bool | None, typer.Option("--guidance-ramp/--no-guidance-ramp", help="Muse: grow the guidance from 1 over the steps.")] = None,
+    negative: Annotated[str | None, typer.Option("--negative", help="Negative prompt: replaces the unconditional branch of guidance.")] = None,
+    super_res: Annotated[str | None, typer.Option("--sr", help="Muse: a super-resolution run that refines the tokens of --ckpt.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images generated per forward batch.")] = 16,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    out_dir: Annotated[Path, typer.Option("--out", help="Where PNGs go.")] = Path("samples"),
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the PNGs, prompts.txt and grid.png go.")] = Path("samples"),
     device: Annotated[str | None, typer.Option("--device")] = None,
 ) -> None:
     """Generate images from text prompts with a trained run."""
-    _generator_run(ckpt, "sampling")
+    import time
+
+    from imgen_cli import sample as pipeline
+    from imgen_cli.train.distributed import pick_device
+
+    dev = pick_device(device)
+    trained = _generator(ckpt, "sampling", dev)
+    model, refiner = trained.model, None
+    if super_res is not None:
+        refiner = _generator(super_res, "super-resolution", dev, flag="--sr").model
+        pipeline.check_cascade(model, refiner)
+    all_prompts = [p for p in prompts for _ in range(n)]
+    options = pipeline.check_options(
+        model.generate_tokens if refiner is not None else model.generate,
+        {"steps": steps, "guidance": guidance, "guidance_ramp": guidance_ramp, "negative_prompts": negative},
+        trained.family.name)
+    started = time.perf_counter()
+    with _progress("sample", len(all_prompts)) as advance:
+        images = pipeline.generate(model, all_prompts, batch_size=batch_size, seed=seed, options=options,
+                                   advance=advance, super_res=refiner)
+    seconds = time.perf_counter() - started
+    grid = pipeline.save_images(images, all_prompts, out_dir, per_row=n)
+    out.print(f"{len(images)} images ({seconds / len(images):.3f} s each on {dev.type}) in {out_dir}/, grid: {grid}",
+              highlight=False)
 
 
-@app.command(epilog='Example: imgen edit photo.png "a green square" --ckpt runs/muse --box 8,8,40,40')
+@app.command(epilog='Examples: imgen edit photo.png "a green square" --ckpt runs/muse --box 8,8,40,40 | '
+                    'imgen edit photo.png "a red circle" --mask hole.png | imgen edit photo.png "a blue circle" '
+                    '(mask-free, Muse)')
 @guarded
 def edit(
-    image: Annotated[Path, typer.Argument(help="Image to edit.")],
+    image: Annotated[Path, typer.Argument(help="Image to edit (centre-cropped and resized to the model's size).")],
     prompt: Annotated[str, typer.Argument(help="What the edited image should show.")],
     ckpt: Annotated[str | None, typer.Option("--ckpt", help="Run directory \\[default: newest under runs/].")] = None,
     mask: Annotated[Path | None, typer.Option("--mask", help="PNG, white = region to repaint.")] = None,
-    box: Annotated[str | None, typer.Option("--box", help="x0,y0,x1,y1 region to repaint.")] = None,
+    box: Annotated[str | None, typer.Option("--box", help="x0,y0,x1,y1: repaint inside this box (inpainting).")] = None,
+    keep_box: Annotated[str | None, typer.Option("--keep-box", help="x0,y0,x1,y1: keep this box, repaint around it (outpainting).")] = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Edited versions to make.")] = 4,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Sampler steps \\[default: the family's].")] = None,
+    guidance: Annotated[float | None, typer.Option("--guidance", help="Classifier-free guidance scale s.")] = None,
+    iterations: Annotated[int | None, typer.Option("--iterations", min=0, help="Mask-free editing: resampling rounds \\[default: 100].")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    out_dir: Annotated[Path, typer.Option("--out")] = Path("samples"),
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the PNGs, prompts.txt and grid.png go.")] = Path("edits"),
     device: Annotated[str | None, typer.Option("--device")] = None,
 ) -> None:
-    """Inpaint a masked region, or edit without a mask (Muse), under a new prompt."""
+    """Inpaint (--mask, --box), outpaint (--keep-box) or, without a region, edit mask-free (Muse) under a new prompt."""
+    import torch
+
+    from imgen_cli import sample as pipeline
+    from imgen_cli.train.distributed import pick_device
+
     if not image.is_file():
         raise UserError(f"{image} does not exist.")
-    _generator_run(ckpt, "editing")
+    dev = pick_device(device)
+    trained = _generator(ckpt, "editing", dev)
+    model = trained.model
+    size = model.image_size
+    source = pipeline.load_image(image, size)
+    region = pipeline.region_mask(size, mask, box, keep_box)
+    if region is not None and iterations is not None:
+        raise UserError("--iterations is for mask-free editing; with a mask, --steps sets the decoding steps.")
+    options = pipeline.check_options(model.edit, {"steps": steps, "guidance": guidance, "iterations": iterations},
+                                     trained.family.name)
+    with _progress("edit", n) as advance:
+        edited = []
+        for i in range(n):
+            generator = pipeline.batch_generator(seed, i, dev)
+            with torch.no_grad():
+                result = model.edit(source.to(dev), None if region is None else region.to(dev), [prompt],
+                                    generator=generator, **options).float().clamp(0, 1).cpu()
+            if region is not None:
+                result = pipeline.composite(source, result, region, cell=size // getattr(model, "grid", size))
+            edited.append(result)
+            advance(1)
+    images = torch.cat([source] + edited)
+    grid = pipeline.save_images(images, ["(source)"] + [prompt] * n, out_dir, per_row=n + 1)
+    how = "mask-free" if region is None else f"{int(region.sum())} of {size * size} pixels repainted"
+    out.print(f"{n} edits ({how}) in {out_dir}/ (0000.png is the source), grid: {grid}", highlight=False)
 
 
 @app.command(name="eval", epilog="Examples: imgen eval --ckpt runs/vqgan --recon | "
@@ -459,22 +546,32 @@ def models() -> None:
         table.add_column(col)
     for fam in registry.FAMILIES.values():
         if fam.available:
-            presets = ", ".join(f"{p} ({_count_params(fam, p) / 1e6:.1f}M)" for p in fam.presets())
+            presets = ", ".join(_preset_size(fam, p) for p in fam.presets())
             status = "[green]available[/]"
         else:
             presets, status = "-", "[yellow]not implemented yet[/]"
         table.add_row(fam.name, fam.summary, fam.paper, presets, status)
+    table.caption = (f"* token families are counted with K={NOMINAL_TOKENS[0]} codes and {NOMINAL_TOKENS[1]}x"
+                     f"{NOMINAL_TOKENS[1]} tokens where the preset leaves both to the --vq tokenizer")
     out.print(table)
 
 
-def _count_params(family: Any, preset: str) -> int:
+NOMINAL_TOKENS = (1024, 8)  # the shapes tokenizer's codebook and grid, for counting token families' parameters
+
+
+def _preset_size(family: Any, preset: str) -> str:
     import torch
 
     from imgen_cli.config import build_dataclass
 
-    cfg = build_dataclass(family.config_cls(), family.presets()[preset], "model")
+    values, mark = dict(family.presets()[preset]), ""
+    if family.needs_vq_tokens and not values.get("codebook_size"):
+        values.update(codebook_size=NOMINAL_TOKENS[0], grid=NOMINAL_TOKENS[1])
+        mark = "*"
+    cfg = build_dataclass(family.config_cls(), values, "model")
     with torch.device("meta"):  # no memory, no init cost, even for the GPU presets
-        return sum(p.numel() for p in family.build(cfg).parameters())
+        count = sum(p.numel() for p in family.build(cfg).parameters())
+    return f"{preset}{mark} ({count / 1e6:.1f}M)"
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------

@@ -96,13 +96,11 @@ class RunConfig:
     model: Any  # the family's config dataclass
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    vq: str | None = None  # tokenizer run used by token families
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "family": self.family,
             "preset": self.preset,
-            "vq": self.vq,
             "model": dataclasses.asdict(self.model),
             "train": dataclasses.asdict(self.train),
             "data": dataclasses.asdict(self.data),
@@ -123,7 +121,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         recipe = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"recipe {path} is not valid TOML: {err}.") from None
-    allowed = {"family", "preset", "vq", *SECTIONS}
+    allowed = {"family", "preset", *SECTIONS}
     for key, value in recipe.items():
         if key not in allowed:
             raise UserError(f"recipe {path} has an unknown key {key!r}; valid keys: {', '.join(sorted(allowed))}.")
@@ -148,7 +146,7 @@ def parse_set(assignment: str) -> tuple[str, Any]:
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any, origin: str) -> None:
     parts = key.split(".")
-    if key in ("family", "preset", "vq"):
+    if key in ("family", "preset"):
         tree[key] = value
         return
     if len(parts) != 2 or parts[0] not in SECTIONS:
@@ -235,20 +233,13 @@ def resolve(
     if preset is not None:  # a preset named on the command line overrides the recipe
         tree["model"].update(presets[chosen])
     preset = chosen
-    vq = recipe.get("vq")
     for assignment in sets:
         key, value = parse_set(assignment)
         if key in ("family", "preset"):
             raise UserError(f"--set cannot change {key}; use --model or --preset.")
-        if key == "vq":
-            vq = value
-            continue
         _set_dotted(tree, key, value, "--set")
     for key, value in (flags or {}).items():
         if value is None:
-            continue
-        if key == "vq":
-            vq = value
             continue
         _set_dotted(tree, key, value, "flag")
     return RunConfig(
@@ -257,7 +248,6 @@ def resolve(
         model=build_dataclass(model_class, tree["model"], "model"),
         train=build_dataclass(TrainConfig, tree["train"], "train"),
         data=build_dataclass(DataConfig, tree["data"], "data"),
-        vq=vq,
     )
 
 
@@ -269,7 +259,6 @@ def from_dict(saved: dict[str, Any], model_class: type) -> RunConfig:
         model=build_dataclass(model_class, saved["model"], "model"),
         train=build_dataclass(TrainConfig, saved["train"], "train"),
         data=build_dataclass(DataConfig, saved["data"], "data"),
-        vq=saved.get("vq"),
     )
 
 

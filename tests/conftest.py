@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from imgen_cli.cli import app
 from imgen_cli.data.synthetic import write_coco_layout
 from imgen_cli.data.tokenize import tokenize
 
@@ -24,4 +26,25 @@ def shapes_coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def shapes_shards(shapes_coco: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("shards")
     tokenize(shapes_coco, out, size=16, shard_size=16)
+    return out
+
+
+@pytest.fixture(scope="session")
+def vq_run(shapes_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny vqgan trained for 3 steps: 16px images -> 4x4 tokens of K=64."""
+    run = tmp_path_factory.mktemp("vq") / "run"
+    result = CliRunner().invoke(app, ["train", "--model", "vqgan", "--preset", "tiny", "--data", str(shapes_shards),
+                                      "--out", str(run), "--steps", "3", "--set", "train.batch_size=8",
+                                      "--set", "data.num_workers=0"])
+    assert result.exit_code == 0, result.output
+    return run
+
+
+@pytest.fixture(scope="session")
+def vq_shards(vq_run: Path, shapes_coco: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """shapes_coco tokenized with vq_run: images plus their {key}.vq.npy token grids."""
+    out = tmp_path_factory.mktemp("vqshards")
+    result = CliRunner().invoke(app, ["tokenize", str(shapes_coco), "--vq", str(vq_run), "--out", str(out),
+                                      "--shard-size", "16", "--workers", "1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
     return out

@@ -39,7 +39,9 @@ def test_models_lists_presets_and_status() -> None:
     text = one_line(result)
     assert ("│ vqgan │ VQGAN image tokenizer │ Esser et al. 2021 │ tiny (0.2M), small (12.0M), base (64.4M) "
             "│ available") in text
-    assert "│ muse │ masked generative transformer │ Chang et al. 2023 │ - │ not implemented yet" in text
+    assert "│ muse │ masked generative transformer │ Chang et al. 2023 │ tiny (" in text
+    assert "small* (" in text and "token families are counted with K=1024" in text
+    assert "│ bitdiff │ Bit Diffusion with analog bits │ Chen et al. 2022 │ - │ not implemented yet" in text
 
 
 @pytest.mark.parametrize(
@@ -111,7 +113,8 @@ def test_the_users_four_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert result.exit_code == 2
     assert "runs/vqgan is a vqgan run (VQGAN image tokenizer); sampling needs a text-to-image run" in one_line(result)
     result = invoke("eval", "--fid")
-    assert result.exit_code == 2 and "FID, CLIP score and R-precision are not implemented" in one_line(result)
+    assert result.exit_code == 2 and "runs/vqgan is a vqgan run, which does not generate images; score it with " \
+        "--recon" in one_line(result)
     result = invoke("eval", "--recon", "--n", "4")  # the newest run is the tokenizer: reconstruction works
     assert result.exit_code == 0 and "PSNR (dB)" in result.output
 

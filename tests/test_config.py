@@ -93,6 +93,6 @@ def test_shipped_recipes_load() -> None:
     assert recipes
     for path in recipes:
         recipe = load_recipe(path)
-        assert recipe["family"] == path.stem
+        assert path.stem.split("-")[0] == recipe["family"]  # muse.toml, muse-sr.toml: recipes of muse
         family = registry.get(recipe["family"])
         resolve(family.name, family.config_cls(), family.presets(), recipe=recipe)

@@ -16,25 +16,6 @@ from imgen_cli.eval.recon import json_safe, reconstruction_metrics
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def vq_run(shapes_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("vq") / "run"
-    result = runner.invoke(app, ["train", "--model", "vqgan", "--preset", "tiny", "--data", str(shapes_shards),
-                                 "--out", str(run), "--steps", "3", "--set", "train.batch_size=8",
-                                 "--set", "data.num_workers=0"])
-    assert result.exit_code == 0, result.output
-    return run
-
-
-@pytest.fixture(scope="module")
-def vq_shards(vq_run: Path, shapes_coco: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("vqshards")
-    result = runner.invoke(app, ["tokenize", str(shapes_coco), "--vq", str(vq_run), "--out", str(out),
-                                 "--shard-size", "16", "--workers", "1", "--device", "cpu"])
-    assert result.exit_code == 0, result.output
-    return out
-
-
 def test_pre_encoded_tokens_equal_on_the_fly_encoding(vq_run: Path, vq_shards: Path) -> None:
     manifest = json.loads((vq_shards / "manifest.json").read_text())
     tokenizer = manifest["tokenizer"]

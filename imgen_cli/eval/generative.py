@@ -302,6 +302,8 @@ def evaluate(req: EvalRequest, shards_spec: str, env: DistEnv, progress: Progres
              model: Any = None, folder: ImageFolder | None = None, runs_root: str = "runs") -> dict[str, Any]:
     """Score `model` (a generator run's network) or `folder` against the val split; returns the report."""
     req.validate()
+    if req.kid and env.distributed:  # its feature lists did not sync across ranks in our tests (FID and the rest do)
+        raise UserError("--kid does not run under torchrun in this version; compute it in one process.")
     started = time.time()
     device = env.device
     shards = shard_io.open_shards(shards_spec, "val")
@@ -316,6 +318,9 @@ def evaluate(req: EvalRequest, shards_spec: str, env: DistEnv, progress: Progres
                      else feats.InceptionFeatures(feats.inception_weights_path(req.inception_weights)))
         extractor = extractor.to(device).eval()
     prompts = folder.prompts if folder is not None else [captions[i % len(captions)] for i in range(req.n)]
+    if model is not None and len(prompts) < env.world_size * req.batch_size:
+        raise UserError(f"--n {len(prompts)} gives some of the {env.world_size} ranks no batch of {req.batch_size}; "
+                        f"raise --n or lower --batch-size.")
     metrics = Metrics(req, extractor, clip, len(captions), len(prompts), device)
     rprec = RPrecision(clip, captions, req.r, req.seed, req.batch_size) if req.r_precision else None
 
@@ -368,8 +373,8 @@ def _score_real(req: EvalRequest, shards: shard_io.ShardSet, env: DistEnv, progr
     if cache is not None and cache.is_file():
         cached = torch.load(cache, map_location="cpu", weights_only=True)
         note(f"reference features from {cache}")
-        if env.is_main:  # one rank feeds the whole reference; the others add nothing to the sums
-            metrics.update_real(cached["features"].to(env.device))
+        # each rank feeds a share: the synced sums are the whole reference's, and no rank's KID list is empty
+        metrics.update_real(cached["features"][env.rank::env.world_size].to(env.device))
     needs_pass = (extractor is not None and cached is None) or rprec is not None or req.clip_score
     real: dict[str, Any] = {}
     if not needs_pass:

@@ -1,0 +1,144 @@
+"""Sampling and editing pipelines: prompts or an image in, seeded batches through the family contract
+(`generate`, `edit`), PNG files out.
+
+Seeds follow the image, not the batch layout: batch b of a call draws from a generator seeded by
+(seed, b) with a fixed batch size, so the same command gives the same files. Every output folder gets
+a `prompts.txt` with one line per image in file order, which is exactly what `imgen eval --images`
+reads back.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from imgen_cli.errors import UserError
+
+
+def batch_generator(seed: int, batch: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + batch)
+
+
+def check_options(method: Callable, options: dict[str, Any], family: str) -> dict[str, Any]:
+    """Drop unset options; refuse, naming the flag, options the family's method does not take."""
+    given = {k: v for k, v in options.items() if v is not None}
+    accepted = inspect.signature(method).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
+    for name in given:
+        if name not in accepted and not takes_any:
+            raise UserError(f"the {family} family does not take --{name.replace('_', '-')}.")
+    return given
+
+
+def generate(model: Any, prompts: list[str], *, batch_size: int, seed: int, options: dict[str, Any],
+             advance: Callable[[int], None], super_res: Any = None) -> Tensor:
+    """Images [len(prompts), 3, H, W] in [0, 1]. With `super_res` (a Muse super-resolution model), `model`
+    generates the low-resolution token grid and `super_res` the high-resolution one conditioned on it."""
+    device = next(model.parameters()).device
+    out = []
+    for b, start in enumerate(range(0, len(prompts), batch_size)):
+        chunk = prompts[start:start + batch_size]
+        generator = batch_generator(seed, b, device)
+        chunk_options = dict(options)
+        if "negative_prompts" in options:  # one negative prompt, repeated for every prompt of the batch
+            chunk_options["negative_prompts"] = [options["negative_prompts"]] * len(chunk)
+        with torch.no_grad():
+            if super_res is None:
+                images = model.generate(chunk, generator=generator, **chunk_options)
+            else:
+                lowres = model.generate_tokens(chunk, generator=generator, **chunk_options)
+                images = super_res.generate(chunk, generator=generator, lowres_tokens=lowres, **chunk_options)
+        out.append(images.float().clamp(0, 1).cpu())
+        advance(len(chunk))
+    return torch.cat(out)
+
+
+def check_cascade(base: Any, super_res: Any) -> None:
+    lowres = getattr(getattr(super_res, "cfg", None), "lowres_grid", 0)
+    if not lowres:
+        raise UserError("--sr must be a super-resolution Muse run (trained with model.lowres_grid > 0).")
+    if not hasattr(base, "generate_tokens") or base.grid != lowres:
+        raise UserError(f"the --sr run refines a {lowres}x{lowres} token grid, but the --ckpt run makes "
+                        f"{getattr(base, 'grid', '?')}x{getattr(base, 'grid', '?')} tokens.")
+
+
+def save_images(images: Tensor, prompts: list[str], out_dir: Path, per_row: int) -> Path:
+    """`out_dir/0000.png ...`, `prompts.txt` (one line per file) and `grid.png`; returns the grid's path."""
+    from torchvision.utils import save_image
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        save_image(image, out_dir / f"{i:04d}.png")
+    (out_dir / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
+    grid = out_dir / "grid.png"
+    save_image(images, grid, nrow=per_row, padding=2, pad_value=1.0)
+    return grid
+
+
+def load_image(path: Path, size: int) -> Tensor:
+    """An image file -> [1, 3, size, size] in [0, 1], centre-cropped to a square, then resized."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+    except OSError as err:
+        raise UserError(f"cannot read {path} as an image: {err}.") from None
+    side = min(img.size)
+    left, top = (img.width - side) // 2, (img.height - side) // 2
+    img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)[None].float() / 255
+
+
+def parse_box(text: str, size: int, flag: str) -> tuple[int, int, int, int]:
+    try:
+        x0, y0, x1, y1 = (int(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"{flag} takes four integers x0,y0,x1,y1 in pixels of the {size}x{size} image, "
+                        f"got {text!r}.") from None
+    x0, x1, y0, y1 = max(0, x0), min(size, x1), max(0, y0), min(size, y1)
+    if x0 >= x1 or y0 >= y1:
+        raise UserError(f"{flag} {text} covers no pixel of the {size}x{size} image.")
+    return x0, y0, x1, y1
+
+
+def region_mask(size: int, mask_path: Path | None, box: str | None, keep_box: str | None) -> Tensor | None:
+    """[1, 1, size, size] bool, True = regenerate; None = no region (mask-free editing).
+
+    --mask: a PNG whose white (>= 128) pixels are repainted; --box: repaint inside the box (inpainting);
+    --keep-box: keep only the box and repaint everything around it (outpainting)."""
+    given = [f for f, v in (("--mask", mask_path), ("--box", box), ("--keep-box", keep_box)) if v is not None]
+    if len(given) > 1:
+        raise UserError(f"give one of --mask, --box and --keep-box, not {' and '.join(given)}.")
+    if mask_path is not None:
+        if not mask_path.is_file():
+            raise UserError(f"--mask {mask_path} does not exist.")
+        mask = load_image(mask_path, size).mean(1, keepdim=True) >= 0.5
+    elif box is not None or keep_box is not None:
+        x0, y0, x1, y1 = parse_box(box or keep_box, size, "--box" if box else "--keep-box")
+        mask = torch.zeros(1, 1, size, size, dtype=torch.bool)
+        mask[..., y0:y1, x0:x1] = True
+        if keep_box is not None:
+            mask = ~mask
+    else:
+        return None
+    if not mask.any():
+        raise UserError("the mask selects no pixel to repaint (white = repaint).")
+    return mask
+
+
+def composite(source: Tensor, edited: Tensor, mask: Tensor, cell: int) -> Tensor:
+    """The edit inside the repainted region, the source's own pixels everywhere else.
+
+    A token family regenerates whole f x f cells and decodes every token, so even kept tokens come back
+    only as well as the tokenizer reconstructs them; pasting the source back outside the cells the mask
+    touches keeps those pixels exact (MaskGIT composites the same way)."""
+    cells = F.max_pool2d(mask.float(), cell) if cell > 1 else mask.float()
+    region = F.interpolate(cells, scale_factor=cell, mode="nearest").bool() if cell > 1 else mask
+    return torch.where(region, edited, source)
