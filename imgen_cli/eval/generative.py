@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from imgen_cli.data import shards as shard_io
 from imgen_cli.errors import UserError
 from imgen_cli.eval import features as feats
+from imgen_cli.sample import batch_generator
 from imgen_cli.train.distributed import DistEnv, gather_objects
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -130,7 +131,7 @@ def generate(model: Any, prompts: list[str], steps: int | None, req: EvalRequest
     for b, batch in enumerate(_batches(list(range(len(prompts))), req.batch_size)):
         if b % env.world_size != env.rank:
             continue
-        generator = torch.Generator(env.device).manual_seed(req.seed * 1_000_003 + b)
+        generator = batch_generator(req.seed, b, env.device)  # the seeds of `imgen sample`: the same images
         started = time.perf_counter()
         with torch.no_grad():
             out = model.generate([prompts[i] for i in batch], generator=generator, **kwargs)
