@@ -20,7 +20,7 @@ test: install
 lint: install
 	$(BIN)/ruff check imgen_cli tests bench
 
-# The embedded default, end to end on the CPU (about 15 minutes): the shapes world -> shards -> a VQGAN tokenizer
+# The embedded default, end to end on the CPU (about 12 minutes): the shapes world -> shards -> a VQGAN tokenizer
 # -> token shards -> the in-project CLIP evaluator -> Muse -> samples -> metrics. Short runs: a tour, not the
 # quality bars (those are `make bench`).
 demo: install
