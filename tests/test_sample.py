@@ -178,7 +178,7 @@ def test_eval_under_torchrun_matches_one_process(muse_run: Path, vq_shards: Path
                                                  tmp_path: Path) -> None:
     """Generation split across 2 ranks, metric states synced: the same numbers as one process."""
     args = ["eval", "--ckpt", str(muse_run), "--data", str(vq_shards), "--r-precision", "--clip-score", "--fid",
-            "--features", "clip", "--clip-model", str(clip_run), "--n", "12", "--batch-size", "4",
+            "--kid", "--features", "clip", "--clip-model", str(clip_run), "--n", "12", "--batch-size", "4",
             "--steps", "3"]
     single = invoke(*args, "--json", str(tmp_path / "one.json"))
     assert single.exit_code == 0, single.output
@@ -188,6 +188,7 @@ def test_eval_under_torchrun_matches_one_process(muse_run: Path, vq_shards: Path
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert two["world_size"] == 2 and one["world_size"] == 1
+    assert two["rows"][0]["kid"] == pytest.approx(one["rows"][0]["kid"], abs=1e-3)  # random subsets: close only
     for key in ("r_precision", "fid", "clip_score"):
         assert two["rows"][0][key] == pytest.approx(one["rows"][0][key], rel=1e-4, abs=1e-6), key
         if key in one["real"]:

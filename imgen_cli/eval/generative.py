@@ -231,6 +231,10 @@ class Metrics:
         out = {}
         for name, metric in self.metrics.items():
             if name == "kid":
+                # torchmetrics 1.9 fails to sync list states when ranks hold different numbers of entries
+                # (one rank had two generated batches, the other one): hand it one tensor per rank
+                for state in ("real_features", "fake_features"):
+                    setattr(metric, state, [torch.cat(getattr(metric, state))] if getattr(metric, state) else [])
                 mean, std = metric.compute()
                 out["kid"], out["kid_std"] = float(mean), float(std)
             else:
@@ -303,8 +307,6 @@ def evaluate(req: EvalRequest, shards_spec: str, env: DistEnv, progress: Progres
              model: Any = None, folder: ImageFolder | None = None, runs_root: str = "runs") -> dict[str, Any]:
     """Score `model` (a generator run's network) or `folder` against the val split; returns the report."""
     req.validate()
-    if req.kid and env.distributed:  # its feature lists did not sync across ranks in our tests (FID and the rest do)
-        raise UserError("--kid does not run under torchrun in this version; compute it in one process.")
     started = time.time()
     device = env.device
     shards = shard_io.open_shards(shards_spec, "val")
