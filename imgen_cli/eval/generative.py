@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from imgen_cli.data import shards as shard_io
 from imgen_cli.errors import UserError
 from imgen_cli.eval import features as feats
-from imgen_cli.sample import batch_generator
+from imgen_cli.sample import batch_generator, load_image
 from imgen_cli.train.distributed import DistEnv, gather_objects
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -104,18 +104,8 @@ class ImageFolder:
         return cls(paths, prompts)
 
     def load(self, indices: list[int], size: int) -> Tensor:
-        """float [0, 1] images, resized (bicubic) to `size` when they differ from the real images."""
-        images = []
-        for i in indices:
-            try:
-                with Image.open(self.paths[i]) as img:
-                    img = img.convert("RGB")
-                    if img.size != (size, size):
-                        img = img.resize((size, size), Image.Resampling.BICUBIC)
-                    images.append(torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1))
-            except OSError as err:
-                raise UserError(f"cannot read {self.paths[i]}: {err}.") from None
-        return torch.stack(images).float().div_(255)
+        """float [0, 1] images at the real images' size (centre-cropped and resized as `imgen edit` reads)."""
+        return torch.cat([load_image(self.paths[i], size) for i in indices])
 
 
 def _batches(indices: list[int], size: int) -> Iterator[list[int]]:
