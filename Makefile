@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# the demo's generator: muse, or vqdiffusion with `make demo MODEL=vqdiffusion`
+MODEL  ?= muse
 
 .PHONY: install test demo lint bench clean
 
@@ -21,8 +23,8 @@ lint: install
 	$(BIN)/ruff check imgen_cli tests bench
 
 # The embedded default, end to end on the CPU (about 12 minutes): the shapes world -> shards -> a VQGAN tokenizer
-# -> token shards -> the in-project CLIP evaluator -> Muse -> samples -> metrics. Short runs: a tour, not the
-# quality bars (those are `make bench`).
+# -> token shards -> the in-project CLIP evaluator -> Muse (or MODEL=vqdiffusion) -> samples -> metrics. Short runs:
+# a tour, not the quality bars (those are `make bench`).
 demo: install
 	$(BIN)/imgen synth demo/coco --n 2000 --val 200 --size 64
 	$(BIN)/imgen tokenize demo/coco --out demo/shards --size 64 --shard-size 250
@@ -32,11 +34,11 @@ demo: install
 	$(BIN)/imgen tokenize demo/coco --vq runs/demo/vqgan --out demo/shards_vq --shard-size 250
 	$(BIN)/imgen train --model clip --data demo/shards --out runs/demo/clip --steps 300 \
 		--set train.warmup_steps=50 --set train.sample_every=300 --set train.ckpt_every=300
-	$(BIN)/imgen train --model muse --vq runs/demo/vqgan --data demo/shards_vq --out runs/demo/muse --steps 600 \
-		--set train.warmup_steps=100 --set train.sample_every=200 --set train.ckpt_every=200
-	$(BIN)/imgen sample "a red circle above a blue square" --ckpt runs/demo/muse --n 8 --out runs/demo/samples
-	$(BIN)/imgen eval --ckpt runs/demo/muse --data demo/shards_vq --r-precision --clip-score --fid --features clip \
-		--clip-model runs/demo/clip --n 200 --json runs/demo/muse/eval.json
+	$(BIN)/imgen train --model $(MODEL) --vq runs/demo/vqgan --data demo/shards_vq --out runs/demo/$(MODEL) \
+		--steps 600 --set train.warmup_steps=100 --set train.sample_every=200 --set train.ckpt_every=200
+	$(BIN)/imgen sample "a red circle above a blue square" --ckpt runs/demo/$(MODEL) --n 8 --out runs/demo/samples
+	$(BIN)/imgen eval --ckpt runs/demo/$(MODEL) --data demo/shards_vq --r-precision --clip-score --fid --features clip \
+		--clip-model runs/demo/clip --n 200 --json runs/demo/$(MODEL)/eval.json
 	@echo "demo done: runs/demo/samples/grid.png, training grids in runs/demo/*/samples/, metrics in runs/demo/*/*.json"
 
 bench: install

@@ -256,12 +256,37 @@ def bench_muse() -> str:
             f"in <= 30 min of training.\n\n" + generator_table(report))
 
 
+def bench_vqdiffusion() -> str:
+    """Issue 7's bar: recipes/shapes/vqdiffusion.toml trained <= 30 min on the CPU (tokenizer excluded),
+    R-precision of its samples with the in-project CLIP, and the speed-quality table at 100/50/25/10 steps."""
+    import json
+
+    tokenizer_and_evaluator()
+    train_s = imgen("train", "--model", "vqdiffusion", "--recipe", str(RECIPES / "vqdiffusion.toml"), "--vq",
+                    "runs/vq", "--data", "shards_vq", "--out", fresh_run("vqdiffusion"))
+    imgen("eval", "--ckpt", "runs/vqdiffusion", "--data", "shards_vq", "--r-precision", "--clip-score", "--fid",
+          "--features", "clip", "--clip-model", "runs/clip", "--n", "500", "--steps", "100,50,25,10",
+          "--json", "vqdiffusion-eval.json")
+    report = json.loads((WORK / "vqdiffusion-eval.json").read_text())
+    config = json.loads((WORK / "runs/vqdiffusion/config.json").read_text())
+    return (f"`imgen train --model vqdiffusion --recipe recipes/shapes/vqdiffusion.toml --vq runs/vq --data "
+            f"shards_vq` (preset {config['preset']}, T = {config['model']['timesteps']}, "
+            f"{config['train']['steps']} steps of batch {config['train']['batch_size']}, tokens pre-encoded by the "
+            f"recipe tokenizer) took **{train_s / 60:.1f} min**. Then `imgen eval --ckpt runs/vqdiffusion "
+            f"--r-precision --clip-score --fid --features clip --n 500 --steps 100,50,25,10` (the exact strided "
+            f"posterior: stride round(100 / steps), so 100, 51, 26 and 11 network calls; guidance "
+            f"{report['settings']['guidance'] or 'default 3.0'}, no truncation, in-project CLIP `runs/clip`, "
+            f"prompts = the val captions, batch 50; the time per image includes the tokenizer's decoder). "
+            f"Target: R-precision >= 0.6 in <= 30 min of training.\n\n" + generator_table(report))
+
+
 SUITES = {
     "data": ("Data pipeline: synth, tokenize, streaming loader", bench_data),
     "train": ("Training throughput: shared transformer block stack", bench_train),
     "vqgan": ("Tokenizer quality: VQGAN on the shapes world, 64x64", bench_vqgan),
     "clip": ("Evaluator quality: the in-project CLIP on the shapes world", bench_clip),
     "muse": ("Muse on the shapes world: R-precision, CLIP-space FID, sampling time", bench_muse),
+    "vqdiffusion": ("VQ-Diffusion on the shapes world: R-precision and the speed-quality table", bench_vqdiffusion),
 }
 
 

@@ -65,6 +65,10 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks i
     _state["debug"] = debug
 
 
+TRUNCATION_HELP = "VQ-Diffusion: top-r truncation, keep the codes within this mass (1 = off) \\[default: 1]."
+SAMPLER_HELP = "VQ-Diffusion: posterior (standard) | purity (Improved VQ-Diffusion's high-quality sampler)."
+
+
 def recipes_dir() -> Path:
     return Path(os.environ.get("IMGEN_RECIPES", Path(__file__).resolve().parent.parent / "recipes"))
 
@@ -303,6 +307,8 @@ def sample(
     guidance_ramp: Annotated[bool | None, typer.Option("--guidance-ramp/--no-guidance-ramp", help="Muse: grow the guidance from 1 over the steps.")] = None,
     negative: Annotated[str | None, typer.Option("--negative", help="Negative prompt: replaces the unconditional branch of guidance.")] = None,
     super_res: Annotated[str | None, typer.Option("--sr", help="Muse: a super-resolution run that refines the tokens of --ckpt.")] = None,
+    truncation: Annotated[float | None, typer.Option("--truncation", help=TRUNCATION_HELP)] = None,
+    sampler: Annotated[str | None, typer.Option("--sampler", help=SAMPLER_HELP)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images generated per forward batch.")] = 16,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     out_dir: Annotated[Path, typer.Option("--out", help="Where the PNGs, prompts.txt and grid.png go.")] = Path("samples"),
@@ -323,7 +329,8 @@ def sample(
     all_prompts = [p for p in prompts for _ in range(n)]
     options = pipeline.check_options(
         model.generate_tokens if refiner is not None else model.generate,
-        {"steps": steps, "guidance": guidance, "guidance_ramp": guidance_ramp, "negative_prompts": negative},
+        {"steps": steps, "guidance": guidance, "guidance_ramp": guidance_ramp, "negative_prompts": negative,
+         "truncation": truncation, "sampler": sampler},
         trained.family.name)
     started = time.perf_counter()
     with _progress("sample", len(all_prompts)) as advance:
@@ -350,6 +357,8 @@ def edit(
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Sampler steps \\[default: the family's].")] = None,
     guidance: Annotated[float | None, typer.Option("--guidance", help="Classifier-free guidance scale s.")] = None,
     iterations: Annotated[int | None, typer.Option("--iterations", min=0, help="Mask-free editing: resampling rounds \\[default: 100].")] = None,
+    truncation: Annotated[float | None, typer.Option("--truncation", help=TRUNCATION_HELP)] = None,
+    sampler: Annotated[str | None, typer.Option("--sampler", help=SAMPLER_HELP)] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     out_dir: Annotated[Path, typer.Option("--out", help="Where the PNGs, prompts.txt and grid.png go.")] = Path("edits"),
     device: Annotated[str | None, typer.Option("--device")] = None,
@@ -370,7 +379,8 @@ def edit(
     region = pipeline.region_mask(size, mask, box, keep_box)
     if region is not None and iterations is not None:
         raise UserError("--iterations is for mask-free editing; with a mask, --steps sets the decoding steps.")
-    options = pipeline.check_options(model.edit, {"steps": steps, "guidance": guidance, "iterations": iterations},
+    options = pipeline.check_options(model.edit, {"steps": steps, "guidance": guidance, "iterations": iterations,
+                                                  "truncation": truncation, "sampler": sampler},
                                      trained.family.name)
     with _progress("edit", n) as advance:
         edited = []
@@ -410,6 +420,8 @@ def evaluate(
     n: Annotated[int, typer.Option("--n", min=1, help="Images to generate (or to reconstruct with --recon).")] = 1000,
     steps: Annotated[str | None, typer.Option("--steps", help="Sampler steps; a list (4,8,16,32) sweeps speed vs quality.")] = None,
     guidance: Annotated[float | None, typer.Option("--guidance", help="Classifier-free guidance scale.")] = None,
+    truncation: Annotated[float | None, typer.Option("--truncation", help=TRUNCATION_HELP)] = None,
+    sampler: Annotated[str | None, typer.Option("--sampler", help=SAMPLER_HELP)] = None,
     r: Annotated[int, typer.Option("--r", min=2, help="R-precision: captions ranked per image.")] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 50,
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -423,12 +435,14 @@ def evaluate(
             raise UserError("--recon scores a tokenizer run on its own; run the generation metrics separately.")
         return _evaluate_recon(ckpt, data, n, json_path, device)
     from imgen_cli import registry
+    from imgen_cli import sample as pipeline
     from imgen_cli.eval.generative import EvalRequest, ImageFolder, evaluate, write_plot
     from imgen_cli.train import distributed
 
     req = EvalRequest(fid=fid, kid=kid, clip_score=clip_score, r_precision=r_precision, features=features,
                       inception_weights=inception_weights, clip_model=clip_model, n=n, batch_size=batch_size,
-                      steps=_step_list(steps), guidance=guidance, seed=seed, r=r)
+                      steps=_step_list(steps), guidance=guidance, seed=seed, r=r,
+                      options={"truncation": truncation, "sampler": sampler})
     req.validate()
     if images is not None and ckpt is not None:
         raise UserError("give either --ckpt (generate, then score) or --images (score a folder), not both.")
@@ -443,6 +457,7 @@ def evaluate(
                 raise UserError(f"{trained.run.path} is a {trained.family.name} run, which does not generate images"
                                 + ("; score it with --recon." if trained.family.name == "vqgan" else "."))
             model, subject = trained.model, f"{trained.run.path} step {trained.checkpoint.step}"
+            req.options = pipeline.check_options(model.generate, req.options, trained.family.name)
         note = (lambda m: err.print(m, highlight=False)) if env.is_main else (lambda m: None)
         progress = _progress if env.is_main else _silent_progress
         report = evaluate(req, data, env, progress, note, model=model, folder=folder, runs_root=str(RUNS_ROOT))

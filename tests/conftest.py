@@ -48,3 +48,14 @@ def vq_shards(vq_run: Path, shapes_coco: Path, tmp_path_factory: pytest.TempPath
                                       "--shard-size", "16", "--workers", "1", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="session")
+def clip_run(shapes_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny in-project CLIP trained for 2 steps: the evaluator of the generator tests."""
+    run = tmp_path_factory.mktemp("clip") / "run"
+    result = CliRunner().invoke(app, ["train", "--model", "clip", "--preset", "tiny", "--data", str(shapes_shards),
+                                      "--out", str(run), "--steps", "2", "--set", "train.batch_size=8",
+                                      "--set", "data.num_workers=0"])
+    assert result.exit_code == 0, result.output
+    return run

@@ -152,13 +152,6 @@ def test_edit_errors(muse_run: Path, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "does not exist" in one_line(result)
 
 
-@pytest.fixture(scope="module")
-def clip_run(shapes_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    clip = tmp_path_factory.mktemp("clip") / "run"
-    train("--model", "clip", "--preset", "tiny", "--data", str(shapes_shards), "--out", str(clip), "--steps", "2")
-    return clip
-
-
 def test_eval_of_a_run_sweeps_steps(muse_run: Path, vq_shards: Path, clip_run: Path, tmp_path: Path) -> None:
     clip = clip_run
     report_path = tmp_path / "sweep.json"

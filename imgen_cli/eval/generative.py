@@ -61,6 +61,7 @@ class EvalRequest:
     seed: int = 0
     r: int = 10
     kid_subset_size: int = 1000
+    options: dict[str, Any] = field(default_factory=dict)  # further sampler options of the family (truncation, ...)
 
     def validate(self) -> None:
         if not (self.fid or self.kid or self.clip_score or self.r_precision):
@@ -117,7 +118,7 @@ def generate(model: Any, prompts: list[str], steps: int | None, req: EvalRequest
              advance: Callable[[int], None]) -> tuple[list[int], Tensor, float]:
     """This rank's share of the images for `prompts`: (indices, uint8 images, seconds spent generating)."""
     indices, images, seconds = [], [], 0.0
-    kwargs = {k: v for k, v in (("steps", steps), ("guidance", req.guidance)) if v is not None}
+    kwargs = {k: v for k, v in (("steps", steps), ("guidance", req.guidance), *req.options.items()) if v is not None}
     for b, batch in enumerate(_batches(list(range(len(prompts))), req.batch_size)):
         if b % env.world_size != env.rank:
             continue

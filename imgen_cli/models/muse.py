@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from imgen_cli import registry
 from imgen_cli.errors import UserError
 from imgen_cli.nn.text import TextEncoder, TextEncoderConfig, TextStates, drop_condition
+from imgen_cli.nn.tokens import GridEmbedding, TokenFamily, guided_logits, gumbel, pixel_to_token_mask
 from imgen_cli.nn.transformer import TransformerStack
 
 SCHEDULES = ("cosine", "linear", "power")
@@ -140,12 +140,6 @@ def guidance_scales(steps: int, guidance: float, ramp: bool = False) -> list[flo
     return [1 + (guidance - 1) * k / max(steps - 1, 1) for k in range(steps)]
 
 
-def guided_logits(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
-    """Classifier-free guidance on logits: l_c + t (l_c - l_u) with t = scale - 1, i.e. l_u + s (l_c - l_u);
-    written from l_c so that scale 1 returns the conditional logits exactly."""
-    return cond + (scale - 1) * (cond - uncond)
-
-
 # --- training ---------------------------------------------------------------------------------------------
 
 
@@ -234,16 +228,11 @@ def masked_count_after_step(k: int, steps: int, initial: int, current: int, kind
     return max(1, min(target, current - 1))
 
 
-def _gumbel(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    u = torch.rand(shape, generator=generator, device=device)
-    return -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))  # u = 0 would give -inf
-
-
 def _sample(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
     """Ids drawn from softmax(logits / temperature) by the Gumbel-max trick; the argmax at temperature 0."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    return (logits / temperature + _gumbel(logits.shape, generator, logits.device)).argmax(dim=-1)
+    return (logits / temperature + gumbel(logits.shape, generator, logits.device)).argmax(dim=-1)
 
 
 def _last(items: Iterable[T], default: T | None = None) -> T | None:
@@ -278,7 +267,7 @@ def decode_steps(predict: Predictor, tokens: Tensor, mask_id: int, *, steps: int
                                     for u0, m in zip(initial, current, strict=True)], device=x.device)
         confidence = F.log_softmax(logits, dim=-1).gather(-1, sampled[..., None]).squeeze(-1)
         confidence = confidence.masked_fill(known, math.inf)
-        confidence = confidence + choice_temperatures[k] * _gumbel(confidence.shape, generator, x.device)
+        confidence = confidence + choice_temperatures[k] * gumbel(confidence.shape, generator, x.device)
         # each position's rank by confidence (a stable sort: ties go to the lower position); the L lowest re-mask
         order = confidence.argsort(dim=1, stable=True)
         rank = torch.empty_like(order).scatter_(1, order, positions)
@@ -302,69 +291,36 @@ def mask_free_edit_steps(predict: Predictor, tokens: Tensor, mask_id: int, *, it
         yield tokens, chosen
 
 
-def pixel_to_token_mask(mask: Tensor, factor: int) -> Tensor:
-    """A pixel mask [B, 1, H, W] (True = regenerate) -> the token mask [B, H/f, W/f]: a token is regenerated
-    if any pixel of its f x f cell is (max-pooling)."""
-    if mask.shape[-1] % factor or mask.shape[-2] % factor:
-        raise UserError(f"the mask is {mask.shape[-1]}x{mask.shape[-2]} pixels, not a multiple of the "
-                        f"tokenizer's {factor}-pixel cells.")
-    return F.max_pool2d(mask.float(), factor).squeeze(1) > 0
-
-
 # --- network --------------------------------------------------------------------------------------------------
 
 
-class _GridEmbedding(nn.Module):
-    """Token ids [B, h*w] of a row-major grid -> [B, h*w, d]: token embedding plus learned row and column
-    embeddings."""
-
-    def __init__(self, vocab: int, grid: int, dim: int):
-        super().__init__()
-        self.tokens = nn.Embedding(vocab, dim)
-        self.rows = nn.Parameter(torch.empty(grid, dim))
-        self.cols = nn.Parameter(torch.empty(grid, dim))
-        for weight in (self.tokens.weight, self.rows, self.cols):
-            nn.init.trunc_normal_(weight, std=0.02)
-
-    def forward(self, ids: Tensor) -> Tensor:
-        positions = (self.rows[:, None] + self.cols[None, :]).flatten(0, 1)
-        return self.tokens(ids) + positions
-
-
-def _load_tokenizer(run: str) -> nn.Module:
-    trained = registry.load_trained(run, device="cpu", flag="--vq")
-    if trained.family.name != "vqgan":
-        raise UserError(f"--vq {run} is a {trained.family.name} run, not a vqgan tokenizer.")
-    return trained.model
-
-
-class Muse(nn.Module):
+class Muse(TokenFamily):
     """The masked token transformer (reference block of the spec): token + row + column embeddings, blocks
     of self-attention, cross-attention to the projected text states (plus low-res token states for
     super-res) and an MLP, adaptive norms driven by the pooled text embedding, then LN and a K-way head.
 
-    The VQ tokenizer stays outside the module tree: frozen, and no part of this model's state dict,
-    parameters, optimizer or EMA; `_apply` still takes it along on `.to(device)`.
+    The VQ tokenizer is held as `TokenFamily` holds it: frozen, outside the state dict.
     """
 
+    family = "Muse"
     block_types = TransformerStack.block_types  # the units the engine shards and recomputes
 
     def __init__(self, cfg: MuseConfig, tokenizer: nn.Module | None = None):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        if tokenizer is None and cfg.vq:
-            tokenizer = _load_tokenizer(cfg.vq)
-        self._tokenizer = [] if tokenizer is None else [tokenizer.eval().requires_grad_(False)]
-        self.codebook_size, self.grid = self._vocabulary(tokenizer)
+        self.attach_tokenizer(cfg.vq, tokenizer, cfg.codebook_size, cfg.grid)
+        if cfg.lowres_grid and (cfg.lowres_grid >= self.grid or self.grid % cfg.lowres_grid):
+            raise UserError(f"model.lowres_grid {cfg.lowres_grid} must divide the {self.grid}x{self.grid} token "
+                            f"grid and be smaller.")
         k, d = self.codebook_size, cfg.width
         self.mask_id = k
         self.text_encoder = TextEncoder(cfg)
-        self.embed = _GridEmbedding(k + 1, self.grid, d)
+        self.embed = GridEmbedding(k + 1, self.grid, d)
         self.context = nn.Sequential(nn.Linear(self.text_encoder.width, d), nn.LayerNorm(d))
         self.lowres = None
         if cfg.lowres_grid:  # low-res tokens are always known: no MASK row
-            self.lowres = nn.Sequential(_GridEmbedding(k, cfg.lowres_grid, d),
+            self.lowres = nn.Sequential(GridEmbedding(k, cfg.lowres_grid, d),
                                         TransformerStack(d, cfg.lowres_depth, cfg.heads, cfg.mlp_ratio))
         self.transformer = TransformerStack(d, cfg.depth, cfg.heads, cfg.mlp_ratio, context_dim=d,
                                             cond_dim=self.text_encoder.embed_dim)
@@ -373,61 +329,16 @@ class Muse(nn.Module):
             nn.init.trunc_normal_(linear.weight, std=0.02)
             nn.init.zeros_(linear.bias)
 
-    def _vocabulary(self, tokenizer: nn.Module | None) -> tuple[int, int]:
-        """K and the grid side: the config's where it names them (checked against the tokenizer's), else
-        the tokenizer's.
-
-        The grid may differ from the tokenizer's own: the tokenizer is fully convolutional, and the base
-        model of a cascade works on downsampled images. The loss refuses data of another grid.
-        """
-        cfg = self.cfg
-        k, grid = cfg.codebook_size, cfg.grid
-        if tokenizer is not None:
-            if k and k != tokenizer.codebook_size:
-                raise UserError(f"model.codebook_size is {k}, but the tokenizer {cfg.vq} has "
-                                f"{tokenizer.codebook_size} codes.",
-                                f"Set model.codebook_size={tokenizer.codebook_size}, or 0 to follow the tokenizer.")
-            k, grid = tokenizer.codebook_size, grid or tokenizer.grid_shape()[0]
-        if k < 2 or grid < 1:
-            raise UserError("Muse needs a tokenizer (--vq) or both model.codebook_size and model.grid.")
-        if cfg.lowres_grid and (cfg.lowres_grid >= grid or grid % cfg.lowres_grid):
-            raise UserError(f"model.lowres_grid {cfg.lowres_grid} must divide the {grid}x{grid} token grid "
-                            f"and be smaller.")
-        return k, grid
-
-    def _apply(self, fn: Callable, recurse: bool = True) -> Muse:
-        for tokenizer in self._tokenizer:  # not a submodule, yet it must follow devices and dtypes
-            tokenizer._apply(fn, recurse)
-        return super()._apply(fn, recurse)
-
-    @property
-    def tokenizer(self) -> nn.Module | None:
-        return self._tokenizer[0] if self._tokenizer else None
-
-    @property
-    def image_size(self) -> int:
-        """The side of the images this model makes (and edits): its token grid times the tokenizer's factor."""
-        return self.grid * self._require_tokenizer("tell its image size").downsample_factor
-
-    @property
-    def tokens_per_sample(self) -> int:
-        return self.grid * self.grid
-
     @property
     def device(self) -> torch.device:
         return self.head.weight.device
-
-    def _require_tokenizer(self, action: str) -> nn.Module:
-        if self.tokenizer is None:
-            raise UserError(f"this Muse model has no tokenizer (model.vq is empty), so it cannot {action}.")
-        return self.tokenizer
 
     def _lowres_tokens(self, images: Tensor) -> Tensor:
         """The coarse tokens a super-res model sees: the images downsampled by grid / lowres_grid, encoded."""
         factor = self.grid // self.cfg.lowres_grid
         small = F.interpolate(images.float(), size=(images.shape[-2] // factor, images.shape[-1] // factor),
                               mode="area")
-        return self._require_tokenizer("encode low-resolution images").encode(small)
+        return self.require_tokenizer("encode low-resolution images").encode(small)
 
     def condition(self, text: TextStates, lowres_tokens: Tensor | None = None) -> TextStates:
         """Encoded captions -> what the blocks attend to: the projected text states (then, for a super-res
@@ -451,14 +362,8 @@ class Muse(nn.Module):
     # --- training ---
 
     def _training_tokens(self, batch: dict) -> tuple[Tensor, Tensor | None]:
+        tokens = self.batch_tokens(batch)
         images = batch.get("image")
-        tokens = batch.get("tokens")
-        if tokens is None:
-            tokens = self._require_tokenizer("train on images without pre-encoded tokens").encode(images)
-        if tuple(tokens.shape[1:]) != (self.grid, self.grid):
-            raise UserError(f"the training images give a {tokens.shape[1]}x{tokens.shape[2]} token grid, but this "
-                            f"model's is {self.grid}x{self.grid}.",
-                            f"Tokenize the images at the matching size, or set model.grid={tokens.shape[1]}.")
         if self.lowres is None:
             return tokens, None
         if images is None:
@@ -538,9 +443,8 @@ class Muse(nn.Module):
     def generate(self, prompts: Sequence[str], *, steps: int = 12, guidance: float = 4.0,
                  generator: torch.Generator | None = None, **options) -> Tensor:
         """Images [B, 3, H, W] in [0, 1] for B prompts: `generate_tokens` (same options), decoded."""
-        tokenizer = self._require_tokenizer("decode generated tokens into images")
         tokens = self.generate_tokens(prompts, steps=steps, guidance=guidance, generator=generator, **options)
-        return tokenizer.decode(tokens)
+        return self.decode(tokens)
 
     # --- editing ---
 
@@ -575,7 +479,7 @@ class Muse(nn.Module):
         regenerated if any pixel of its cell is), or edit mask-free without a mask. Returns images in [0, 1],
         all decoded from tokens (compositing the unmasked source pixels back is the caller's choice).
         A super-res model is conditioned on the source's low-res tokens unless lowres_tokens is given."""
-        tokenizer = self._require_tokenizer("edit images")
+        tokenizer = self.require_tokenizer("edit images")
         images = images.to(self.device)
         token_mask = None if mask is None else pixel_to_token_mask(mask.to(self.device), tokenizer.downsample_factor)
         if self.lowres is not None and options.get("lowres_tokens") is None:

@@ -1,0 +1,131 @@
+"""What the token families (Muse, VQ-Diffusion) share: the frozen VQ tokenizer they model, the grid embedding
+of its token ids, Gumbel noise, guidance on logits and the pixel-to-token mask of editing.
+
+`TokenFamily` holds the tokenizer outside the module tree: frozen, and no part of the family's state dict,
+parameters, optimizer or EMA; `_apply` still takes it along on `.to(device)`. The tokenizer is a trained
+`vqgan` run, which the registry loads from the config's `vq` path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from imgen_cli.errors import UserError
+
+
+class GridEmbedding(nn.Module):
+    """Token ids [B, h*w] of a row-major grid -> [B, h*w, d]: token embedding plus learned row and column
+    embeddings."""
+
+    def __init__(self, vocab: int, grid: int, dim: int):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, dim)
+        self.rows = nn.Parameter(torch.empty(grid, dim))
+        self.cols = nn.Parameter(torch.empty(grid, dim))
+        for weight in (self.tokens.weight, self.rows, self.cols):
+            nn.init.trunc_normal_(weight, std=0.02)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        positions = (self.rows[:, None] + self.cols[None, :]).flatten(0, 1)
+        return self.tokens(ids) + positions
+
+
+def gumbel(shape: torch.Size, generator: torch.Generator | None, device: torch.device,
+           dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard Gumbel noise, finite everywhere: u = 0 would give -inf."""
+    u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    return -torch.log(-torch.log(u.clamp_min(torch.finfo(dtype).tiny)))
+
+
+def guided_logits(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance on logits: l_u + s (l_c - l_u), written from l_c as l_c + (s - 1)(l_c - l_u)
+    so that scale 1 returns the conditional logits exactly."""
+    return cond + (scale - 1) * (cond - uncond)
+
+
+def pixel_to_token_mask(mask: Tensor, factor: int) -> Tensor:
+    """A pixel mask [B, 1, H, W] (True = regenerate) -> the token mask [B, H/f, W/f]: a token is regenerated
+    if any pixel of its f x f cell is (max-pooling)."""
+    if mask.shape[-1] % factor or mask.shape[-2] % factor:
+        raise UserError(f"the mask is {mask.shape[-1]}x{mask.shape[-2]} pixels, not a multiple of the "
+                        f"tokenizer's {factor}-pixel cells.")
+    return F.max_pool2d(mask.float(), factor).squeeze(1) > 0
+
+
+def load_tokenizer(run: str) -> nn.Module:
+    """The frozen `vqgan` network of a trained run (EMA weights), on the CPU."""
+    from imgen_cli import registry
+
+    trained = registry.load_trained(run, device="cpu", flag="--vq")
+    if trained.family.name != "vqgan":
+        raise UserError(f"--vq {run} is a {trained.family.name} run, not a vqgan tokenizer.")
+    return trained.model
+
+
+class TokenFamily(nn.Module):
+    """Base of a network over the token grid of a frozen VQ tokenizer.
+
+    `attach_tokenizer` settles K and the grid side: the config's where it names them (K checked against the
+    tokenizer's), else the tokenizer's. The grid may differ from the tokenizer's own: the tokenizer is fully
+    convolutional, and a cascade's base model works on downsampled images. Subclasses define `device`.
+    """
+
+    family = "token model"  # for messages
+
+    def attach_tokenizer(self, vq: str, tokenizer: nn.Module | None, codebook_size: int,
+                         grid: int) -> tuple[int, int]:
+        if tokenizer is None and vq:
+            tokenizer = load_tokenizer(vq)
+        self._tokenizer = [] if tokenizer is None else [tokenizer.eval().requires_grad_(False)]
+        k = codebook_size
+        if tokenizer is not None:
+            if k and k != tokenizer.codebook_size:
+                raise UserError(f"model.codebook_size is {k}, but the tokenizer {vq} has "
+                                f"{tokenizer.codebook_size} codes.",
+                                f"Set model.codebook_size={tokenizer.codebook_size}, or 0 to follow the tokenizer.")
+            k, grid = tokenizer.codebook_size, grid or tokenizer.grid_shape()[0]
+        if k < 2 or grid < 1:
+            raise UserError(f"{self.family} needs a tokenizer (--vq) or both model.codebook_size and model.grid.")
+        self.codebook_size, self.grid = k, grid
+        return k, grid
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> TokenFamily:
+        for tokenizer in self._tokenizer:  # not a submodule, yet it must follow devices and dtypes
+            tokenizer._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
+    @property
+    def tokenizer(self) -> nn.Module | None:
+        return self._tokenizer[0] if self._tokenizer else None
+
+    def require_tokenizer(self, action: str) -> nn.Module:
+        if self.tokenizer is None:
+            raise UserError(f"this {self.family} model has no tokenizer (model.vq is empty), so it cannot {action}.")
+        return self.tokenizer
+
+    @property
+    def image_size(self) -> int:
+        """The side of the images this model makes (and edits): its token grid times the tokenizer's factor."""
+        return self.grid * self.require_tokenizer("tell its image size").downsample_factor
+
+    @property
+    def tokens_per_sample(self) -> int:
+        return self.grid * self.grid
+
+    def batch_tokens(self, batch: dict) -> Tensor:
+        """The token grids [B, g, g] of a training batch: pre-encoded, or encoded from its images now."""
+        tokens = batch.get("tokens")
+        if tokens is None:
+            tokens = self.require_tokenizer("train on images without pre-encoded tokens").encode(batch["image"])
+        if tuple(tokens.shape[1:]) != (self.grid, self.grid):
+            raise UserError(f"the training images give a {tokens.shape[1]}x{tokens.shape[2]} token grid, but this "
+                            f"model's is {self.grid}x{self.grid}.",
+                            f"Tokenize the images at the matching size, or set model.grid={tokens.shape[1]}.")
+        return tokens
+
+    def decode(self, tokens: Tensor) -> Tensor:
+        return self.require_tokenizer("decode generated tokens into images").decode(tokens)
