@@ -280,6 +280,41 @@ def bench_vqdiffusion() -> str:
             f"Target: R-precision >= 0.6 in <= 30 min of training.\n\n" + generator_table(report))
 
 
+def bench_bitdiff() -> str:
+    """Issue 8's bars: recipes/shapes/bitdiff.toml (pixels at 32x32) trained <= 30 min on the CPU, R-precision of
+    its samples with the in-project CLIP; and the Dynamic Dual-Output ablation, the same budget with
+    model.dual_output=true, both evaluated at 5, 10 and 25 DDIM steps."""
+    import json
+
+    tokenizer_and_evaluator()
+    rows, config = [], None
+    for name, extra in (("bitdiff", []), ("bitdiff-ddo", ["--set", "model.dual_output=true"])):
+        train_s = imgen("train", "--model", "bitdiff", "--recipe", str(RECIPES / "bitdiff.toml"), "--data", "shards",
+                        "--out", fresh_run(name), *extra)
+        imgen("eval", "--ckpt", f"runs/{name}", "--data", "shards", "--r-precision", "--clip-score", "--fid",
+              "--features", "clip", "--clip-model", "runs/clip", "--n", "500", "--steps", "5,10,25",
+              "--sampler", "ddim", "--json", f"{name}-eval.json")
+        report = json.loads((WORK / f"{name}-eval.json").read_text())
+        config = json.loads((WORK / f"runs/{name}/config.json").read_text())
+        rows += [(name, train_s, row) for row in report["rows"]]
+    table = "".join(f"| {'dual output' if name.endswith('ddo') else 'x0 head'} | {train_s / 60:.1f} min | "
+                    f"{row['steps']} | {row['r_precision']:.3f} | {row['fid']:.2f} | {row['clip_score']:.2f} | "
+                    f"{1000 * row['seconds_per_image']:.1f} ms |\n" for name, train_s, row in rows)
+    real = report["real"]
+    return (f"`imgen train --model bitdiff --recipe recipes/shapes/bitdiff.toml --data shards` (preset "
+            f"{config['preset']}, pixels at {config['model']['image_size']}x{config['model']['image_size']} as 24 "
+            f"analog-bit channels, {config['train']['steps']} steps of batch {config['train']['batch_size']}), and "
+            f"the same with `--set model.dual_output=true`; then `imgen eval --r-precision --clip-score --fid "
+            f"--features clip --n 500 --steps 5,10,25 --sampler ddim` (guidance "
+            f"{report['settings']['guidance'] or 'default 3.0'}, in-project CLIP `runs/clip`, prompts = the val "
+            f"captions). Targets: R-precision >= 0.6 in <= 30 min of training; the paper reports dual output's "
+            f"largest gains at few steps.\n\n"
+            "| head | training time | DDIM steps | R-precision (R=10) | CLIP-space FID | CLIP score | time/image |\n"
+            "|---|---|---|---|---|---|---|\n" + table +
+            f"| real val images (64x64) | | | {real['r_precision']:.3f} | 0 | "
+            f"{real['clip_score']:.2f} | |\n")
+
+
 SUITES = {
     "data": ("Data pipeline: synth, tokenize, streaming loader", bench_data),
     "train": ("Training throughput: shared transformer block stack", bench_train),
@@ -287,6 +322,7 @@ SUITES = {
     "clip": ("Evaluator quality: the in-project CLIP on the shapes world", bench_clip),
     "muse": ("Muse on the shapes world: R-precision, CLIP-space FID, sampling time", bench_muse),
     "vqdiffusion": ("VQ-Diffusion on the shapes world: R-precision and the speed-quality table", bench_vqdiffusion),
+    "bitdiff": ("Bit Diffusion on the shapes world, and the Dynamic Dual-Output ablation", bench_bitdiff),
 }
 
 

@@ -66,7 +66,8 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks i
 
 
 TRUNCATION_HELP = "VQ-Diffusion: top-r truncation, keep the codes within this mass (1 = off) \\[default: 1]."
-SAMPLER_HELP = "VQ-Diffusion: posterior (standard) | purity (Improved VQ-Diffusion's high-quality sampler)."
+SAMPLER_HELP = ("The family's sampler: VQ-Diffusion posterior | purity (Improved's high-quality sampler); "
+                "Bit Diffusion ddpm | ddim.")
 
 
 def recipes_dir() -> Path:
