@@ -19,3 +19,9 @@ class UserError(ImgenError):
 
 class RunError(ImgenError):
     exit_code = 1
+
+
+def require(ok: bool, message: str, hint: str | None = None) -> None:
+    """Raise a UserError with `message` unless `ok`: the one-line checks of config validation."""
+    if not ok:
+        raise UserError(message, hint)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from imgen_cli.errors import UserError
+from imgen_cli.errors import UserError, require
 from imgen_cli.nn.text import TextEncoder, TextEncoderConfig, TextStates, drop_condition
 from imgen_cli.nn.tokens import GridEmbedding, TokenFamily, guided_logits, gumbel, pixel_to_token_mask
 from imgen_cli.nn.transformer import TransformerStack
@@ -70,27 +70,22 @@ class MuseConfig(TextEncoderConfig):
 
     def validate(self) -> None:
         super().validate()
-
-        def check(ok: bool, message: str, hint: str | None = None) -> None:
-            if not ok:
-                raise UserError(message, hint)
-
-        check(self.codebook_size >= 0 and self.grid >= 0, "model.codebook_size and model.grid must be >= 0.")
-        check(self.width >= 1 and self.depth >= 1 and self.heads >= 1 and self.mlp_ratio > 0,
-              "model.width, depth, heads and mlp_ratio must be positive.")
-        check(self.width % self.heads == 0, f"model.width {self.width} is not divisible by model.heads {self.heads}.")
-        check(self.schedule in SCHEDULES,
-              f"unknown model.schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
-        check(self.schedule_exponent > 0, f"model.schedule_exponent must be > 0, got {self.schedule_exponent}.")
-        check(0 <= self.min_mask_rate <= 1, f"model.min_mask_rate must be in [0, 1], got {self.min_mask_rate}.")
-        check(0 <= self.contiguous_mask_prob <= 1,
-              f"model.contiguous_mask_prob must be in [0, 1], got {self.contiguous_mask_prob}.")
-        check(0 <= self.label_smoothing < 1, f"model.label_smoothing must be in [0, 1), got {self.label_smoothing}.")
-        check(self.loss_norm in LOSS_NORMS,
-              f"unknown model.loss_norm {self.loss_norm!r}; choose one of {', '.join(LOSS_NORMS)}.")
-        check(0 <= self.cond_dropout < 1, f"model.cond_dropout must be in [0, 1), got {self.cond_dropout}.")
-        check(self.lowres_grid >= 0 and self.lowres_depth >= 1,
-              "model.lowres_grid must be >= 0 and model.lowres_depth >= 1.")
+        require(self.codebook_size >= 0 and self.grid >= 0, "model.codebook_size and model.grid must be >= 0.")
+        require(self.width >= 1 and self.depth >= 1 and self.heads >= 1 and self.mlp_ratio > 0,
+                "model.width, depth, heads and mlp_ratio must be positive.")
+        require(self.width % self.heads == 0, f"model.width {self.width} is not divisible by model.heads {self.heads}.")
+        require(self.schedule in SCHEDULES,
+                f"unknown model.schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
+        require(self.schedule_exponent > 0, f"model.schedule_exponent must be > 0, got {self.schedule_exponent}.")
+        require(0 <= self.min_mask_rate <= 1, f"model.min_mask_rate must be in [0, 1], got {self.min_mask_rate}.")
+        require(0 <= self.contiguous_mask_prob <= 1,
+                f"model.contiguous_mask_prob must be in [0, 1], got {self.contiguous_mask_prob}.")
+        require(0 <= self.label_smoothing < 1, f"model.label_smoothing must be in [0, 1), got {self.label_smoothing}.")
+        require(self.loss_norm in LOSS_NORMS,
+                f"unknown model.loss_norm {self.loss_norm!r}; choose one of {', '.join(LOSS_NORMS)}.")
+        require(0 <= self.cond_dropout < 1, f"model.cond_dropout must be in [0, 1), got {self.cond_dropout}.")
+        require(self.lowres_grid >= 0 and self.lowres_depth >= 1,
+                "model.lowres_grid must be >= 0 and model.lowres_depth >= 1.")
 
 
 # --- schedules ---------------------------------------------------------------------------------------------

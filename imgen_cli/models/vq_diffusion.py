@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from imgen_cli.errors import UserError
+from imgen_cli.errors import UserError, require
 from imgen_cli.nn.text import TextEncoder, TextEncoderConfig, TextStates, drop_condition
 from imgen_cli.nn.tokens import GridEmbedding, TokenFamily, guided_logits, gumbel, pixel_to_token_mask
 from imgen_cli.nn.transformer import TransformerStack
@@ -66,24 +66,19 @@ class VQDiffusionConfig(TextEncoderConfig):
 
     def validate(self) -> None:
         super().validate()
-
-        def check(ok: bool, message: str) -> None:
-            if not ok:
-                raise UserError(message)
-
-        check(self.codebook_size >= 0 and self.grid >= 0, "model.codebook_size and model.grid must be >= 0.")
-        check(self.width >= 1 and self.depth >= 1 and self.heads >= 1 and self.mlp_ratio > 0,
-              "model.width, depth, heads and mlp_ratio must be positive.")
-        check(self.width % self.heads == 0, f"model.width {self.width} is not divisible by model.heads {self.heads}.")
-        check(self.timesteps >= 2, f"model.timesteps must be at least 2, got {self.timesteps}.")
-        check(self.schedule in SCHEDULES,
-              f"unknown model.schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
+        require(self.codebook_size >= 0 and self.grid >= 0, "model.codebook_size and model.grid must be >= 0.")
+        require(self.width >= 1 and self.depth >= 1 and self.heads >= 1 and self.mlp_ratio > 0,
+                "model.width, depth, heads and mlp_ratio must be positive.")
+        require(self.width % self.heads == 0, f"model.width {self.width} is not divisible by model.heads {self.heads}.")
+        require(self.timesteps >= 2, f"model.timesteps must be at least 2, got {self.timesteps}.")
+        require(self.schedule in SCHEDULES,
+                f"unknown model.schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
         alpha_end = SCHEDULES[self.schedule][1]
-        check(self.final_mask_rate == 0 or 0 < self.final_mask_rate <= 1 - alpha_end,
-              f"model.final_mask_rate must be in (0, {1 - alpha_end:g}] (or 0 for the schedule's), "
-              f"got {self.final_mask_rate}.")
-        check(self.aux_weight >= 0, f"model.aux_weight must be >= 0, got {self.aux_weight}.")
-        check(0 <= self.cond_dropout < 1, f"model.cond_dropout must be in [0, 1), got {self.cond_dropout}.")
+        require(self.final_mask_rate == 0 or 0 < self.final_mask_rate <= 1 - alpha_end,
+                f"model.final_mask_rate must be in (0, {1 - alpha_end:g}] (or 0 for the schedule's), "
+                f"got {self.final_mask_rate}.")
+        require(self.aux_weight >= 0, f"model.aux_weight must be >= 0, got {self.aux_weight}.")
+        require(0 <= self.cond_dropout < 1, f"model.cond_dropout must be in [0, 1), got {self.cond_dropout}.")
 
 
 # --- the forward process ------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from imgen_cli.errors import UserError
+from imgen_cli.errors import UserError, require
 
 QUANTIZERS = ("cosine", "ema")
 DOWNSAMPLE_FACTORS = (4, 8, 16)
@@ -71,39 +71,35 @@ class VQGANConfig:
         return 2 ** (len(self.channel_mult) - 1)
 
     def validate(self) -> None:
-        def check(ok: bool, message: str, hint: str | None = None) -> None:
-            if not ok:
-                raise UserError(message, hint)
-
         mult = list(self.channel_mult)
-        check(len(mult) > 0 and all(m >= 1 for m in mult),
-              f"channel_mult must be a non-empty list of positive integers, got {mult}.")
+        require(len(mult) > 0 and all(m >= 1 for m in mult),
+                f"channel_mult must be a non-empty list of positive integers, got {mult}.")
         f = self.downsample_factor
-        check(f in DOWNSAMPLE_FACTORS,
-              f"channel_mult {mult} gives a downsampling factor of {f}, but VQGAN supports only 4, 8 or 16.",
-              "Use 3, 4 or 5 entries in channel_mult.")
-        check(self.image_size >= f and self.image_size % f == 0,
-              f"image_size {self.image_size} is not a multiple of the downsampling factor {f}.")
-        check(self.channels >= 1, f"channels must be at least 1, got {self.channels}.")
-        check(self.num_res_blocks >= 1, f"num_res_blocks must be at least 1, got {self.num_res_blocks}.")
-        check(self.codebook_size >= 2, f"codebook_size must be at least 2, got {self.codebook_size}.")
-        check(self.code_dim >= 1, f"code_dim must be at least 1, got {self.code_dim}.")
-        check(self.quantizer in QUANTIZERS,
-              f"unknown quantizer {self.quantizer!r}; choose one of {', '.join(QUANTIZERS)}.")
-        check(self.commitment_weight >= 0, f"commitment_weight must be >= 0, got {self.commitment_weight}.")
-        check(0 < self.ema_decay < 1, f"ema_decay must be between 0 and 1, got {self.ema_decay}.")
-        check(0 <= self.usage_decay < 1, f"usage_decay must be in [0, 1), got {self.usage_decay}.")
-        check(self.dead_code_threshold >= 0,
-              f"dead_code_threshold must be >= 0, got {self.dead_code_threshold}.")
-        check(self.l1_weight >= 0 and self.l2_weight >= 0 and self.l1_weight + self.l2_weight > 0,
-              f"l1_weight and l2_weight must be >= 0 and not both 0, "
-              f"got {self.l1_weight} and {self.l2_weight}.")
-        check(self.perceptual_weight >= 0 and self.disc_weight >= 0 and self.disc_start >= 0,
-              "perceptual_weight, disc_weight and disc_start must be >= 0.")
-        check(self.perceptual_weight == 0 or self.perceptual_weights != "",
-              "perceptual_weight > 0 needs model.perceptual_weights, the path of a local VGG16 state dict.",
-              "e.g. torchvision's vgg16-397923af.pth; imgen downloads nothing.")
-        check(self.disc_layers >= 1 and self.disc_channels >= 1, "disc_layers and disc_channels must be >= 1.")
+        require(f in DOWNSAMPLE_FACTORS,
+                f"channel_mult {mult} gives a downsampling factor of {f}, but VQGAN supports only 4, 8 or 16.",
+                "Use 3, 4 or 5 entries in channel_mult.")
+        require(self.image_size >= f and self.image_size % f == 0,
+                f"image_size {self.image_size} is not a multiple of the downsampling factor {f}.")
+        require(self.channels >= 1, f"channels must be at least 1, got {self.channels}.")
+        require(self.num_res_blocks >= 1, f"num_res_blocks must be at least 1, got {self.num_res_blocks}.")
+        require(self.codebook_size >= 2, f"codebook_size must be at least 2, got {self.codebook_size}.")
+        require(self.code_dim >= 1, f"code_dim must be at least 1, got {self.code_dim}.")
+        require(self.quantizer in QUANTIZERS,
+                f"unknown quantizer {self.quantizer!r}; choose one of {', '.join(QUANTIZERS)}.")
+        require(self.commitment_weight >= 0, f"commitment_weight must be >= 0, got {self.commitment_weight}.")
+        require(0 < self.ema_decay < 1, f"ema_decay must be between 0 and 1, got {self.ema_decay}.")
+        require(0 <= self.usage_decay < 1, f"usage_decay must be in [0, 1), got {self.usage_decay}.")
+        require(self.dead_code_threshold >= 0,
+                f"dead_code_threshold must be >= 0, got {self.dead_code_threshold}.")
+        require(self.l1_weight >= 0 and self.l2_weight >= 0 and self.l1_weight + self.l2_weight > 0,
+                f"l1_weight and l2_weight must be >= 0 and not both 0, "
+                f"got {self.l1_weight} and {self.l2_weight}.")
+        require(self.perceptual_weight >= 0 and self.disc_weight >= 0 and self.disc_start >= 0,
+                "perceptual_weight, disc_weight and disc_start must be >= 0.")
+        require(self.perceptual_weight == 0 or self.perceptual_weights != "",
+                "perceptual_weight > 0 needs model.perceptual_weights, the path of a local VGG16 state dict.",
+                "e.g. torchvision's vgg16-397923af.pth; imgen downloads nothing.")
+        require(self.disc_layers >= 1 and self.disc_channels >= 1, "disc_layers and disc_channels must be >= 1.")
 
 
 def _norm(width: int) -> nn.GroupNorm:
