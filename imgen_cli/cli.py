@@ -186,7 +186,7 @@ def train(
     data: Annotated[str | None, typer.Option("--data", help="Shards directory or shard list \\[default: shards].")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory \\[default: runs/MODEL]; "
                                                  "an existing run resumes.")] = None,
-    vq: Annotated[str | None, typer.Option("--vq", help="Tokenizer run for the token families.")] = None,
+    vq: Annotated[str | None, typer.Option("--vq", help="Tokenizer run for the token families (and bitdiff's token mode).")] = None,
     recipe: Annotated[Path | None, typer.Option("--recipe", help="TOML recipe \\[default: recipes/shapes/MODEL.toml].")] = None,
     preset: Annotated[str | None, typer.Option("--preset", help="Size preset: tiny, small, base, ...")] = None,
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Total optimizer steps.")] = None,
@@ -208,7 +208,9 @@ def train(
                             f"{', '.join(registry.available_names())} (see `imgen models`).")
         model = existing.read_config()["family"]
     family = registry.get(model)
-    if vq is not None and not family.needs_vq_tokens:
+    from dataclasses import fields
+
+    if vq is not None and "vq" not in {f.name for f in fields(family.config_cls())}:
         raise UserError(f"--vq is for the token families; {model} does not train on image tokens.")
     run = RunDir(out_dir if out_dir is not None else RUNS_ROOT / model)
     if recipe is None and (recipes_dir() / "shapes" / f"{model}.toml").is_file():
@@ -220,7 +222,7 @@ def train(
                           sets=sets or [], flags={"data.shards": data, "train.steps": steps, "train.seed": seed,
                                  "model.vq": str(Path(vq).resolve()) if vq else None,
                                  "train.compile": compile_model, "train.tensorboard": tensorboard})
-    if family.needs_vq_tokens:
+    if family.needs_vq_tokens or getattr(cfg.model, "vq", ""):  # bitdiff models tokens when given --vq
         _check_token_data(model, cfg)
 
     from imgen_cli.train import distributed

@@ -65,7 +65,9 @@ FAMILIES: dict[str, Family] = {
         Family("vqdiffusion", "mask-and-replace discrete diffusion", "Gu et al. 2021",
                module="imgen_cli.models.vq_diffusion", config_class="VQDiffusionConfig", model_class="VQDiffusion",
                needs_vq_tokens=True, generates_images=True, supports_edit=True),
-        Family("bitdiff", "Bit Diffusion with analog bits", "Chen et al. 2022", module=None,
+        # pixel mode by default; token mode with --vq RUN (so needs_vq_tokens stays False)
+        Family("bitdiff", "Bit Diffusion with analog bits", "Chen et al. 2022",
+               module="imgen_cli.models.bit_diffusion", config_class="BitDiffusionConfig", model_class="BitDiffusion",
                generates_images=True, supports_edit=True, supports_dual_output=True),
         Family("diffit", "DiffiT vision-transformer diffusion", "Hatamizadeh et al. 2023", module=None,
                generates_images=True, supports_edit=True, supports_dual_output=True),

@@ -41,14 +41,15 @@ def test_models_lists_presets_and_status() -> None:
             "│ available") in text
     assert "│ muse │ masked generative transformer │ Chang et al. 2023 │ tiny (" in text
     assert "small* (" in text and "token families are counted with K=1024" in text
-    assert "│ bitdiff │ Bit Diffusion with analog bits │ Chen et al. 2022 │ - │ not implemented yet" in text
+    assert ("│ diffit │ DiffiT vision-transformer diffusion │ Hatamizadeh et al. 2023 │ - │ not implemented yet"
+            in text)
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["train", "--model", "nosuch"], "unknown model 'nosuch'; choose one of: vqgan, muse"),
-        (["train", "--model", "bitdiff"], "the bitdiff family (Bit Diffusion with analog bits) is not implemented"),
+        (["train", "--model", "diffit"], "the diffit family (DiffiT vision-transformer diffusion) is not implemented"),
         (["train"], "--model is required for a new run"),
         (["tokenize", "no/such/dir"], "no/such/dir does not exist"),
         (["train", "--model", "vqgan", "--set", "train.nosuch=1"], "unknown key train.nosuch"),
@@ -91,7 +92,7 @@ def test_the_users_four_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     manifest = json.loads(Path("shards/manifest.json").read_text())
     assert manifest["splits"]["train"]["count"] == 40 and manifest["image_size"] == 16
 
-    result = invoke("train", "--model", "bitdiff")
+    result = invoke("train", "--model", "diffit")
     assert result.exit_code == 2 and "not implemented in this version" in one_line(result)
 
     args = ["train", "--model", "vqgan", "--preset", "tiny", "--steps", "2", "--set", "train.batch_size=4",

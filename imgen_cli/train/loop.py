@@ -157,7 +157,8 @@ def train(cfg: RunConfig, run: RunDir, env: DistEnv, console: Console,
                         f"({env.world_size} x {accum}).")
     train_shards = shard_io.open_shards(cfg.data.shards, "train")
     model_size = getattr(cfg.model, "image_size", None)
-    if train_shards.image_size and model_size and train_shards.image_size != model_size:
+    resizes = getattr(cfg.model, "resizes_images", False)  # a family that resizes each batch to its size itself
+    if train_shards.image_size and model_size and train_shards.image_size != model_size and not resizes:
         raise UserError(f"model.image_size is {model_size} but {cfg.data.shards} holds "
                         f"{train_shards.image_size}px images; re-tokenize with --size {model_size} "
                         f"or --set model.image_size={train_shards.image_size}.")

@@ -1,0 +1,1 @@
+"""Continuous-time Gaussian diffusion shared by the continuous families (Bit Diffusion, DiffiT)."""

@@ -1,0 +1,74 @@
+"""Dynamic Dual-Output diffusion (Benny & Wolf 2022): an x0 head, an eps head and a per-pixel gate.
+
+A network with C data channels emits 2C + 1: [x_theta (C), eps_theta (C), gate logit (1)]. Each head is
+turned into an estimate of x0, and the gate r = sigmoid(logit), one map shared by all channels, mixes them:
+
+    x0_mix = r x_theta + (1 - r) (x_t - sqrt(1 - gamma) eps_theta) / sqrt(gamma).
+
+The samplers then use x0_mix like any x0 estimate (clip the mixture, never the branches; recompute eps).
+Mixing the posterior means with r is the same as mixing the x0 estimates, because both means are affine in
+their estimate with the same x_t coefficient. Training gives each head its own plain loss and trains the gate
+alone through the posterior-mean loss, in which both heads are stop-gradiented (reference/dual_output.md).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from imgen_cli.diffusion.gaussian import posterior_coefficients, x0_from_eps
+from imgen_cli.errors import UserError
+
+GATE_LOSSES = ("posterior", "x0")
+GATE_STEP = 1e-3  # u = max(t - 1/1000, 0) for the gate's posterior: continuous time mirroring T = 1000
+
+
+def output_channels(channels: int) -> int:
+    """2C + 1: 7 for RGB, 9 for 4-channel latents, 49 for the 24 analog bits of RGB."""
+    return 2 * channels + 1
+
+
+def split_heads(output: Tensor, channels: int) -> tuple[Tensor, Tensor, Tensor]:
+    """[B, 2C + 1, H, W] -> x_theta [B, C, H, W], eps_theta [B, C, H, W], gate logit [B, 1, H, W]."""
+    if output.shape[1] != output_channels(channels):
+        raise ValueError(f"a dual-output head for {channels} channels has {output_channels(channels)} outputs, "
+                         f"got {output.shape[1]}")
+    return output[:, :channels], output[:, channels:2 * channels], output[:, 2 * channels:]
+
+
+def mix(x_theta: Tensor, eps_theta: Tensor, logit: Tensor, x_t: Tensor,
+        gamma_t: Tensor | float) -> tuple[Tensor, Tensor]:
+    """(x0_mix, r), in float32 whatever the autocast dtype: at high noise the eps branch amplifies its error by
+    sqrt((1 - gamma) / gamma), and only a gate within 1e-4 of 1 (and the final clip) keeps it out."""
+    r = torch.sigmoid(logit.float())
+    from_eps = x0_from_eps(x_t.float(), eps_theta.float(), gamma_t)
+    return r * x_theta.float() + (1 - r) * from_eps, r
+
+
+def losses(x_theta: Tensor, eps_theta: Tensor, logit: Tensor, x0: Tensor, eps: Tensor, x_t: Tensor,
+           gamma_t: Tensor, gamma_u: Tensor, gate_loss: str = "posterior") -> dict[str, Tensor]:
+    """The three terms, each a mean over elements: "eps" ||eps - eps_theta||^2 and "x0" ||x0 - x_theta||^2
+    train the heads; "gate" trains only the gate (and the trunk through r).
+
+    gate_loss "posterior" (the paper's): ||mu~(x_t, x0) - (r sg[mu_x] + (1 - r) sg[mu_eps])||^2, the posterior
+    means from t to u < t (gamma_t, gamma_u [B]); it equals c1^2 ||x0 - x0_mix||^2 with the heads detached.
+    "x0": the unweighted ||x0 - x0_mix||^2 with the heads detached (a project option). Without the detach the
+    paper reports unstable training; detaching r instead would leave the gate untrained."""
+    if gate_loss not in GATE_LOSSES:
+        raise UserError(f"unknown gate loss {gate_loss!r}; choose one of {', '.join(GATE_LOSSES)}.")
+    x_theta, eps_theta, x0, eps, x_t = (v.float() for v in (x_theta, eps_theta, x0, eps, x_t))
+    r = torch.sigmoid(logit.float())
+    from_eps = x0_from_eps(x_t, eps_theta.detach(), gamma_t)
+    if gate_loss == "posterior":
+        c1, c2 = (c.reshape(-1, *([1] * (x_t.dim() - 1))).to(x_t) for c in posterior_coefficients(gamma_t, gamma_u)[:2])
+        target = c1 * x0 + c2 * x_t
+        mixed = r * (c1 * x_theta.detach() + c2 * x_t) + (1 - r) * (c1 * from_eps + c2 * x_t)
+    else:
+        target, mixed = x0, r * x_theta.detach() + (1 - r) * from_eps
+    return {"eps": (eps - eps_theta).pow(2).mean(), "x0": (x0 - x_theta).pow(2).mean(),
+            "gate": (target - mixed).pow(2).mean()}
+
+
+def gate_times(t: Tensor) -> Tensor:
+    """u = max(t - 1/1000, 0), the less noisy time of the gate's posterior."""
+    return (t - GATE_STEP).clamp_min(0)

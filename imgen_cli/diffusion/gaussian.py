@@ -1,0 +1,296 @@
+"""Continuous-time Gaussian diffusion (variance preserving), the noise process of Bit Diffusion and DiffiT.
+
+Time t runs over [0, 1], t = 1 being pure noise, and gamma(t) is the signal variance (alpha-bar of DDPM):
+
+    x_t = sqrt(gamma(t)) x0 + sqrt(1 - gamma(t)) eps,    eps ~ N(0, I).
+
+The network is not in here (diffusers' split of networks from schedulers): a family hands the sampler a
+`Predictor`, the guided estimate of x0 for a state, and everything else is the rules of
+reference/bit_diffusion.md sections 3, 5 and 7 written as small functions: the schedules, the conversions
+between the eps, x0 and v parameterisations, the DDIM and DDPM updates, the grid of (t_now, t_next) pairs
+with the asymmetric time difference, classifier-free guidance, and RePaint-style inpainting with optional
+resampling jumps. Noise levels travel as float64 gamma values; the conversions take their square roots in
+float64 and only then meet the float32 tensors, because sqrt(gamma(1)) is 7.9e-5 and 1 - gamma(0) is 1e-7.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import pairwise
+
+import torch
+from torch import Tensor
+
+from imgen_cli.errors import UserError
+
+SCHEDULES = ("cosine", "linear")
+TARGETS = ("x0", "eps", "v")
+SAMPLERS = ("ddpm", "ddim")
+VARIANCES = ("large", "small")
+GAMMA_MIN, GAMMA_MAX = 1e-9, 1 - 1e-9
+# the linear schedule is DDPM's beta from 1e-4 to 0.02 over T = 1000 steps, in continuous time
+LINEAR_BETA = (0.1, 20.0)
+
+
+# --- the noise process ----------------------------------------------------------------------------------------
+
+
+def gamma(t: Tensor | float, schedule: str = "cosine") -> Tensor:
+    """gamma(t), the signal variance at time t in [0, 1], as float64, clipped to [1e-9, 1 - 1e-9].
+
+    cosine (pix2seq's cosine_schedule_simple, the default): cos^2((t + 2e-4) / (1 + 2.5e-4) pi / 2), which
+    keeps a noise floor of sqrt(1 - gamma(0)) = 3.1e-4 and reaches 6.2e-9 at t = 1. linear: the continuous
+    limit of DDPM's linear betas, exp(-(b0 t + (b1 - b0) t^2 / 2)) with (b0, b1) = (0.1, 20), so that
+    gamma(i / 1000) is about alpha-bar_i of the discrete schedule; it ends at 4.3e-5. The upper clip keeps
+    1 - gamma away from 0 for the eps conversions (it never touches the cosine schedule)."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    if schedule == "cosine":
+        value = torch.cos((t + 2e-4) / (1 + 2.5e-4) * math.pi / 2) ** 2
+    elif schedule == "linear":
+        b0, b1 = LINEAR_BETA
+        value = torch.exp(-(b0 * t + (b1 - b0) * t**2 / 2))
+    else:
+        raise UserError(f"unknown noise schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}.")
+    return value.clamp(GAMMA_MIN, GAMMA_MAX)
+
+
+def _scales(gamma_t: Tensor | float, like: Tensor) -> tuple[Tensor, Tensor]:
+    """(sqrt(gamma), sqrt(1 - gamma)) in float64, then in like's dtype, shaped to broadcast over like:
+    a gamma [B] becomes [B, 1, ..., 1]."""
+    g = torch.as_tensor(gamma_t, dtype=torch.float64, device=like.device)
+    if g.dim():
+        g = g.reshape(-1, *([1] * (like.dim() - 1)))
+    return g.sqrt().to(like.dtype), (1 - g).sqrt().to(like.dtype)
+
+
+def q_sample(x0: Tensor, gamma_t: Tensor | float, noise: Tensor) -> Tensor:
+    """x_t = sqrt(gamma) x0 + sqrt(1 - gamma) eps."""
+    a, s = _scales(gamma_t, x0)
+    return a * x0 + s * noise
+
+
+def x0_from_eps(x_t: Tensor, eps: Tensor, gamma_t: Tensor | float) -> Tensor:
+    """x0 = (x_t - sqrt(1 - gamma) eps) / sqrt(gamma)."""
+    a, s = _scales(gamma_t, x_t)
+    return (x_t - s * eps) / a
+
+
+def eps_from_x0(x_t: Tensor, x0: Tensor, gamma_t: Tensor | float) -> Tensor:
+    """eps = (x_t - sqrt(gamma) x0) / sqrt(1 - gamma): after clipping x0, eps is always recomputed this way,
+    so that the pair stays consistent with x_t."""
+    a, s = _scales(gamma_t, x_t)
+    return (x_t - a * x0) / s
+
+
+def v_target(x0: Tensor, eps: Tensor, gamma_t: Tensor | float) -> Tensor:
+    """v = sqrt(gamma) eps - sqrt(1 - gamma) x0 (Salimans & Ho)."""
+    a, s = _scales(gamma_t, x0)
+    return a * eps - s * x0
+
+
+def x0_from_v(x_t: Tensor, v: Tensor, gamma_t: Tensor | float) -> Tensor:
+    """x0 = sqrt(gamma) x_t - sqrt(1 - gamma) v."""
+    a, s = _scales(gamma_t, x_t)
+    return a * x_t - s * v
+
+
+def training_target(x0: Tensor, eps: Tensor, gamma_t: Tensor | float, target: str) -> Tensor:
+    """What a network with the given output parameterisation (x0 | eps | v) is regressed onto."""
+    if target == "x0":
+        return x0
+    if target == "eps":
+        return eps
+    if target == "v":
+        return v_target(x0, eps, gamma_t)
+    raise UserError(f"unknown prediction target {target!r}; choose one of {', '.join(TARGETS)}.")
+
+
+def x0_from_output(output: Tensor, x_t: Tensor, gamma_t: Tensor | float, target: str) -> Tensor:
+    """The x0 estimate a network output of the given parameterisation stands for (unclipped)."""
+    if target == "x0":
+        return output
+    if target == "eps":
+        return x0_from_eps(x_t, output, gamma_t)
+    if target == "v":
+        return x0_from_v(x_t, output, gamma_t)
+    raise UserError(f"unknown prediction target {target!r}; choose one of {', '.join(TARGETS)}.")
+
+
+def posterior_coefficients(gamma_t: Tensor | float, gamma_u: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+    """q(x_u | x_t, x0) = N(c1 x0 + c2 x_t, var) for a less noisy time u < t (float64):
+    a = gamma_t / gamma_u, c1 = sqrt(gamma_u) (1 - a) / (1 - gamma_t), c2 = sqrt(a) (1 - gamma_u) / (1 - gamma_t),
+    var = (1 - gamma_u) / (1 - gamma_t) (1 - a)."""
+    g_t = torch.as_tensor(gamma_t, dtype=torch.float64)
+    g_u = torch.as_tensor(gamma_u, dtype=torch.float64)
+    a = g_t / g_u
+    c1 = g_u.sqrt() * (1 - a) / (1 - g_t)
+    c2 = a.sqrt() * (1 - g_u) / (1 - g_t)
+    return c1, c2, (1 - g_u) / (1 - g_t) * (1 - a)
+
+
+# --- sampler updates --------------------------------------------------------------------------------------------
+
+
+def ddim_step(x0: Tensor, eps: Tensor, gamma_now: float, gamma_next: float, eta: float = 0.0,
+              noise: Tensor | None = None) -> Tensor:
+    """DDIM from the (clipped x0, recomputed eps) pair: sqrt(gamma_x) x0 + sqrt(1 - gamma_x - sigma^2) eps
+    + sigma z with sigma = eta sqrt((1 - gamma_x) / (1 - gamma_n)) sqrt(1 - gamma_n / gamma_x). eta = 0 is
+    deterministic; eta = 1 has DDPM's posterior ("small") variance."""
+    a = min(gamma_now / gamma_next, 1.0)
+    var = eta**2 * (1 - gamma_next) / (1 - gamma_now) * (1 - a)
+    out = math.sqrt(gamma_next) * x0 + math.sqrt(max(1 - gamma_next - var, 0.0)) * eps
+    if var > 0:
+        if noise is None:
+            raise ValueError("DDIM with eta > 0 needs noise")
+        out = out + math.sqrt(var) * noise
+    return out
+
+
+def ddpm_step(x: Tensor, eps: Tensor, gamma_now: float, gamma_next: float, variance: str = "large",
+              noise: Tensor | None = None) -> Tensor:
+    """Ancestral step: a = clip(gamma_n / gamma_x, 0, 1), mu = (x - (1 - a) / sqrt(1 - gamma_n) eps) / sqrt(a)
+    (the posterior mean c1 x0 + c2 x), plus sigma z with sigma^2 = 1 - a ("large", the paper's) or the
+    posterior variance (1 - gamma_x) / (1 - gamma_n) (1 - a) ("small", VDM's and lucidrains')."""
+    a = min(max(gamma_now / gamma_next, 0.0), 1.0)
+    mean = (x - (1 - a) / math.sqrt(1 - gamma_now) * eps) / math.sqrt(a)
+    if variance == "large":
+        var = 1 - a
+    elif variance == "small":
+        var = (1 - gamma_next) / (1 - gamma_now) * (1 - a)
+    else:
+        raise UserError(f"unknown DDPM variance {variance!r}; choose one of {', '.join(VARIANCES)}.")
+    if noise is None:
+        raise ValueError("a DDPM step needs noise")
+    return mean + math.sqrt(var) * noise
+
+
+def time_pairs(steps: int, td: float = 0.0) -> list[tuple[float, float]]:
+    """(t_now, t_next) for k = 0..N-1: t_now = 1 - k / N, t_next = max(1 - (k + 1 + td) / N, 0).
+
+    td, the asymmetric time difference, counts steps (pix2seq's unit, not lucidrains' continuous one): the
+    network is told t_now while the state it gets was produced for a time td steps closer to the data."""
+    if steps < 1:
+        raise UserError(f"steps must be at least 1, got {steps}.")
+    if td < 0:
+        raise UserError(f"the time difference td must be >= 0, got {td}.")
+    return [(1 - k / steps, max(1 - (k + 1 + td) / steps, 0.0)) for k in range(steps)]
+
+
+def guided(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance u + w (c - u), written as c + (w - 1)(c - u) so that w = 1 gives c exactly.
+    Applied to x0 estimates: as eps is affine in x0 for a fixed x_t, it equals guiding eps (before clipping)."""
+    return cond + (scale - 1) * (cond - uncond)
+
+
+# --- inpainting ---------------------------------------------------------------------------------------------------
+
+
+def replace_known(x: Tensor, known: Tensor, keep: Tensor, gamma_t: float, noise: Tensor) -> Tensor:
+    """The inpainting replacement: keep * (sqrt(gamma) x0_known + sqrt(1 - gamma) z) + (1 - keep) * x, i.e.
+    the known region re-noised to the state's own level. keep [B, 1, H, W] (1 = known) broadcasts over the
+    channels of a pixel."""
+    return torch.where(keep, q_sample(known, gamma_t, noise), x)
+
+
+def diffuse(x: Tensor, gamma_from: float, gamma_to: float, noise: Tensor) -> Tensor:
+    """Forward from level gamma_from to the noisier gamma_to: sqrt(a) x + sqrt(1 - a) z, a = gamma_to / gamma_from
+    (the step back of RePaint's resampling)."""
+    a = min(gamma_to / gamma_from, 1.0)
+    return math.sqrt(a) * x + math.sqrt(1 - a) * noise
+
+
+def repaint_walk(steps: int, jump_length: int = 1, resamplings: int = 1) -> list[int]:
+    """The grid positions a RePaint sampler visits, 0 (about to take step 0) to N (done).
+
+    Forward one position per denoising step; every time a position that is a multiple of jump_length is
+    reached, go back jump_length positions (re-noising), until that position has been reached `resamplings`
+    times. resamplings = 1 is the plain walk 0, 1, ..., N. RePaint's images use N = 250, jump 10, 10."""
+    if jump_length < 1 or resamplings < 1:
+        raise UserError(f"jump_length and resamplings must be at least 1, got {jump_length} and {resamplings}.")
+    walk, reached, p = [0], {}, 0
+    while p < steps:
+        p += 1
+        walk.append(p)
+        if p % jump_length == 0:
+            reached[p] = reached.get(p, 0) + 1
+            if reached[p] < resamplings:
+                p -= jump_length
+                walk.append(p)
+    return walk
+
+
+# --- the sampling loop ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prediction:
+    """A family's answer for one state: the x0 estimate (guided, before clipping), and for dual-output models
+    the conditional branch's gate r [B, 1, H, W], reported for logging."""
+
+    x0: Tensor
+    gate: Tensor | None = None
+
+
+# (state x [B, C, H, W], the time t_now the network is told, the previous x0 estimate) -> Prediction
+Predictor = Callable[[Tensor, float, Tensor], Prediction]
+
+
+@dataclass
+class Step:
+    """One network call of the sampler: where it was, what it estimated, the state it left."""
+
+    k: int  # the grid step, 0..N-1 (repeated when RePaint resamples)
+    t_now: float
+    t_next: float
+    x: Tensor  # the state after the update (and the replacement, when inpainting)
+    x0: Tensor  # the clipped estimate; on the last step with known pixels, those pixels copied exactly
+    gate: float | None  # the mean dual-output gate, None without dual output
+
+
+def sample_steps(predict: Predictor, x: Tensor, pairs: list[tuple[float, float]], *, schedule: str = "cosine",
+                 sampler: str = "ddpm", eta: float = 0.0, variance: str = "large", clip: float | None = 1.0,
+                 known: Tensor | None = None, keep: Tensor | None = None, jump_length: int = 1,
+                 resamplings: int = 1, generator: torch.Generator | None = None) -> Iterator[Step]:
+    """The reverse process over `pairs` (from `time_pairs`, or a tail of it to start part way, as SDEdit does),
+    from the state x, yielding a `Step` per network call; the result is the last step's x0, not its x.
+
+    Per call: x0 = clip(predict(x, t_now, previous x0), -clip, clip) (clip None: no clipping), eps recomputed
+    from it at gamma(t_now), then the DDPM or DDIM update to t_next. With known [B, C, H, W] and keep
+    [B, 1, H, W] bool (True = known), the known region of the new state is re-noised to t_next (its true level)
+    with fresh noise, the estimate fed back is the known x0 there, and the last x0 carries the known values
+    exactly. resamplings > 1 walks `repaint_walk`: going back from a position, the state is diffused from its
+    level to the t_now it will be queried at. Every random draw comes from `generator`."""
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
+    if (known is None) != (keep is None):
+        raise ValueError("inpainting needs both the known values and the keep mask")
+    if keep is not None:
+        keep = keep.to(torch.bool)
+    levels = [(float(gamma(t_now, schedule)), float(gamma(t_next, schedule))) for t_now, t_next in pairs]
+
+    def noise() -> Tensor:
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+    x0_prev = torch.zeros_like(x)
+    walk = repaint_walk(len(pairs), jump_length, resamplings)
+    for p, p_next in pairwise(walk):
+        if p_next < p:  # a RePaint jump back: from the state's level to the time it will be queried at
+            x = diffuse(x, levels[p - 1][1], levels[p_next][0], noise())
+            continue
+        (t_now, t_next), (g_now, g_next) = pairs[p], levels[p]
+        out = predict(x, t_now, x0_prev)
+        x0 = out.x0.float()
+        if clip is not None:
+            x0 = x0.clamp(-clip, clip)
+        eps = eps_from_x0(x, x0, g_now)
+        if sampler == "ddim":
+            x = ddim_step(x0, eps, g_now, g_next, eta, noise() if eta > 0 else None)
+        else:
+            x = ddpm_step(x, eps, g_now, g_next, variance, noise())
+        if keep is not None:
+            x = replace_known(x, known, keep, g_next, noise())
+            x0 = torch.where(keep, known, x0)
+        x0_prev = x0
+        yield Step(p, t_now, t_next, x, x0, None if out.gate is None else float(out.gate.float().mean()))

@@ -1,0 +1,335 @@
+"""The continuous diffusion core (imgen_cli.diffusion) against the properties of reference/bit_diffusion.md and
+reference/dual_output.md section 11: schedules, conversions, the DDIM/DDPM updates, the time grid, guidance,
+inpainting with resampling, and Dynamic Dual-Output's mixing, losses and stop-gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from imgen_cli.diffusion import dual_output
+from imgen_cli.diffusion.gaussian import (
+    Prediction,
+    ddim_step,
+    ddpm_step,
+    diffuse,
+    eps_from_x0,
+    gamma,
+    guided,
+    posterior_coefficients,
+    q_sample,
+    repaint_walk,
+    replace_known,
+    sample_steps,
+    time_pairs,
+    training_target,
+    v_target,
+    x0_from_eps,
+    x0_from_output,
+    x0_from_v,
+)
+from imgen_cli.errors import UserError
+from imgen_cli.nn.embeddings import NoiseLevelEmbedding, sinusoidal_embedding
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def g(t: float, schedule: str = "cosine") -> float:
+    return float(gamma(t, schedule))
+
+
+def oracle(x0: torch.Tensor):
+    """A predictor that always knows the clean data."""
+    return lambda x, t, prev: Prediction(x0.clone())
+
+
+# --- schedules (bit_diffusion property 4) -------------------------------------------------------------------------
+
+
+def test_cosine_schedule_values_and_monotone() -> None:
+    assert g(0) == pytest.approx(0.99999990135, abs=1e-11)
+    assert math.sqrt(1 - g(0)) == pytest.approx(3.14e-4, abs=1e-6)
+    for t, value in ((0.25, 0.853401), (0.5, 0.4998822), (0.75, 0.146433)):
+        assert g(t) == pytest.approx(value, abs=1e-6)
+    assert g(1) == pytest.approx(6.17e-9, rel=1e-3)
+    for schedule in ("cosine", "linear"):
+        values = gamma(torch.linspace(0, 1, 1001), schedule)
+        assert values.dtype == torch.float64 and bool((values[1:] < values[:-1]).all())
+        assert values.min() >= 1e-9 and values.max() < 1
+
+
+def test_linear_schedule_is_ddpm_linear_betas_in_continuous_time() -> None:
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    for i in (0, 99, 499, 999):  # close to the discrete alpha-bar at t = (i + 1) / 1000
+        assert g((i + 1) / 1000, "linear") == pytest.approx(float(alpha_bar[i]), rel=0.1)
+    assert g(0, "linear") == pytest.approx(1 - 1e-9, abs=1e-12)
+    with pytest.raises(UserError, match="unknown noise schedule"):
+        gamma(0.5, "sigmoid")
+
+
+# --- conversions (bit_diffusion properties 6, 7) ---------------------------------------------------------------------
+
+
+def test_oracle_numbers_of_the_spec() -> None:
+    x0, eps = torch.tensor([1.0]), torch.tensor([0.5])
+    x_t = q_sample(x0, g(0.5), eps)
+    assert float(x_t) == pytest.approx(1.060619, abs=1e-6)
+    assert float(eps_from_x0(x_t, x0, g(0.5))) == pytest.approx(0.5, abs=1e-6)
+    assert float(ddim_step(x0, eps, g(0.5), g(0.25))) == pytest.approx(1.115238, abs=1e-6)
+    assert float(ddim_step(x0, eps, g(0.5), g(0.0))) == pytest.approx(1.000157, abs=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_eps_x0_v_conversions_round_trip(schedule: str) -> None:
+    x0, eps = randn(4, 3, 8, 8), randn(4, 3, 8, 8, seed=1)
+    gam = gamma(torch.tensor([0.05, 0.3, 0.7, 0.95], dtype=torch.float64), schedule)
+    x_t = q_sample(x0, gam, eps)
+    torch.testing.assert_close(x0_from_eps(x_t, eps, gam), x0, atol=2e-4, rtol=0)
+    torch.testing.assert_close(eps_from_x0(x_t, x0, gam), eps, atol=2e-4, rtol=0)
+    torch.testing.assert_close(x0_from_v(x_t, v_target(x0, eps, gam), gam), x0, atol=1e-5, rtol=0)
+    for target in ("x0", "eps", "v"):
+        torch.testing.assert_close(x0_from_output(training_target(x0, eps, gam, target), x_t, gam, target), x0,
+                                   atol=2e-4, rtol=0)
+
+
+def test_consistency_after_clipping() -> None:
+    """sqrt(gamma) clip(x0) + sqrt(1 - gamma) eps = x_t when eps is recomputed from the clipped x0."""
+    x_t, estimate = randn(2, 24, 4, 4), 3 * randn(2, 24, 4, 4, seed=1)
+    for t in (0.02, 0.5, 0.98):
+        clipped = estimate.clamp(-1, 1)
+        eps = eps_from_x0(x_t, clipped, g(t))
+        torch.testing.assert_close(math.sqrt(g(t)) * clipped + math.sqrt(1 - g(t)) * eps, x_t, atol=1e-6, rtol=0)
+
+
+# --- sampler updates (bit_diffusion property 8) ----------------------------------------------------------------------
+
+
+def test_ddpm_mean_is_the_posterior_mean() -> None:
+    g_n, g_x = g(0.5), g(0.25)
+    x_t, x0 = torch.tensor([0.3]), torch.tensor([0.8])
+    eps = eps_from_x0(x_t, x0, g_n)
+    assert g_n / g_x == pytest.approx(0.585753, abs=1e-6)
+    c1, c2, var = posterior_coefficients(g_n, g_x)
+    assert (float(c1), float(c2), float(var)) == pytest.approx((0.765179, 0.224345, 0.121428), abs=1e-6)
+    zero = torch.zeros(1)
+    mean = ddpm_step(x_t, eps, g_n, g_x, "large", zero)
+    assert float(mean) == pytest.approx(0.679447, abs=1e-6) == float(c1 * x0 + c2 * x_t)
+    one = torch.ones(1)  # the noise term shows the variance: sigma * 1
+    assert (float(ddpm_step(x_t, eps, g_n, g_x, "large", one)) - float(mean)) ** 2 == pytest.approx(0.414247, abs=1e-6)
+    assert (float(ddpm_step(x_t, eps, g_n, g_x, "small", one)) - float(mean)) ** 2 == pytest.approx(0.121428, abs=1e-6)
+    # VDM's form: alpha_s (x_t (1 - c) / alpha_t + c x0), c = -expm1(lambda_t - lambda_s), variance sigma_s^2 c
+    lam_t, lam_s = math.log(g_n / (1 - g_n)), math.log(g_x / (1 - g_x))
+    c = -math.expm1(lam_t - lam_s)
+    assert math.sqrt(g_x) * (0.3 * (1 - c) / math.sqrt(g_n) + c * 0.8) == pytest.approx(float(mean), abs=1e-6)
+    assert (1 - g_x) * c == pytest.approx(0.121428, abs=1e-6)
+    # DDIM with eta = 1 has the posterior variance
+    assert (float(ddim_step(x0, eps, g_n, g_x, 1.0, one)) - float(mean)) ** 2 == pytest.approx(0.121428, abs=1e-6)
+
+
+def test_time_pairs_with_asymmetric_time() -> None:
+    assert [nxt for _, nxt in time_pairs(4, 0)] == pytest.approx([0.75, 0.5, 0.25, 0])
+    assert [t for pair in time_pairs(4, 1) for t in pair] == pytest.approx([1, 0.5, 0.75, 0.25, 0.5, 0, 0.25, 0])
+    assert [nxt for _, nxt in time_pairs(4, 0.5)] == pytest.approx([0.625, 0.375, 0.125, 0])
+    with pytest.raises(UserError, match="steps must be at least 1"):
+        time_pairs(0)
+
+
+@pytest.mark.parametrize(("sampler", "steps", "td"), [("ddim", 1, 0), ("ddim", 7, 0), ("ddim", 10, 0.5),
+                                                      ("ddpm", 5, 0), ("ddpm", 12, 1.0)])
+def test_sampler_fed_the_true_x0_reproduces_it(sampler: str, steps: int, td: float) -> None:
+    x0 = torch.where(randn(2, 24, 4, 4) > 0, 1.0, -1.0)
+    x = randn(2, 24, 4, 4, seed=1)
+    generator = torch.Generator().manual_seed(0)
+    trace = list(sample_steps(oracle(x0), x, time_pairs(steps, td), sampler=sampler, generator=generator))
+    assert len(trace) == steps and torch.equal(trace[-1].x0, x0)
+    if sampler == "ddim" and td == 0:  # eps stays the initial noise; the state ends at sqrt(gamma(0)) x0 + 3.1e-4 eps
+        torch.testing.assert_close(trace[-1].x, math.sqrt(g(0)) * x0 + math.sqrt(1 - g(0)) * x, atol=1e-5, rtol=0)
+        eps = eps_from_x0(x, x0, g(1))
+        for step in trace[:-1]:
+            torch.testing.assert_close(eps_from_x0(step.x, x0, g(step.t_next)), eps, atol=2e-5, rtol=0)
+
+
+def test_samplers_are_deterministic_under_a_seed_and_differ_across_seeds() -> None:
+    def run(sampler: str, seed: int, eta: float = 0.0) -> torch.Tensor:
+        predict = lambda x, t, prev: Prediction(torch.tanh(x + prev))  # noqa: E731 - a stand-in network
+        steps = sample_steps(predict, randn(2, 6, 4, 4, seed=seed), time_pairs(6), sampler=sampler, eta=eta,
+                             generator=torch.Generator().manual_seed(seed))
+        return [s.x for s in steps][-1]
+
+    for sampler, eta in (("ddpm", 0.0), ("ddim", 0.5)):
+        assert run(sampler, 3, eta).shape == (2, 6, 4, 4)
+        assert torch.equal(run(sampler, 3, eta), run(sampler, 3, eta))
+        assert not torch.equal(run(sampler, 3, eta), run(sampler, 4, eta))
+    with pytest.raises(UserError, match="unknown sampler"):
+        next(sample_steps(oracle(torch.zeros(1)), torch.zeros(1), time_pairs(2), sampler="euler"))
+
+
+def test_self_conditioning_input_starts_at_zero_and_follows_the_clipped_estimate() -> None:
+    seen = []
+
+    def predict(x: torch.Tensor, t: float, prev: torch.Tensor) -> Prediction:
+        seen.append(prev.clone())
+        return Prediction(torch.full_like(x, 3.0))  # clipped to 1 before it is fed back
+
+    list(sample_steps(predict, randn(1, 2, 2, 2), time_pairs(3), sampler="ddim"))
+    assert torch.equal(seen[0], torch.zeros(1, 2, 2, 2))
+    assert all(torch.equal(p, torch.ones(1, 2, 2, 2)) for p in seen[1:])
+
+
+# --- guidance (bit_diffusion property 10, dual_output property 7) --------------------------------------------------
+
+
+def test_guidance_identity_and_commutation() -> None:
+    cond, uncond = randn(2, 3, 4, 4), randn(2, 3, 4, 4, seed=1)
+    assert torch.equal(guided(cond, uncond, 1.0), cond)
+    x_t, gam, w = torch.tensor([0.2]), 0.4, 3.0
+    x0 = guided(torch.tensor([0.6]), torch.tensor([0.1]), w)
+    assert float(x0) == pytest.approx(1.6, abs=1e-6)
+    eps_c, eps_u = eps_from_x0(x_t, torch.tensor([0.6]), gam), eps_from_x0(x_t, torch.tensor([0.1]), gam)
+    assert float(eps_from_x0(x_t, x0, gam)) == pytest.approx(-1.048196, abs=1e-6)
+    assert float(guided(eps_c, eps_u, w)) == pytest.approx(-1.048196, abs=1e-6)
+
+
+# --- inpainting (bit_diffusion property 11) -------------------------------------------------------------------------
+
+
+def test_replacement_with_everything_or_nothing_known() -> None:
+    x, known, z = randn(2, 24, 4, 4), randn(2, 24, 4, 4, seed=1), randn(2, 24, 4, 4, seed=2)
+    assert torch.equal(replace_known(x, known, torch.zeros(2, 1, 4, 4, dtype=torch.bool), 0.5, z), x)
+    assert torch.equal(replace_known(x, known, torch.ones(2, 1, 4, 4, dtype=torch.bool), 0.5, z),
+                       q_sample(known, 0.5, z))
+
+
+def test_inpainting_keeps_the_known_region_exactly() -> None:
+    known = torch.where(randn(2, 24, 8, 8) > 0, 1.0, -1.0)
+    keep = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    keep[..., :, 4:] = True
+    predict = lambda x, t, prev: Prediction(torch.tanh(3 * x))  # noqa: E731 - any network
+    for resamplings, jump in ((1, 1), (3, 2)):
+        generator = torch.Generator().manual_seed(0)
+        steps = list(sample_steps(predict, randn(2, 24, 8, 8, seed=1), time_pairs(6), known=known, keep=keep,
+                                  jump_length=jump, resamplings=resamplings, generator=generator))
+        last = steps[-1].x0
+        assert torch.equal(last[..., 4:], known[..., 4:]) and not torch.equal(last[..., :4], known[..., :4])
+    assert len(steps) == 6 * 3  # every jump-length block redone until reached three times
+    everything = list(sample_steps(predict, randn(2, 24, 8, 8, seed=1), time_pairs(4), known=known,
+                                   keep=torch.ones_like(keep), generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(everything[-1].x0, known)
+
+
+def test_repaint_walk_and_the_diffusion_back() -> None:
+    assert repaint_walk(4) == [0, 1, 2, 3, 4]
+    assert repaint_walk(4, 2, 2) == [0, 1, 2, 0, 1, 2, 3, 4, 2, 3, 4]
+    assert repaint_walk(2, 1, 3) == [0, 1, 0, 1, 0, 1, 2, 1, 2, 1, 2]
+    x, z = torch.tensor([0.7]), torch.tensor([0.2])
+    a = g(0.5) / g(0.25)
+    assert float(diffuse(x, g(0.25), g(0.5), z)) == pytest.approx(math.sqrt(a) * 0.7 + math.sqrt(1 - a) * 0.2)
+
+
+# --- Dynamic Dual-Output (dual_output section 11) ------------------------------------------------------------------
+
+
+def test_dual_output_channels_gate_and_mixing_extremes() -> None:
+    assert [dual_output.output_channels(c) for c in (3, 4, 24)] == [7, 9, 49]
+    output = randn(2, 49, 4, 4)
+    x_theta, eps_theta, logit = dual_output.split_heads(output, 24)
+    assert logit.shape == (2, 1, 4, 4) and torch.equal(x_theta, output[:, :24])
+    x_t = randn(2, 24, 4, 4, seed=1)
+    mixed, r = dual_output.mix(x_theta, eps_theta, logit, x_t, 0.3)
+    assert r.shape == (2, 1, 4, 4) and bool(((r > 0) & (r < 1)).all())
+    assert [float(torch.sigmoid(torch.tensor(v))) for v in (-4.0, 0.0, 4.0)] == pytest.approx(
+        [0.017986, 0.5, 0.982014], abs=1e-6)
+    from_x, _ = dual_output.mix(x_theta, eps_theta, torch.full_like(logit, 100.0), x_t, 0.3)
+    from_eps, _ = dual_output.mix(x_theta, eps_theta, torch.full_like(logit, -100.0), x_t, 0.3)
+    torch.testing.assert_close(from_x, x_theta)
+    torch.testing.assert_close(from_eps, x0_from_eps(x_t, eps_theta, 0.3))
+    # one gate per pixel, shared by the channels: the mixture is affine between the two per channel
+    torch.testing.assert_close(mixed, r * x_theta + (1 - r) * x0_from_eps(x_t, eps_theta, 0.3))
+
+
+def test_perfect_heads_give_x0_for_any_gate_and_zero_loss() -> None:
+    x0, eps = randn(2, 3, 4, 4), randn(2, 3, 4, 4, seed=1)
+    gam = gamma(torch.tensor([0.2, 0.6], dtype=torch.float64))
+    gam_u = gamma(dual_output.gate_times(torch.tensor([0.2, 0.6], dtype=torch.float64)))
+    x_t = q_sample(x0, gam, eps)
+    for logit in (-3.0, 0.0, 5.0):
+        logits = torch.full((2, 1, 4, 4), logit)
+        mixed, _ = dual_output.mix(x0, eps, logits, x_t, gam)
+        torch.testing.assert_close(mixed, x0, atol=1e-5, rtol=0)
+        for kind in dual_output.GATE_LOSSES:
+            terms = dual_output.losses(x0, eps, logits, x0, eps, x_t, gam, gam_u, kind)
+            assert all(float(v) < 1e-9 for v in terms.values())
+
+
+def test_worked_example_and_gate_gradient() -> None:
+    """Linear schedule, zero-based index 499 (the discrete alpha-bar), x_t 0.3, x_theta 0.7, eps_theta -0.4, r 0.8."""
+    alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    g_t, g_u = alpha_bar[499], alpha_bar[498]
+    assert float(g_t) == pytest.approx(0.0785872, abs=1e-7)
+    c1, c2, _ = posterior_coefficients(g_t, g_u)
+    assert (float(c1), float(c2)) == pytest.approx((0.00307007, 0.994107), abs=1e-6)
+    assert [float(c) for c in posterior_coefficients(alpha_bar[0], 1.0)[:2]] == pytest.approx([1.0, 0.0])  # index 0
+    x_t, x_theta, eps_theta = (torch.tensor([[v]], dtype=torch.float64) for v in (0.3, 0.7, -0.4))
+    logit = torch.tensor([[math.log(0.8 / 0.2)]], dtype=torch.float64, requires_grad=True)
+    from_eps = x0_from_eps(x_t, eps_theta, g_t)
+    assert float(from_eps) == pytest.approx(2.439806, abs=1e-6)
+    assert float(c1 * from_eps + c2 * x_t) == pytest.approx(0.305722, abs=1e-6)
+    mixed, _ = dual_output.mix(x_theta, eps_theta, logit.detach(), x_t, g_t)
+    assert float(mixed) == pytest.approx(1.047961, abs=1e-6)
+    assert float(c1 * mixed + c2 * x_t) == pytest.approx(0.301449, abs=1e-6)
+    assert float(eps_from_x0(x_t, mixed.double(), g_t)) == pytest.approx(0.0064805, abs=1e-6)
+    x0 = torch.tensor([[0.5]], dtype=torch.float64)
+    # the mixed eps both ways: from the mixed x0, and mixing eps(x_theta) with eps_theta
+    eps_mix = 0.8 * eps_from_x0(x_t, x_theta, g_t) + 0.2 * eps_theta
+    assert float(eps_mix) == pytest.approx(0.0064805, abs=1e-6)
+
+    # L_mu in float64 (the loss itself computes in float32): c1^2 (x0 - mix)^2, and its gradient in r
+    r = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    loss = ((c1 * x0 + c2 * x_t) - (r * (c1 * x_theta + c2 * x_t) + (1 - r) * (c1 * from_eps + c2 * x_t))).pow(2)
+    assert float(loss.detach()) == pytest.approx(2.83007e-6, rel=1e-4)
+    loss.backward()
+    assert float(r.grad) == pytest.approx(-1.79712e-5, rel=1e-4)
+    assert float(r.grad) == pytest.approx(float(-2 * c1**2 * (x0 - mixed) * (x_theta - from_eps)), rel=1e-5)
+    gate = dual_output.losses(x_theta, eps_theta, logit, x0, torch.zeros_like(x0), x_t, g_t.view(1), g_u.view(1))
+    assert float(gate["gate"]) == pytest.approx(2.83007e-6, rel=1e-4)
+    gate["gate"].backward()  # chain rule through r = sigmoid(logit): dr/dlogit = r (1 - r)
+    assert float(logit.grad) == pytest.approx(-1.79712e-5 * 0.8 * 0.2, rel=1e-3)
+
+
+def test_stop_gradients_route_each_loss_to_its_head() -> None:
+    x0, eps = randn(2, 3, 4, 4), randn(2, 3, 4, 4, seed=1)
+    t = torch.tensor([0.3, 0.8], dtype=torch.float64)
+    gam, gam_u = gamma(t), gamma(dual_output.gate_times(t))
+    x_t = q_sample(x0, gam, eps)
+    heads = [randn(2, 3, 4, 4, seed=2), randn(2, 3, 4, 4, seed=3), randn(2, 1, 4, 4, seed=4)]
+    for kind in dual_output.GATE_LOSSES:
+        for term, trained in (("x0", 0), ("eps", 1), ("gate", 2)):
+            leaves = [h.clone().requires_grad_() for h in heads]
+            dual_output.losses(*leaves, x0, eps, x_t, gam, gam_u, kind)[term].backward()
+            for i, leaf in enumerate(leaves):
+                assert (leaf.grad is not None and leaf.grad.abs().sum() > 0) == (i == trained), (kind, term, i)
+
+
+def test_the_mixture_is_clipped_once() -> None:
+    x_t, gam = torch.tensor([[0.1]]), 0.5
+    eps_theta = eps_from_x0(x_t, torch.tensor([[1.5]]), gam)  # the eps branch's x0 estimate is 1.5
+    mixed, _ = dual_output.mix(torch.tensor([[0.9]]), eps_theta, torch.zeros(1, 1), x_t, gam)
+    steps = list(sample_steps(lambda x, t, prev: Prediction(mixed), x_t, [(0.5, 0.25)], sampler="ddim"))
+    assert float(steps[0].x0) == pytest.approx(1.0)  # not 0.95, the mean of the branches clipped first
+
+
+# --- the noise-level embedding ---------------------------------------------------------------------------------------
+
+
+def test_sinusoidal_embedding() -> None:
+    values = torch.tensor([0.0, 1.0, 500.0])
+    emb = sinusoidal_embedding(values, 8)
+    assert emb.shape == (3, 8) and torch.equal(emb[0], torch.tensor([0.0] * 4 + [1.0] * 4))
+    assert float(emb[1, 0]) == pytest.approx(math.sin(1.0)) and float(emb[1, 4]) == pytest.approx(math.cos(1.0))
+    torch.manual_seed(0)
+    assert NoiseLevelEmbedding(16, features=8)(values).shape == (3, 16)
