@@ -234,50 +234,39 @@ def generator_table(report: dict) -> str:
             f"| real val images | {real['r_precision']:.3f} | 0 | {real['clip_score']:.2f} | |\n")
 
 
-def bench_muse() -> str:
-    """Issue 6's bar: recipes/shapes/muse.toml trained <= 30 min on the CPU (tokenizer excluded), R-precision
-    of its samples with the in-project CLIP, CLIP-space FID, and sampling time per image across step counts."""
+def token_generator_suite(family: str, sweep: str, default_guidance: float, sampling: str = "") -> str:
+    """A token family's recipe trained on the pre-encoded shapes tokens, then scored across sampler steps."""
     import json
 
     tokenizer_and_evaluator()
-    train_s = imgen("train", "--model", "muse", "--recipe", str(RECIPES / "muse.toml"), "--vq", "runs/vq",
-                    "--data", "shards_vq", "--out", fresh_run("muse"))
-    imgen("eval", "--ckpt", "runs/muse", "--data", "shards_vq", "--r-precision", "--clip-score", "--fid",
-          "--features", "clip", "--clip-model", "runs/clip", "--n", "500", "--steps", "4,8,12,16",
-          "--json", "muse-eval.json")
-    report = json.loads((WORK / "muse-eval.json").read_text())
-    config = json.loads((WORK / "runs/muse/config.json").read_text())
-    return (f"`imgen train --model muse --recipe recipes/shapes/muse.toml --vq runs/vq --data shards_vq` "
+    train_s = imgen("train", "--model", family, "--recipe", str(RECIPES / f"{family}.toml"), "--vq", "runs/vq",
+                    "--data", "shards_vq", "--out", fresh_run(family))
+    imgen("eval", "--ckpt", f"runs/{family}", "--data", "shards_vq", "--r-precision", "--clip-score", "--fid",
+          "--features", "clip", "--clip-model", "runs/clip", "--n", "500", "--steps", sweep,
+          "--json", f"{family}-eval.json")
+    report = json.loads((WORK / f"{family}-eval.json").read_text())
+    config = json.loads((WORK / f"runs/{family}/config.json").read_text())
+    return (f"`imgen train --model {family} --recipe recipes/shapes/{family}.toml --vq runs/vq --data shards_vq` "
             f"(preset {config['preset']}, {config['train']['steps']} steps of batch {config['train']['batch_size']}, "
             f"tokens pre-encoded by the recipe tokenizer) took **{train_s / 60:.1f} min**. Then `imgen eval --ckpt "
-            f"runs/muse --r-precision --clip-score --fid --features clip --n 500 --steps 4,8,12,16` (guidance "
-            f"{report['settings']['guidance'] or 'default 4.0'}, in-project CLIP `runs/clip`, prompts = the val "
-            f"captions, batch 50; the time per image includes the tokenizer's decoder). Target: R-precision >= 0.6 "
-            f"in <= 30 min of training.\n\n" + generator_table(report))
+            f"runs/{family} --r-precision --clip-score --fid --features clip --n 500 --steps {sweep}` ({sampling}"
+            f"guidance {report['settings']['guidance'] or f'default {default_guidance}'}, in-project CLIP "
+            f"`runs/clip`, prompts = the val captions, batch 50; the time per image includes the tokenizer's "
+            f"decoder). Target: R-precision >= 0.6 in <= 30 min of training.\n\n" + generator_table(report))
+
+
+def bench_muse() -> str:
+    """Issue 6's bar: recipes/shapes/muse.toml trained <= 30 min on the CPU (tokenizer excluded), R-precision
+    of its samples with the in-project CLIP, CLIP-space FID, and sampling time per image across step counts."""
+    return token_generator_suite("muse", "4,8,12,16", 4.0)
 
 
 def bench_vqdiffusion() -> str:
     """Issue 7's bar: recipes/shapes/vqdiffusion.toml trained <= 30 min on the CPU (tokenizer excluded),
     R-precision of its samples with the in-project CLIP, and the speed-quality table at 100/50/25/10 steps."""
-    import json
-
-    tokenizer_and_evaluator()
-    train_s = imgen("train", "--model", "vqdiffusion", "--recipe", str(RECIPES / "vqdiffusion.toml"), "--vq",
-                    "runs/vq", "--data", "shards_vq", "--out", fresh_run("vqdiffusion"))
-    imgen("eval", "--ckpt", "runs/vqdiffusion", "--data", "shards_vq", "--r-precision", "--clip-score", "--fid",
-          "--features", "clip", "--clip-model", "runs/clip", "--n", "500", "--steps", "100,50,25,10",
-          "--json", "vqdiffusion-eval.json")
-    report = json.loads((WORK / "vqdiffusion-eval.json").read_text())
-    config = json.loads((WORK / "runs/vqdiffusion/config.json").read_text())
-    return (f"`imgen train --model vqdiffusion --recipe recipes/shapes/vqdiffusion.toml --vq runs/vq --data "
-            f"shards_vq` (preset {config['preset']}, T = {config['model']['timesteps']}, "
-            f"{config['train']['steps']} steps of batch {config['train']['batch_size']}, tokens pre-encoded by the "
-            f"recipe tokenizer) took **{train_s / 60:.1f} min**. Then `imgen eval --ckpt runs/vqdiffusion "
-            f"--r-precision --clip-score --fid --features clip --n 500 --steps 100,50,25,10` (the exact strided "
-            f"posterior: stride round(100 / steps), so 100, 51, 26 and 11 network calls; guidance "
-            f"{report['settings']['guidance'] or 'default 3.0'}, no truncation, in-project CLIP `runs/clip`, "
-            f"prompts = the val captions, batch 50; the time per image includes the tokenizer's decoder). "
-            f"Target: R-precision >= 0.6 in <= 30 min of training.\n\n" + generator_table(report))
+    return token_generator_suite("vqdiffusion", "100,50,25,10", 3.0,
+                                 "T = 100, the exact strided posterior with stride round(100 / steps), so 100, 51, "
+                                 "26 and 11 network calls, no truncation; ")
 
 
 def bench_bitdiff() -> str:

@@ -38,7 +38,6 @@ from imgen_cli.nn.transformer import TransformerStack
 SCHEDULES = ("cosine", "linear", "power")
 LOSS_NORMS = ("token", "sequence")
 CHOICE_SCHEDULES = ("amused", "maskgit")
-PREVIEW_GUIDANCE = 3.0  # moderate: the previews of an early checkpoint should not be all saturated
 
 # guided logits [B, N, K] for the current tokens [B, N] (MASK where unknown) at step k
 Predictor = Callable[[Tensor, int], Tensor]
@@ -483,16 +482,9 @@ class Muse(TokenFamily):
                                   generator=generator, iterations=iterations, **options)
         return tokenizer.decode(tokens)
 
-    @torch.no_grad()
-    def preview(self, batch: dict, n: int = 8, steps: int = 8) -> Tensor:
-        """For the training loop's sample grids: n real images, then n samples for their captions (a fixed
-        seed, few steps): [2n, 3, H, W] in [0, 1]."""
-        images = batch["image"][:n].float()
-        generator = torch.Generator(self.device).manual_seed(0)
-        lowres = self._lowres_tokens(images) if self.lowres is not None else None
-        samples = self.generate(batch["caption"][:n], steps=steps, guidance=PREVIEW_GUIDANCE, generator=generator,
-                                lowres_tokens=lowres)
-        return torch.cat([images, samples.float()])
+    def preview_options(self, images: Tensor) -> dict:
+        """A super-res model's preview samples are conditioned on the real images' low-res tokens."""
+        return {} if self.lowres is None else {"lowres_tokens": self._lowres_tokens(images)}
 
 
 PRESETS: dict[str, dict] = {

@@ -39,7 +39,6 @@ FLOOR = 1e-30  # probabilities are floored here before a log, so no -inf (and no
 SCHEDULES = {"released": (0.99999, 0.000009, 0.000009, 0.99999), "paper": (0.99999, 0.000009, 0.000009, 0.9)}
 SAMPLERS = ("posterior", "purity")
 FAST_MODES = ("exact", "official")
-PREVIEW_GUIDANCE = 3.0
 
 # (tokens x_t [B, L], step t) -> log p(x0 | x_t) [B, L, K+1], guided and truncated, MASK entry log-zero
 Predictor = Callable[[Tensor, int], Tensor]
@@ -389,6 +388,7 @@ class VQDiffusion(TokenFamily):
 
     family = "VQ-Diffusion"
     block_types = TransformerStack.block_types
+    preview_steps = 10  # stride 10: 11 calls
 
     def __init__(self, cfg: VQDiffusionConfig, tokenizer: nn.Module | None = None):
         super().__init__()
@@ -589,15 +589,6 @@ class VQDiffusion(TokenFamily):
                                   start=start, truncation=truncation, sampler=sampler,
                                   negative_prompts=negative_prompts, generator=generator)
         return tokenizer.decode(tokens)
-
-    @torch.no_grad()
-    def preview(self, batch: dict, n: int = 8, steps: int = 10) -> Tensor:
-        """For the training loop's sample grids: n real images, then n samples for their captions (a fixed
-        seed, few steps): [2n, 3, H, W] in [0, 1]."""
-        images = batch["image"][:n].float()
-        generator = torch.Generator(self.device).manual_seed(0)
-        samples = self.generate(batch["caption"][:n], steps=steps, guidance=PREVIEW_GUIDANCE, generator=generator)
-        return torch.cat([images, samples.float()])
 
 
 PRESETS: dict[str, dict] = {

@@ -129,3 +129,20 @@ class TokenFamily(nn.Module):
 
     def decode(self, tokens: Tensor) -> Tensor:
         return self.require_tokenizer("decode generated tokens into images").decode(tokens)
+
+    preview_steps = 8  # sampler steps of the training loop's sample grids
+    preview_guidance = 3.0  # moderate: the previews of an early checkpoint should not be all saturated
+
+    def preview_options(self, images: Tensor) -> dict:
+        """Further `generate` options for the preview samples of these real images (none by default)."""
+        return {}
+
+    @torch.no_grad()
+    def preview(self, batch: dict, n: int = 8, steps: int | None = None) -> Tensor:
+        """For the training loop's sample grids: n real images, then n samples for their captions (a fixed
+        seed, few steps): [2n, 3, H, W] in [0, 1]."""
+        images = batch["image"][:n].float()
+        generator = torch.Generator(self.device).manual_seed(0)
+        samples = self.generate(batch["caption"][:n], steps=steps or self.preview_steps,
+                                guidance=self.preview_guidance, generator=generator, **self.preview_options(images))
+        return torch.cat([images, samples.float()])
