@@ -29,15 +29,19 @@ def shapes_shards(shapes_coco: Path, tmp_path_factory: pytest.TempPathFactory) -
     return out
 
 
-@pytest.fixture(scope="session")
-def vq_run(shapes_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny vqgan trained for 3 steps: 16px images -> 4x4 tokens of K=64."""
-    run = tmp_path_factory.mktemp("vq") / "run"
-    result = CliRunner().invoke(app, ["train", "--model", "vqgan", "--preset", "tiny", "--data", str(shapes_shards),
-                                      "--out", str(run), "--steps", "3", "--set", "train.batch_size=8",
+def train_tiny(family: str, shards: Path, run: Path, steps: int) -> Path:
+    """`imgen train` of a family's tiny preset on batches of 8, in-process; the run directory."""
+    result = CliRunner().invoke(app, ["train", "--model", family, "--preset", "tiny", "--data", str(shards),
+                                      "--out", str(run), "--steps", str(steps), "--set", "train.batch_size=8",
                                       "--set", "data.num_workers=0"])
     assert result.exit_code == 0, result.output
     return run
+
+
+@pytest.fixture(scope="session")
+def vq_run(shapes_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny vqgan trained for 3 steps: 16px images -> 4x4 tokens of K=64."""
+    return train_tiny("vqgan", shapes_shards, tmp_path_factory.mktemp("vq") / "run", steps=3)
 
 
 @pytest.fixture(scope="session")
@@ -53,9 +57,4 @@ def vq_shards(vq_run: Path, shapes_coco: Path, tmp_path_factory: pytest.TempPath
 @pytest.fixture(scope="session")
 def clip_run(shapes_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny in-project CLIP trained for 2 steps: the evaluator of the generator tests."""
-    run = tmp_path_factory.mktemp("clip") / "run"
-    result = CliRunner().invoke(app, ["train", "--model", "clip", "--preset", "tiny", "--data", str(shapes_shards),
-                                      "--out", str(run), "--steps", "2", "--set", "train.batch_size=8",
-                                      "--set", "data.num_workers=0"])
-    assert result.exit_code == 0, result.output
-    return run
+    return train_tiny("clip", shapes_shards, tmp_path_factory.mktemp("clip") / "run", steps=2)
