@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from imgen_cli.diffusion import dual_output
+from imgen_cli.diffusion import dual_output, edm
 from imgen_cli.diffusion.gaussian import (
     Prediction,
     ddim_step,
@@ -333,3 +333,51 @@ def test_sinusoidal_embedding() -> None:
     assert float(emb[1, 0]) == pytest.approx(math.sin(1.0)) and float(emb[1, 4]) == pytest.approx(math.cos(1.0))
     torch.manual_seed(0)
     assert NoiseLevelEmbedding(16, features=8)(values).shape == (3, 16)
+
+
+# --- EDM in the VP frame (reference/diffit.md sections 3, 5 and 11.10) ------------------------------------------------
+
+
+def test_edm_preconditioning_grid_and_weight() -> None:
+    c_skip, c_out, c_in, c_noise = (float(c) for c in edm.preconditioning(torch.tensor(0.5)))
+    assert (c_skip, c_out, c_in, c_noise) == pytest.approx((0.5, 0.353553, 1.414214, -0.173287), abs=1e-6)
+    assert float(edm.loss_weight(torch.tensor(0.5))) == pytest.approx(8.0)
+    grid = [float(edm.karras_sigma(1 - i / 17)) for i in range(18)]  # EDM's N = 18 levels, then sigma = 0
+    assert grid[:4] == pytest.approx([80, 57.586, 40.786, 28.375], abs=1e-3)
+    assert grid[-3:] == pytest.approx([0.02293, 0.00753, 0.002], abs=1e-5)
+    assert float(edm.karras_time(edm.karras_sigma(0.3))) == pytest.approx(0.3)
+    sigma = torch.tensor([0.002, 0.5, 80.0], dtype=torch.float64)
+    torch.testing.assert_close(edm.sigma_from_gamma(edm.gamma_from_sigma(sigma)), sigma)
+    ends = edm.gamma_from_sigma(torch.tensor([0.002, 80.0]))
+    torch.testing.assert_close(gamma(torch.tensor([0.0, 1.0]), "edm"), ends)
+    draws = edm.sample_sigma(20_000).log()
+    assert float(draws.mean()) == pytest.approx(-1.2, abs=0.03) and float(draws.std()) == pytest.approx(1.2, abs=0.03)
+
+
+def gaussian_denoiser(spread: float):
+    """The exact denoiser of data x0 ~ N(0, spread^2): D(y; sigma) = spread^2 y / (spread^2 + sigma^2) (EDM frame)."""
+    def predict(x: torch.Tensor, t: float, prev: torch.Tensor) -> Prediction:
+        g_t = float(gamma(t, "edm"))
+        sigma2 = (1 - g_t) / g_t
+        return Prediction(spread**2 / (spread**2 + sigma2) * x / math.sqrt(g_t))
+    return predict
+
+
+def test_heun_is_second_order_on_the_probability_flow_ode() -> None:
+    """For Gaussian data the ODE has a closed form, y(sigma) = y(sigma_max) sqrt(s^2 + sigma^2) / sqrt(s^2 +
+    sigma_max^2): Euler (= DDIM) errors halve when the steps double, Heun's fall about fourfold (first and second
+    order)."""
+    spread, y_start = 0.5, randn(4, 3, 2, 2)
+    exact = y_start * math.sqrt(spread**2 + 0.002**2) / math.sqrt(spread**2 + 80.0**2)
+
+    def error(sampler: str, steps: int) -> float:
+        x = y_start * math.sqrt(float(gamma(1.0, "edm")))
+        trace = list(sample_steps(gaussian_denoiser(spread), x, time_pairs(steps), schedule="edm", sampler=sampler,
+                                  clip=None))
+        return float((trace[-1].x / math.sqrt(float(gamma(0.0, "edm"))) - exact).abs().max())
+
+    euler, heun = [error("ddim", n) for n in (8, 16)], [error("heun", n) for n in (8, 16)]
+    assert 1.6 < euler[0] / euler[1] < 2.5 and heun[0] / heun[1] > 3.5 and heun[1] < euler[1] / 2
+    trace = list(sample_steps(oracle(torch.ones(1, 2, 2, 2)), randn(1, 2, 2, 2), time_pairs(4), schedule="edm",
+                              sampler="heun"))
+    assert len(trace) == 4 and torch.equal(trace[-1].x0, torch.ones(1, 2, 2, 2))

@@ -72,3 +72,14 @@ def losses(x_theta: Tensor, eps_theta: Tensor, logit: Tensor, x0: Tensor, eps: T
 def gate_times(t: Tensor) -> Tensor:
     """u = max(t - 1/1000, 0), the less noisy time of the gate's posterior."""
     return (t - GATE_STEP).clamp_min(0)
+
+
+def objective(x_theta: Tensor, eps_theta: Tensor, logit: Tensor, x0: Tensor, eps: Tensor, x_t: Tensor,
+              gamma_t: Tensor, gamma_u: Tensor, gate_loss: str = "posterior") -> tuple[Tensor, Tensor, dict]:
+    """A family's training step with dual output: (the total L_x + L_eps + L_gate, the detached x0_mix for its
+    own metrics, the terms and the mean gate to log)."""
+    terms = losses(x_theta, eps_theta, logit, x0, eps, x_t, gamma_t, gamma_u, gate_loss)
+    estimate, r = mix(x_theta.detach(), eps_theta.detach(), logit.detach(), x_t, gamma_t)
+    logged = {"loss_x0": terms["x0"].detach(), "loss_eps": terms["eps"].detach(),
+              "loss_gate": terms["gate"].detach(), "gate": r.mean()}
+    return terms["x0"] + terms["eps"] + terms["gate"], estimate, logged

@@ -6,8 +6,9 @@ Time t runs over [0, 1], t = 1 being pure noise, and gamma(t) is the signal vari
 
 The network is not in here (diffusers' split of networks from schedulers): a family hands the sampler a
 `Predictor`, the guided estimate of x0 for a state, and everything else is the rules of
-reference/bit_diffusion.md sections 3, 5 and 7 written as small functions: the schedules, the conversions
-between the eps, x0 and v parameterisations, the DDIM and DDPM updates, the grid of (t_now, t_next) pairs
+reference/bit_diffusion.md sections 3, 5 and 7 written as small functions: the schedules (with EDM's noise
+levels, `imgen_cli.diffusion.edm`), the conversions between the eps, x0 and v parameterisations, the DDIM and
+DDPM updates and EDM's Heun step, the grid of (t_now, t_next) pairs
 with the asymmetric time difference, classifier-free guidance, and RePaint-style inpainting with optional
 resampling jumps. Noise levels travel as float64 gamma values; the conversions take their square roots in
 float64 and only then meet the float32 tensors, because sqrt(gamma(1)) is 7.9e-5 and 1 - gamma(0) is 1e-7.
@@ -16,18 +17,19 @@ float64 and only then meet the float32 tensors, because sqrt(gamma(1)) is 7.9e-5
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import pairwise
 
 import torch
 from torch import Tensor
 
+from imgen_cli.diffusion import edm
 from imgen_cli.errors import UserError
 
-SCHEDULES = ("cosine", "linear")
+SCHEDULES = ("cosine", "linear", "edm")
 TARGETS = ("x0", "eps", "v")
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "heun")
 VARIANCES = ("large", "small")
 GAMMA_MIN, GAMMA_MAX = 1e-9, 1 - 1e-9
 # the linear schedule is DDPM's beta from 1e-4 to 0.02 over T = 1000 steps, in continuous time
@@ -43,14 +45,18 @@ def gamma(t: Tensor | float, schedule: str = "cosine") -> Tensor:
     cosine (pix2seq's cosine_schedule_simple, the default): cos^2((t + 2e-4) / (1 + 2.5e-4) pi / 2), which
     keeps a noise floor of sqrt(1 - gamma(0)) = 3.1e-4 and reaches 6.2e-9 at t = 1. linear: the continuous
     limit of DDPM's linear betas, exp(-(b0 t + (b1 - b0) t^2 / 2)) with (b0, b1) = (0.1, 20), so that
-    gamma(i / 1000) is about alpha-bar_i of the discrete schedule; it ends at 4.3e-5. The upper clip keeps
-    1 - gamma away from 0 for the eps conversions (it never touches the cosine schedule)."""
+    gamma(i / 1000) is about alpha-bar_i of the discrete schedule; it ends at 4.3e-5. edm: EDM's rho = 7 grid
+    of noise levels from sigma_max = 80 (t = 1) to sigma_min = 0.002 (t = 0) as 1 / (1 + sigma(t)^2), for
+    EDM-trained networks (DiffiT). The upper clip keeps 1 - gamma away from 0 for the eps conversions (it
+    never touches the cosine schedule)."""
     t = torch.as_tensor(t, dtype=torch.float64)
     if schedule == "cosine":
         value = torch.cos((t + 2e-4) / (1 + 2.5e-4) * math.pi / 2) ** 2
     elif schedule == "linear":
         b0, b1 = LINEAR_BETA
         value = torch.exp(-(b0 * t + (b1 - b0) * t**2 / 2))
+    elif schedule == "edm":
+        value = edm.gamma_from_sigma(edm.karras_sigma(t))
     else:
         raise UserError(f"unknown noise schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}.")
     return value.clamp(GAMMA_MIN, GAMMA_MAX)
@@ -166,6 +172,22 @@ def ddpm_step(x: Tensor, eps: Tensor, gamma_now: float, gamma_next: float, varia
     return mean + math.sqrt(var) * noise
 
 
+def heun_step(predict: Predictor, x: Tensor, x0: Tensor, eps: Tensor, t_next: float, gamma_now: float,
+              gamma_next: float, clip: float | None) -> tuple[Tensor, Tensor]:
+    """EDM's second-order step on the probability-flow ODE, in the VP frame: with y = x / sqrt(gamma) and
+    sigma = sqrt((1 - gamma) / gamma), the slope dy/dsigma is eps. An Euler (= DDIM) step to sigma_next, a
+    second estimate there, then y_next = y + (sigma_next - sigma) (eps + eps') / 2. Returns (x_next, the second
+    x0 estimate). The second call is told t_next and fed the first estimate as its previous one."""
+    euler = ddim_step(x0, eps, gamma_now, gamma_next)
+    second = predict(euler, t_next, x0).x0.float()
+    if clip is not None:
+        second = second.clamp(-clip, clip)
+    eps_next = eps_from_x0(euler, second, gamma_next)
+    sigma_now, sigma_next = (math.sqrt((1 - g) / g) for g in (gamma_now, gamma_next))
+    y = x / math.sqrt(gamma_now) + (sigma_next - sigma_now) * (eps + eps_next) / 2
+    return math.sqrt(gamma_next) * y, second
+
+
 def time_pairs(steps: int, td: float = 0.0) -> list[tuple[float, float]]:
     """(t_now, t_next) for k = 0..N-1: t_now = 1 - k / N, t_next = max(1 - (k + 1 + td) / N, 0).
 
@@ -261,7 +283,8 @@ def sample_steps(predict: Predictor, x: Tensor, pairs: list[tuple[float, float]]
     [B, 1, H, W] bool (True = known), the known region of the new state is re-noised to t_next (its true level)
     with fresh noise, the estimate fed back is the known x0 there, and the last x0 carries the known values
     exactly. resamplings > 1 walks `repaint_walk`: going back from a position, the state is diffused from its
-    level to the t_now it will be queried at. Every random draw comes from `generator`."""
+    level to the t_now it will be queried at. sampler "heun" makes two calls per step (`heun_step`) and
+    reports the second estimate. Every random draw comes from `generator`."""
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
     if (known is None) != (keep is None):
@@ -287,6 +310,8 @@ def sample_steps(predict: Predictor, x: Tensor, pairs: list[tuple[float, float]]
         eps = eps_from_x0(x, x0, g_now)
         if sampler == "ddim":
             x = ddim_step(x0, eps, g_now, g_next, eta, noise() if eta > 0 else None)
+        elif sampler == "heun":
+            x, x0 = heun_step(predict, x, x0, eps, t_next, g_now, g_next, clip)
         else:
             x = ddpm_step(x, eps, g_now, g_next, variance, noise())
         if keep is not None:
@@ -294,3 +319,25 @@ def sample_steps(predict: Predictor, x: Tensor, pairs: list[tuple[float, float]]
             x0 = torch.where(keep, known, x0)
         x0_prev = x0
         yield Step(p, t_now, t_next, x, x0, None if out.gate is None else float(out.gate.float().mean()))
+
+
+def final_estimate(steps: Iterable[Step], gate_log: list[float] | None = None) -> Tensor:
+    """Run a sampler to its end: the last step's x0, the sample. With a list as gate_log, the mean dual-output
+    gate of every network call is appended to it."""
+    for step in steps:
+        if gate_log is not None and step.gate is not None:
+            gate_log.append(step.gate)
+    return step.x0
+
+
+def edit_start(known: Tensor, pairs: list[tuple[float, float]], strength: float, schedule: str = "cosine",
+               generator: torch.Generator | None = None) -> tuple[Tensor, list[tuple[float, float]]]:
+    """Where an edit starts (SDEdit, and inpainting at strength 1): the tail of the grid from the first t_now at
+    or below `strength`, and the known data noised to that time."""
+    if not 0 < strength <= 1:
+        raise UserError(f"the edit strength must be in (0, 1], got {strength}.")
+    tail = [pair for pair in pairs if pair[0] <= strength + 1e-9]
+    if not tail:
+        raise UserError(f"strength {strength} is below the first step of a {len(pairs)}-step grid; raise one of them.")
+    noise = torch.randn(known.shape, generator=generator, device=known.device)
+    return q_sample(known, float(gamma(tail[0][0], schedule)), noise), tail
