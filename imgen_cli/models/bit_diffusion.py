@@ -39,6 +39,8 @@ from imgen_cli.diffusion.gaussian import (
     TARGETS,
     Prediction,
     Predictor,
+    edit_start,
+    final_estimate,
     gamma,
     guided,
     q_sample,
@@ -49,7 +51,8 @@ from imgen_cli.diffusion.gaussian import (
 )
 from imgen_cli.errors import UserError, require
 from imgen_cli.nn.embeddings import NoiseLevelEmbedding
-from imgen_cli.nn.text import TextEncoder, TextEncoderConfig, TextStates, drop_condition
+from imgen_cli.nn.pixels import keep_mask, resize_images
+from imgen_cli.nn.text import TextEncoder, TextEncoderConfig, TextStates, drop_condition, learned_null, unconditional
 from imgen_cli.nn.tokens import TokenFamily, pixel_to_token_mask
 from imgen_cli.nn.transformer import Attention
 
@@ -193,12 +196,7 @@ def threshold(x: Tensor, bits: int, code: str = "binary") -> Tensor:
 def pixel_values(images: Tensor, size: int) -> Tensor:
     """Images [B, 3, H, W] (uint8, or float in [0, 1]) -> sub-pixel values [B, 3, size, size] in 0..255 (long):
     resized first where needed (area downsampling, bilinear upsampling), then v = round(255 x)."""
-    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
-    if x.shape[-2:] != (size, size):
-        smaller = x.shape[-1] > size
-        x = F.interpolate(x, size=(size, size), mode="area" if smaller else "bilinear",
-                          align_corners=None if smaller else False)
-    return (x * 255).round().clamp(0, 255).long()
+    return (resize_images(images, size) * 255).round().clamp(0, 255).long()
 
 
 # --- network -----------------------------------------------------------------------------------------------------
@@ -375,12 +373,7 @@ class BitDiffusion(TokenFamily):
         return super().image_size if self.token_mode else self.cfg.image_size
 
     def null_condition(self, batch: int) -> TextStates:
-        """The learned null: its one state at position 0 (the only real key), zeros after it."""
-        length = self.cfg.text_context
-        states = torch.cat([self.null_state.expand(batch, 1, -1),
-                            self.null_state.new_zeros(batch, length - 1, self.null_state.shape[0])], dim=1)
-        mask = torch.arange(length, device=states.device).expand(batch, -1) == 0
-        return TextStates(states, mask, self.null_pooled.expand(batch, -1))
+        return learned_null(self.null_state, self.null_pooled, batch, self.cfg.text_context)
 
     def forward(self, x_t: Tensor, x0_prev: Tensor, level: Tensor, text: TextStates) -> Tensor:
         """The raw output [B, C_b (or 2 C_b + 1), h, w] for states x_t, estimates x0_prev, noise levels [B]."""
@@ -436,11 +429,8 @@ class BitDiffusion(TokenFamily):
         if cfg.dual_output:
             x_theta, eps_theta, logit = dual_output.split_heads(output, self.channels)
             g_u = gamma(dual_output.gate_times(t), cfg.schedule).to(x0.device)
-            terms = dual_output.losses(x_theta, eps_theta, logit, x0, eps, x_t, g, g_u, cfg.gate_loss)
-            estimate, r = dual_output.mix(x_theta.detach(), eps_theta.detach(), logit.detach(), x_t, g)
-            logged = {"loss_x0": terms["x0"].detach(), "loss_eps": terms["eps"].detach(),
-                      "loss_gate": terms["gate"].detach(), "gate": r.mean()}
-            total = terms["x0"] + terms["eps"] + terms["gate"]
+            total, estimate, logged = dual_output.objective(x_theta, eps_theta, logit, x0, eps, x_t, g, g_u,
+                                                            cfg.gate_loss)
         else:
             total = (output - training_target(x0, eps, g, cfg.prediction)).pow(2).mean()
             estimate, logged = x0_from_output(output.detach(), x_t, g, cfg.prediction), {}
@@ -468,16 +458,9 @@ class BitDiffusion(TokenFamily):
         branch (the null, or negative prompts) runs in the same forward and both branches get the same
         previous estimate. Dual output: each branch mixes with its own gate before guidance."""
         b = len(prompts)
-        cond = self.text_encoder(list(prompts))
-        text = cond
+        text = self.text_encoder(list(prompts))
         if guidance != 1:
-            if negative_prompts is None:
-                uncond = self.null_condition(b)
-            elif len(negative_prompts) != b:
-                raise UserError(f"{len(negative_prompts)} negative prompts for {b} prompts; give one each.")
-            else:
-                uncond = self.text_encoder(list(negative_prompts))
-            text = TextStates.cat([cond, uncond])
+            text = TextStates.cat([text, unconditional(self.text_encoder, self.null_condition(b), negative_prompts, b)])
         copies = len(text) // b
 
         def predict(x: Tensor, t_now: float, x0_prev: Tensor) -> Prediction:
@@ -499,13 +482,10 @@ class BitDiffusion(TokenFamily):
         """The last x0 estimate of the reverse process; the mean gate of every call appended to gate_log."""
         if sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
-        steps = sample_steps(predict, x, pairs, schedule=self.cfg.schedule, sampler=sampler, eta=eta,
-                             variance=variance, clip=self.cfg.scale, known=known, keep=keep, jump_length=jump_length,
-                             resamplings=resamplings, generator=generator)
-        for step in steps:
-            if gate_log is not None and step.gate is not None:
-                gate_log.append(step.gate)
-        return step.x0
+        return final_estimate(sample_steps(predict, x, pairs, schedule=self.cfg.schedule, sampler=sampler, eta=eta,
+                                           variance=variance, clip=self.cfg.scale, known=known, keep=keep,
+                                           jump_length=jump_length, resamplings=resamplings, generator=generator),
+                              gate_log)
 
     def _noise(self, batch: int, generator: torch.Generator | None) -> Tensor:
         return torch.randn((batch, self.channels, self.side, self.side), generator=generator, device=self.device)
@@ -544,9 +524,7 @@ class BitDiffusion(TokenFamily):
         mask = mask.to(self.device)
         if self.token_mode:
             return ~pixel_to_token_mask(mask, self.require_tokenizer("edit images").downsample_factor)[:, None]
-        if mask.shape[-1] != self.side:
-            mask = F.interpolate(mask.float(), size=(self.side, self.side), mode="nearest") > 0
-        return ~mask.bool()
+        return keep_mask(mask, self.side)
 
     @torch.no_grad()
     def edit(self, images: Tensor, mask: Tensor | None, prompts: Sequence[str], *, steps: int = 250,
@@ -564,19 +542,14 @@ class BitDiffusion(TokenFamily):
         LSB channels alike, so a low strength is not a small change of pixel values (Gray code softens this).
         The other options are `generate`'s."""
         strength = (1.0 if mask is not None else 0.6) if strength is None else strength
-        if not 0 < strength <= 1:
-            raise UserError(f"the edit strength must be in (0, 1], got {strength}.")
         if self.token_mode:
             symbols = self.require_tokenizer("edit images").encode(images.to(self.device))[:, None]
         else:
             symbols = pixel_values(images, self.cfg.image_size)
         known = self.to_bits(symbols)
         keep = None if mask is None else self._keep_mask(mask)
-        pairs = [pair for pair in time_pairs(steps, self.cfg.td if td is None else td) if pair[0] <= strength + 1e-9]
-        if not pairs:
-            raise UserError(f"strength {strength} is below the first step of a {steps}-step grid; raise one of them.")
-        x = q_sample(known, float(gamma(pairs[0][0], self.cfg.schedule)),
-                     torch.randn(known.shape, generator=generator, device=self.device))
+        x, pairs = edit_start(known, time_pairs(steps, self.cfg.td if td is None else td), strength, self.cfg.schedule,
+                              generator)
         predict = self._predictor(prompts, guidance, negative_prompts)
         x0 = self._sample(predict, x, pairs, sampler, eta, variance, None if keep is None else known, keep,
                           jump_length, resamplings, generator, gate_log)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imgen_cli.errors import UserError, require
-from imgen_cli.nn.text import TextEncoder, TextEncoderConfig, TextStates, drop_condition
+from imgen_cli.nn.text import TextEncoder, TextEncoderConfig, TextStates, drop_condition, unconditional
 from imgen_cli.nn.tokens import GridEmbedding, TokenFamily, guided_logits, gumbel, pixel_to_token_mask
 from imgen_cli.nn.transformer import TransformerStack
 
@@ -388,12 +388,8 @@ class Muse(TokenFamily):
         cond = self.condition(self.text_encoder(list(prompts)), lowres_tokens)
         if all(s == 1 for s in scales):  # l_c + 0 (l_c - l_u) = l_c: no unconditional pass needed
             return lambda x, k: self(x, cond)
-        if negative_prompts is None:
-            uncond_text = self.text_encoder.null(len(prompts))
-        elif len(negative_prompts) != len(prompts):
-            raise UserError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts; give one each.")
-        else:
-            uncond_text = self.text_encoder(list(negative_prompts))
+        uncond_text = unconditional(self.text_encoder, self.text_encoder.null(len(prompts)), negative_prompts,
+                                    len(prompts))
         both = TextStates.cat([self.condition(uncond_text, lowres_tokens), cond])
 
         def predict(x: Tensor, k: int) -> Tensor:

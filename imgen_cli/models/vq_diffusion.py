@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imgen_cli.errors import UserError, require
-from imgen_cli.nn.text import TextEncoder, TextEncoderConfig, TextStates, drop_condition
+from imgen_cli.nn.text import TextEncoder, TextEncoderConfig, TextStates, drop_condition, unconditional
 from imgen_cli.nn.tokens import GridEmbedding, TokenFamily, guided_logits, gumbel, pixel_to_token_mask
 from imgen_cli.nn.transformer import TransformerStack
 
@@ -475,13 +475,7 @@ class VQDiffusion(TokenFamily):
 
         if abs(guidance - 1) < 1e-3:
             return lambda x, t: truncate(log_x0_from_logits(self(x, steps_of(t, b), cond)), truncation)
-        if negative_prompts is None:
-            uncond = self.null_condition(b)
-        elif len(negative_prompts) != b:
-            raise UserError(f"{len(negative_prompts)} negative prompts for {b} prompts; give one each.")
-        else:
-            uncond = self.encode_text(negative_prompts)
-        both = TextStates.cat([uncond, cond])
+        both = TextStates.cat([unconditional(self.encode_text, self.null_condition(b), negative_prompts, b), cond])
 
         def predict(x: Tensor, t: int) -> Tensor:
             logits = self(torch.cat([x, x]), steps_of(t, 2 * b), both).double()

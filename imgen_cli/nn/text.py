@@ -17,6 +17,7 @@ empty prompt, sequence and pooled vector alike; `drop_condition` swaps it in for
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,3 +179,22 @@ def _pretrained_tower(cfg: TextEncoderConfig) -> nn.Module:
     state["positional_embedding"] = state["positional_embedding"][: cfg.text_context]
     tower.load_state_dict({key: state[key] for key in tower.state_dict()})
     return tower
+
+
+def learned_null(state: Tensor, pooled: Tensor, batch: int, length: int) -> TextStates:
+    """The learned null condition of guidance as a batch of text states: the learned state [width] at
+    position 0 (the only real key), zeros after it, and the learned pooled vector [embed_dim]."""
+    states = torch.cat([state.expand(batch, 1, -1), state.new_zeros(batch, length - 1, state.shape[0])], dim=1)
+    mask = torch.arange(length, device=states.device).expand(batch, -1) == 0
+    return TextStates(states, mask, pooled.expand(batch, -1))
+
+
+def unconditional(encode: Callable[[list[str]], TextStates], null: TextStates,
+                  negative_prompts: Sequence[str] | None, count: int) -> TextStates:
+    """The branch guidance pushes away from: the null condition, or the negative prompts (one per prompt)
+    through the family's own `encode`."""
+    if negative_prompts is None:
+        return null
+    if len(negative_prompts) != count:
+        raise UserError(f"{len(negative_prompts)} negative prompts for {count} prompts; give one each.")
+    return encode(list(negative_prompts))
