@@ -67,7 +67,7 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks i
 
 TRUNCATION_HELP = "VQ-Diffusion: top-r truncation, keep the codes within this mass (1 = off) \\[default: 1]."
 SAMPLER_HELP = ("The family's sampler: VQ-Diffusion posterior | purity (Improved's high-quality sampler); "
-                "Bit Diffusion ddpm | ddim.")
+                "Bit Diffusion and DiffiT ddpm | ddim | heun (EDM's second order, two calls per step).")
 
 
 def recipes_dir() -> Path:
@@ -205,13 +205,17 @@ def train(
     if model is None:
         if existing is None:
             raise UserError("--model is required for a new run; choose one of: "
-                            f"{', '.join(registry.available_names())} (see `imgen models`).")
+                            f"{', '.join(registry.FAMILIES)} (see `imgen models`).")
         model = existing.read_config()["family"]
     family = registry.get(model)
     from dataclasses import fields
 
     if vq is not None and "vq" not in {f.name for f in fields(family.config_cls())}:
         raise UserError(f"--vq is for the token families; {model} does not train on image tokens.")
+    if not family.supports_dual_output and any(s.split("=")[0].strip() == "model.dual_output" for s in sets or []):
+        with_it = [f.name for f in registry.FAMILIES.values() if f.supports_dual_output]
+        raise UserError(f"Dynamic Dual-Output is a head option of the continuous diffusion families "
+                        f"({', '.join(with_it)}); {model} has no such head.")
     run = RunDir(out_dir if out_dir is not None else RUNS_ROOT / model)
     if recipe is None and (recipes_dir() / "shapes" / f"{model}.toml").is_file():
         recipe = recipes_dir() / "shapes" / f"{model}.toml"
@@ -222,7 +226,8 @@ def train(
                           sets=sets or [], flags={"data.shards": data, "train.steps": steps, "train.seed": seed,
                                  "model.vq": str(Path(vq).resolve()) if vq else None,
                                  "train.compile": compile_model, "train.tensorboard": tensorboard})
-    if family.needs_vq_tokens or getattr(cfg.model, "vq", ""):  # bitdiff models tokens when given --vq
+    # bitdiff models tokens when given --vq; latent DiffiT encodes images itself (`reads_tokens` False)
+    if family.needs_vq_tokens or (getattr(cfg.model, "vq", "") and getattr(cfg.model, "reads_tokens", True)):
         _check_token_data(model, cfg)
 
     from imgen_cli.train import distributed
@@ -292,7 +297,7 @@ def _generator(ckpt: str | None, what: str, device: Any, flag: str = "--ckpt") -
 
     trained = registry.load_trained(ckpt, device, runs_root=str(RUNS_ROOT), flag=flag)
     if not trained.family.generates_images:
-        generators = [f.name for f in registry.FAMILIES.values() if f.generates_images and f.available]
+        generators = [f.name for f in registry.FAMILIES.values() if f.generates_images]
         raise UserError(f"{trained.run.path} is a {trained.family.name} run ({trained.family.summary}); {what} "
                         f"needs a text-to-image run ({', '.join(generators)}).")
     return trained
@@ -560,21 +565,19 @@ def models() -> None:
     from imgen_cli import registry
 
     table = Table(title="imgen model families")
-    for col in ("model", "what", "paper", "presets (parameters)", "status"):
+    for col in ("model", "what", "paper", "presets (parameters)"):
         table.add_column(col)
     for fam in registry.FAMILIES.values():
-        if fam.available:
-            presets = ", ".join(_preset_size(fam, p) for p in fam.presets())
-            status = "[green]available[/]"
-        else:
-            presets, status = "-", "[yellow]not implemented yet[/]"
-        table.add_row(fam.name, fam.summary, fam.paper, presets, status)
+        table.add_row(fam.name, fam.summary, fam.paper, ", ".join(_preset_size(fam, p) for p in fam.presets()))
     table.caption = (f"* token families are counted with K={NOMINAL_TOKENS[0]} codes and {NOMINAL_TOKENS[1]}x"
-                     f"{NOMINAL_TOKENS[1]} tokens where the preset leaves both to the --vq tokenizer")
+                     f"{NOMINAL_TOKENS[1]} tokens, diffit-latent with {NOMINAL_LATENTS[0]}-channel {NOMINAL_LATENTS[1]}x"
+                     f"{NOMINAL_LATENTS[1]} latents (SD's VAE at 256px), where the preset leaves them to the --vq "
+                     f"tokenizer")
     out.print(table)
 
 
 NOMINAL_TOKENS = (1024, 8)  # the shapes tokenizer's codebook and grid, for counting token families' parameters
+NOMINAL_LATENTS = (4, 32)  # latent channels and grid of the latent families' counts (DiffiT-XL/2's inputs)
 
 
 def _preset_size(family: Any, preset: str) -> str:
@@ -585,6 +588,9 @@ def _preset_size(family: Any, preset: str) -> str:
     values, mark = dict(family.presets()[preset]), ""
     if family.needs_vq_tokens and not values.get("codebook_size"):
         values.update(codebook_size=NOMINAL_TOKENS[0], grid=NOMINAL_TOKENS[1])
+        mark = "*"
+    if values.get("space") == "latent" and not values.get("latent_channels"):
+        values.update(latent_channels=NOMINAL_LATENTS[0], grid=NOMINAL_LATENTS[1])
         mark = "*"
     cfg = build_dataclass(family.config_cls(), values, "model")
     with torch.device("meta"):  # no memory, no init cost, even for the GPU presets

@@ -19,24 +19,15 @@ class Family:
     name: str
     summary: str
     paper: str
-    module: str | None  # None: named in the brief, not implemented in this version
-    config_class: str = ""
-    model_class: str = ""
+    module: str
+    config_class: str
+    model_class: str
     needs_vq_tokens: bool = False
     generates_images: bool = False  # text-to-image generator (sample/edit/eval --fid apply)
-    supports_edit: bool = False
-    supports_dual_output: bool = False
-
-    @property
-    def available(self) -> bool:
-        return self.module is not None
+    supports_dual_output: bool = False  # a continuous diffusion family: model.dual_output is its head option
+    presets_name: str = "PRESETS"  # the module's dict of size presets
 
     def _module(self) -> Any:
-        if not self.available:
-            raise UserError(
-                f"the {self.name} family ({self.summary}) is not implemented in this version of imgen yet.",
-                hint=f"Families available now: {', '.join(available_names())} (see `imgen models`).",
-            )
         return importlib.import_module(self.module)
 
     def config_cls(self) -> type:
@@ -46,7 +37,7 @@ class Family:
         return getattr(self._module(), self.model_class)
 
     def presets(self) -> dict[str, dict[str, Any]]:
-        return self._module().PRESETS
+        return getattr(self._module(), self.presets_name)
 
     def build(self, model_config: Any) -> Any:
         return self.model_cls()(model_config)
@@ -61,24 +52,24 @@ FAMILIES: dict[str, Family] = {
         ),
         Family("muse", "masked generative transformer", "Chang et al. 2023",
                module="imgen_cli.models.muse", config_class="MuseConfig", model_class="Muse",
-               needs_vq_tokens=True, generates_images=True, supports_edit=True),
+               needs_vq_tokens=True, generates_images=True),
         Family("vqdiffusion", "mask-and-replace discrete diffusion", "Gu et al. 2021",
                module="imgen_cli.models.vq_diffusion", config_class="VQDiffusionConfig", model_class="VQDiffusion",
-               needs_vq_tokens=True, generates_images=True, supports_edit=True),
+               needs_vq_tokens=True, generates_images=True),
         # pixel mode by default; token mode with --vq RUN (so needs_vq_tokens stays False)
         Family("bitdiff", "Bit Diffusion with analog bits", "Chen et al. 2022",
                module="imgen_cli.models.bit_diffusion", config_class="BitDiffusionConfig", model_class="BitDiffusion",
-               generates_images=True, supports_edit=True, supports_dual_output=True),
-        Family("diffit", "DiffiT vision-transformer diffusion", "Hatamizadeh et al. 2023", module=None,
-               generates_images=True, supports_edit=True, supports_dual_output=True),
+               generates_images=True, supports_dual_output=True),
+        Family("diffit", "DiffiT vision-transformer diffusion in image space", "Hatamizadeh et al. 2023",
+               module="imgen_cli.models.diffit", config_class="DiffiTConfig", model_class="DiffiT",
+               generates_images=True, supports_dual_output=True),
+        Family("diffit-latent", "DiffiT over a vqgan's continuous latents", "Hatamizadeh et al. 2023",
+               module="imgen_cli.models.diffit", config_class="DiffiTLatentConfig", model_class="DiffiT",
+               generates_images=True, supports_dual_output=True, presets_name="LATENT_PRESETS"),
         Family("clip", "in-project CLIP evaluator", "Radford et al. 2021",
                module="imgen_cli.models.clip", config_class="CLIPConfig", model_class="CLIP"),
     ]
 }
-
-
-def available_names() -> list[str]:
-    return [name for name, fam in FAMILIES.items() if fam.available]
 
 
 def get(name: str) -> Family:

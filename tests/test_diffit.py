@@ -1,0 +1,391 @@
+"""DiffiT against reference/diffit.md section 11 (TMSA, windows, relative positions, parameter counts, zero
+init, guidance ramp), both networks on the model, and the commands end to end on tiny runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from test_cli import invoke, one_line
+
+from imgen_cli.config import from_dict, load_recipe, resolve
+from imgen_cli.diffusion import edm
+from imgen_cli.errors import UserError
+from imgen_cli.models.diffit import (
+    LATENT_PRESETS,
+    PRESETS,
+    TMSA,
+    DiffiT,
+    DiffiTConfig,
+    DiffiTLatentConfig,
+    DiffiTUNet,
+    DiffiTViT,
+    patchify,
+    relative_position_index,
+    unpatchify,
+    window_merge,
+    window_partition,
+)
+from imgen_cli.models.vqgan import PRESETS as VQ_PRESETS
+from imgen_cli.models.vqgan import VQGAN, VQGANConfig
+from imgen_cli.nn.embeddings import NoiseLevelEmbedding
+from imgen_cli.nn.text import TextStates
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "shapes" / "diffit.toml"
+
+
+def tiny_model(tokenizer: VQGAN | None = None, **overrides) -> DiffiT:
+    torch.manual_seed(0)
+    return DiffiT(DiffiTConfig(**{**PRESETS["tiny"], **overrides}), tokenizer).eval()
+
+
+def tiny_latent_model(tokenizer: VQGAN | None = None, **overrides) -> DiffiT:
+    torch.manual_seed(0)
+    return DiffiT(DiffiTLatentConfig(**{**LATENT_PRESETS["tiny"], **overrides}), tokenizer).eval()
+
+
+def images(seed: int = 0, size: int = 16, batch: int = 2) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, 3, size, size), generator=torch.Generator().manual_seed(seed)) / 255
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# --- windows and relative positions (properties 5, 6) ---------------------------------------------------------------
+
+
+def test_relative_position_index_table() -> None:
+    assert relative_position_index(2).tolist() == [[4, 3, 1, 0], [5, 4, 2, 1], [7, 6, 4, 3], [8, 7, 5, 4]]
+    for w in (2, 3, 4, 8):
+        index = relative_position_index(w)
+        assert index.shape == (w * w, w * w) and set(index.diagonal().tolist()) == {2 * w * (w - 1)}
+        assert int(index.min()) == 0 and int(index.max()) == (2 * w - 1) ** 2 - 1
+        assert TMSA(8, 2, w, 4).bias_table.shape == ((2 * w - 1) ** 2, 2)
+
+
+def test_window_partition_and_merge_are_inverse() -> None:
+    x = randn(2, 8, 12, 5)
+    windows = window_partition(x, 4)
+    assert windows.shape == (2, 6, 16, 5)
+    assert torch.equal(windows[:, 1, 0], x[:, 0, 4]) and torch.equal(windows[:, 3, 5], x[:, 5, 1])
+    assert torch.equal(window_merge(windows, 4, 8, 12), x)
+
+
+def test_a_token_only_reaches_its_own_window() -> None:
+    torch.manual_seed(0)
+    tmsa = TMSA(8, 2, 4, 6).double()
+    x, time = randn(1, 8, 8, 8), randn(1, 6, seed=1)
+    perturbed = x.clone()
+    perturbed[0, 5, 6] += 1.0  # window (1, 1) = number 3 of the 2x2 windows
+    changed = (tmsa(window_partition(perturbed, 4), time) - tmsa(window_partition(x, 4), time)).abs().amax(dim=(2, 3))
+    assert changed[0, 3] > 1e-3 and float(changed[0, :3].max()) == 0.0
+
+
+# --- TMSA (properties 1-3) ------------------------------------------------------------------------------------------
+
+
+def plain_window_attention(tmsa: TMSA, x: torch.Tensor, qkv_bias: torch.Tensor) -> torch.Tensor:
+    """Softmax(Q K^T / sqrt(d) + B) V and the output projection, written out for one window batch [B, 1, N, D]."""
+    b, _, n, d = x.shape
+    h = tmsa.heads
+    q, k, v = (x[:, 0] @ tmsa.qkv.weight.t() + qkv_bias).view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
+    logits = q @ k.transpose(-1, -2) / math.sqrt(d // h) + tmsa.position_bias()
+    out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(b, n, d)
+    return (out @ tmsa.proj.weight.t() + tmsa.proj.bias)[:, None]
+
+
+def test_tmsa_with_a_zero_time_token_is_window_attention_with_bias() -> None:
+    torch.manual_seed(0)
+    tmsa = TMSA(8, 2, 2, 6).double()
+    x, zero_time = randn(3, 1, 4, 8), torch.zeros(3, 6, dtype=torch.float64)
+    with torch.no_grad():
+        tmsa.qkv_time.bias.zero_()
+    torch.testing.assert_close(tmsa(x, zero_time), plain_window_attention(tmsa, x, tmsa.qkv.bias), rtol=0, atol=1e-12)
+    with torch.no_grad():
+        tmsa.qkv_time.bias.normal_()
+    both = tmsa.qkv.bias + tmsa.qkv_time.bias
+    torch.testing.assert_close(tmsa(x, zero_time), plain_window_attention(tmsa, x, both), rtol=0, atol=1e-12)
+
+
+def test_the_key_time_projection_cancels() -> None:
+    torch.manual_seed(0)
+    tmsa = TMSA(8, 2, 2, 6).double()
+    x, time = randn(2, 3, 4, 8), randn(2, 6, seed=1)
+    before = tmsa(x, time)
+    with torch.no_grad():
+        tmsa.qkv_time.weight[8:16].normal_()
+        tmsa.qkv_time.bias[8:16].normal_()
+    after = tmsa(x, time)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-12)
+    after.square().sum().backward()
+    assert float(tmsa.qkv_time.weight.grad[8:16].abs().max()) < 1e-12
+    assert float(tmsa.qkv_time.weight.grad[:8].abs().max()) > 1e-6
+
+
+def test_the_value_time_projection_shifts_the_output() -> None:
+    torch.manual_seed(0)
+    tmsa = TMSA(8, 2, 2, 6).double()
+    x, time = randn(2, 3, 4, 8), randn(2, 6, seed=1)
+    with torch.no_grad():
+        tmsa.qkv_time.weight[16:].zero_()
+        tmsa.qkv_time.bias[16:].zero_()
+        without = tmsa(x, time)
+        b_v = randn(8, seed=2)
+        tmsa.qkv_time.bias[16:] = b_v
+        shift = tmsa(x, time) - without
+    torch.testing.assert_close(shift, (b_v @ tmsa.proj.weight.t()).expand_as(shift), rtol=0, atol=1e-12)
+
+
+# --- the networks (properties 7-9) and parameter counts --------------------------------------------------------------
+
+
+def text_states(batch: int, width: int, length: int = 5) -> TextStates:
+    return TextStates(torch.randn(batch, length, width), torch.ones(batch, length, dtype=torch.bool),
+                      torch.randn(batch, width))
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_the_u_shape_returns_the_input_resolution(preset: str) -> None:
+    with torch.device("meta"):  # shapes only: the 256x256 preset would take seconds on real memory
+        cfg = DiffiTConfig(**PRESETS[preset])
+        for out_channels in (3, 7):
+            net = DiffiTUNet(3, out_channels, cfg, cfg.text_width)
+            x = torch.empty(2, 3, cfg.image_size, cfg.image_size)
+            out = net(x, torch.empty(2, cfg.time_dim), text_states(2, cfg.text_width))
+            assert out.shape == (2, out_channels, cfg.image_size, cfg.image_size)
+
+
+def test_zero_initialised_outputs_and_patchify_round_trip() -> None:
+    torch.manual_seed(0)
+    x = randn(2, 4, 32, 32)
+    tokens = patchify(x, 2)
+    assert tokens.shape == (2, 256, 16) and torch.equal(tokens[0, 1, :4], x[0, :, 0, 2])
+    assert torch.equal(unpatchify(tokens, 2, 4), x)
+    cfg = DiffiTLatentConfig(**LATENT_PRESETS["tiny"])
+    vit = DiffiTViT(4, 4, 16, cfg, None)
+    assert torch.equal(vit(torch.randn(2, 4, 16, 16), torch.randn(2, cfg.width), None), torch.zeros(2, 4, 16, 16))
+    unet = DiffiTUNet(3, 3, DiffiTConfig(**PRESETS["tiny"]), None)
+    assert torch.equal(unet(torch.randn(2, 3, 16, 16), torch.randn(2, 64), None), torch.zeros(2, 3, 16, 16))
+
+
+def latent_count(depth: int = 28, grid: int = 32) -> tuple[int, int]:
+    """DiffiT-XL/2 as the paper counts it: the network with an 8-channel head (eps and variance), the time MLP,
+    a 1001-row label table (imgen's text path replaces it) and the frozen position embedding."""
+    with torch.device("meta"):
+        cfg = DiffiTLatentConfig(**{**LATENT_PRESETS["XL-2"], "depth": depth}, cross_attention=False)
+        vit, time = DiffiTViT(4, 8, grid, cfg, None), NoiseLevelEmbedding(cfg.width)
+    params = sum(p.numel() for module in (vit, time) for p in module.parameters())
+    return params + 1001 * cfg.width + vit.position.numel(), sum(p.numel() for p in vit.blocks[0].parameters())
+
+
+def test_parameter_counts_match_the_paper() -> None:
+    assert latent_count() == (561_330_144, 19_935_760)
+    assert latent_count(grid=64)[0] == 563_562_464
+    assert latent_count(depth=30)[0] == 601_201_664
+    with torch.device("meta"):
+        tiny = DiffiTViT(4, 4, 16, DiffiTLatentConfig(**LATENT_PRESETS["tiny"]), None)
+        cifar = DiffiTUNet(3, 3, DiffiTConfig(**PRESETS["cifar"]), None)
+        small = DiffiTUNet(3, 3, DiffiTConfig(**PRESETS["small"]), 64)
+    assert abs(sum(p.numel() for p in tiny.parameters()) + 49_408 - 1.05e6) / 1.05e6 < 0.01  # with its time MLP
+    assert 27.5e6 <= sum(p.numel() for p in cifar.parameters()) < 28.5e6  # "about 28M"
+    assert 1.5e6 <= sum(p.numel() for p in small.parameters()) < 2.5e6  # "about 2M", cross-attention to width 64
+
+
+# --- the family -----------------------------------------------------------------------------------------------------
+
+
+def test_power_cosine_guidance_ramp() -> None:
+    model = tiny_model(guidance_schedule="powercos")
+    values = [model.guidance_at(4.4, t) for t in (1.0, 0.5, 0.25, 0.1, 0.0)]
+    assert values == pytest.approx([1.0, 1.03267, 1.77295, 3.50067, 4.4], abs=1e-5)
+    assert tiny_model().guidance_at(4.4, 0.5) == 4.4
+
+
+def test_edm_frame_of_the_denoiser() -> None:
+    """At init the network outputs zeros, so EDM's denoiser is c_skip y: D = 0.5 y at sigma = 0.5."""
+    model = tiny_model()
+    g = edm.gamma_from_sigma(torch.tensor([0.5, 0.5]))
+    x = randn(2, 3, 16, 16).float()
+    text = model.text_encoder(["a", "b"])
+    output = model(x, edm.karras_time(0.5).expand(2), g, text)
+    assert torch.equal(output, torch.zeros_like(output))
+    torch.testing.assert_close(model.estimate(output, x, g)[0], 0.5 * x / g.sqrt().float().view(-1, 1, 1, 1))
+
+
+def test_tiny_model_overfits_one_batch() -> None:
+    """Four flat colours at 8x8 under four captions: learnt with EDM, then sampled back with DDIM from noise."""
+    model = tiny_model(image_size=8, cond_dropout=0.0).train()
+    colours = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.2, 0.9], [0.1, 0.8, 0.2], [0.9, 0.9, 0.1]])
+    batch = {"image": colours[:, :, None, None].expand(4, 3, 8, 8), "caption": ["red", "blue", "green", "yellow"]}
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    torch.manual_seed(0)
+    first = float(model.loss(batch)["loss"].detach())
+    for _ in range(300):
+        optimizer.zero_grad()
+        model.loss(batch)["loss"].backward()
+        optimizer.step()
+    model.eval()
+    torch.manual_seed(1)
+    assert float(model.loss(batch)["loss"].detach()) < first / 4
+    samples = model.generate(batch["caption"], steps=10, guidance=1.0, sampler="ddim", generator=torch.Generator())
+    assert float((samples.mean(dim=(2, 3)) - colours).abs().max()) < 0.1
+
+
+def test_image_space_generate_edit_preview_and_seeds() -> None:
+    model = tiny_model()
+    with torch.no_grad():  # the zero-initialised head would make every sample the same image
+        model.net.out.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+
+    def sample(seed: int, **options) -> torch.Tensor:
+        return model.generate(["a red circle", "a blue square"], steps=3,
+                              generator=torch.Generator().manual_seed(seed), **options)
+
+    first = sample(0)
+    assert first.shape == (2, 3, 16, 16) and 0 <= float(first.min()) and float(first.max()) <= 1
+    assert torch.equal(first, sample(0)) and not torch.equal(first, sample(1))
+    assert not torch.equal(sample(0, sampler="ddim"), sample(0, sampler="heun"))
+    source = images(3)
+    mask = torch.zeros(2, 1, 16, 16, dtype=torch.bool)
+    mask[..., 4:12, 4:12] = True
+    for options in ({}, {"resamplings": 2, "jump_length": 1, "sampler": "ddpm"}):
+        edited = model.edit(source, mask, ["a", "b"], steps=3, generator=torch.Generator().manual_seed(0), **options)
+        assert torch.allclose(edited[~mask.expand_as(edited)], source[~mask.expand_as(source)], atol=1e-6)
+    sdedit = model.edit(source, None, ["a", "b"], steps=4, strength=0.5, generator=torch.Generator())
+    assert sdedit.shape == (2, 3, 16, 16)
+    grid = model.preview({"image": images(size=32), "caption": ["a", "b"]}, steps=2)
+    assert grid.shape == (4, 3, 16, 16) and torch.allclose(grid[:2], F.avg_pool2d(images(size=32), 2), atol=1e-6)
+    with pytest.raises(UserError, match="unknown sampler"):
+        sample(0, sampler="euler")
+    with pytest.raises(UserError, match="negative prompts for 2 prompts"):
+        sample(0, negative_prompts=["x"])
+
+
+def test_latent_space_through_a_tokenizer() -> None:
+    torch.manual_seed(0)
+    vq = VQGAN(VQGANConfig(**VQ_PRESETS["tiny"])).eval()
+    model = tiny_latent_model(vq, patch=1)
+    assert (model.channels, model.side, model.image_size, model.latent_factor) == (8, 4, 16, math.sqrt(8))
+    source = images(0)
+    latents = model.encode(source)
+    assert latents.pow(2).mean(dim=1).allclose(torch.ones(2, 4, 4))  # sqrt(d) on the unit sphere: unit mean square
+    torch.testing.assert_close(model.to_images(latents), vq.decode_continuous(vq.encode_continuous(source)))
+    generator = torch.Generator().manual_seed(0)
+    assert model.generate(["a", "b"], steps=2, generator=generator).shape == (2, 3, 16, 16)
+    mask = torch.zeros(2, 1, 16, 16, dtype=torch.bool)
+    mask[..., :8, :8] = True
+    assert model.edit(source, mask, ["a", "b"], steps=2, sampler="ddim", generator=generator).shape == (2, 3, 16, 16)
+    assert torch.isfinite(model.loss({"image": source, "caption": ["a", "b"]})["loss"])
+    assert torch.isfinite(model.loss({"latents": latents / model.latent_factor, "caption": ["a", "b"]})["loss"])
+    with pytest.raises(UserError, match="needs a tokenizer"):
+        tiny_latent_model()
+    with pytest.raises(UserError, match="not divisible by model.patch"):
+        tiny_latent_model(latent_channels=4, grid=15)
+
+
+def test_dual_output_on_the_model() -> None:
+    for model in (tiny_model(dual_output=True), tiny_latent_model(dual_output=True, latent_channels=4, grid=8)):
+        batch = {"caption": ["a", "b"], **({"latents": torch.randn(2, 4, 8, 8)} if model.latent else
+                                          {"image": images()})}
+        out = model.loss(batch)
+        assert float(out["loss"]) == pytest.approx(float(out["loss_x0"] + out["loss_eps"] + out["loss_gate"]),
+                                                    rel=1e-5)
+        assert float(out["gate"]) == pytest.approx(0.5)  # zero-initialised head: r = sigmoid(0)
+    gates: list[float] = []
+    model = tiny_model(dual_output=True)
+    model.generate(["a"], steps=3, sampler="ddim", gate_log=gates, generator=torch.Generator())
+    assert len(gates) == 3 and all(0 < g < 1 for g in gates)
+
+
+def test_clear_errors_for_bad_configs() -> None:
+    cases = [(dict(space="pixels"), "unknown model.space"),
+             (dict(process="flow"), "unknown model.process"),
+             (dict(prediction="eps"), "model.prediction is for model.process=vp"),
+             (dict(process="vp", prediction="eps", dual_output=True), "leave model.prediction unset"),
+             (dict(image_size=20), "halve 1 times into sides divisible by model.window"),
+             (dict(widths=(30, 64)), "multiple of model.head_dim"),
+             (dict(depths=(1,)), "one entry per level"),
+             (dict(vq="runs/vq"), "use --model diffit-latent"),
+             (dict(guidance_schedule="linear"), "unknown model.guidance_schedule"),
+             (dict(gate_loss="l1"), "unknown model.gate_loss")]
+    for overrides, message in cases:
+        with pytest.raises(UserError, match=message):
+            DiffiTConfig(**{**PRESETS["tiny"], **overrides}).validate()
+    with pytest.raises(UserError, match="divisible by model.heads"):
+        DiffiTLatentConfig(**{**LATENT_PRESETS["tiny"], "heads": 3}).validate()
+
+
+def test_recipe_and_config_round_trip() -> None:
+    recipe = load_recipe(RECIPE)
+    cfg = resolve("diffit", DiffiTConfig, PRESETS, recipe=recipe, sets=["model.dual_output=true"])
+    assert recipe["family"] == "diffit" and cfg.preset == "small" and cfg.model.image_size == 32
+    assert cfg.model.dual_output and cfg.model.diffusion_process == "edm" and cfg.data.shards == "shards"
+    assert from_dict(json.loads(json.dumps(cfg.to_dict())), DiffiTConfig).model == cfg.model
+    latent = resolve("diffit-latent", DiffiTLatentConfig, LATENT_PRESETS)
+    assert latent.model.space == "latent" and latent.model.diffusion_process == "vp" and latent.model.patch == 1
+
+
+# --- the commands ----------------------------------------------------------------------------------------------------
+
+TINY = ["--set", "train.batch_size=4", "--set", "data.num_workers=0", "--set", "train.log_every=5",
+        "--set", "train.sample_every=5", "--set", "train.ckpt_every=5"]
+
+
+@pytest.fixture(scope="module")
+def diffit_run(shapes_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("diffit") / "run"
+    result = invoke("train", "--model", "diffit", "--preset", "tiny", "--data", str(shapes_shards), "--out", str(run),
+                    "--steps", "5", "--set", "model.dual_output=true", *TINY)
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def test_commands_train_sample_edit_and_eval(diffit_run: Path, shapes_shards: Path, clip_run: Path,
+                                             tmp_path: Path) -> None:
+    assert (diffit_run / "samples" / "step-000005.png").is_file()
+    args = ["sample", "a red circle", "--ckpt", str(diffit_run), "--n", "2", "--steps", "3"]
+    first = invoke(*args, "--sampler", "heun", "--out", str(tmp_path / "a"))
+    assert first.exit_code == 0, first.output
+    assert invoke(*args, "--sampler", "heun", "--out", str(tmp_path / "b")).exit_code == 0
+    assert (tmp_path / "a" / "0001.png").read_bytes() == (tmp_path / "b" / "0001.png").read_bytes()
+    result = invoke(*args, "--truncation", "0.5", "--out", str(tmp_path / "c"))
+    assert result.exit_code == 2 and "does not take --truncation" in one_line(result)
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "src.png")
+    edited = invoke("edit", str(tmp_path / "src.png"), "a green cross", "--ckpt", str(diffit_run), "--box", "0,0,8,8",
+                    "--n", "1", "--steps", "3", "--out", str(tmp_path / "edit"))
+    assert edited.exit_code == 0, edited.output
+    source, result_pixels = (np.asarray(Image.open(tmp_path / "edit" / f"000{i}.png")) for i in (0, 1))
+    assert np.array_equal(source[8:], result_pixels[8:]) and np.array_equal(source[:, 8:], result_pixels[:, 8:])
+
+    report_path = tmp_path / "sweep.json"
+    result = invoke("eval", "--ckpt", str(diffit_run), "--data", str(shapes_shards), "--r-precision",
+                    "--clip-model", str(clip_run), "--n", "4", "--batch-size", "4", "--steps", "2,3",
+                    "--sampler", "ddim", "--json", str(report_path))
+    assert result.exit_code == 0, result.output
+    assert [row["steps"] for row in json.loads(report_path.read_text())["rows"]] == [2, 3]
+
+
+def test_latent_space_from_the_command_line(vq_run: Path, shapes_shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "latent"
+    result = invoke("train", "--model", "diffit-latent", "--preset", "tiny", "--data", str(shapes_shards), "--out",
+                    str(run), "--steps", "2", "--vq", str(vq_run), "--set", "model.patch=1", *TINY)
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "config.json").read_text())["model"]["vq"] == str(vq_run.resolve())
+    result = invoke("sample", "a red circle", "--ckpt", str(run), "--n", "1", "--steps", "2", "--sampler", "ddim",
+                    "--out", str(tmp_path / "s"))
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "s" / "0000.png").size == (16, 16)
+    result = invoke("train", "--model", "diffit-latent", "--preset", "tiny", "--data", str(shapes_shards),
+                    "--out", str(tmp_path / "none"), "--steps", "1", *TINY)
+    assert result.exit_code != 0 and "needs a tokenizer (--vq RUN)" in one_line(result)
+    result = invoke("train", "--model", "diffit", "--preset", "tiny", "--data", str(shapes_shards),
+                    "--out", str(tmp_path / "img"), "--steps", "1", "--vq", str(vq_run), *TINY)
+    assert result.exit_code != 0 and "use --model diffit-latent" in one_line(result)
