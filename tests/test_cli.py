@@ -1,7 +1,9 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from imgen_cli.cli import app
@@ -17,6 +19,44 @@ def invoke(*args: str, env: dict[str, str] | None = None):
 
 def one_line(result) -> str:
     return " ".join(result.output.split())
+
+
+TINY_TRAIN = ["--set", "train.batch_size=4", "--set", "data.num_workers=0", "--set", "train.log_every=5",
+              "--set", "train.sample_every=5", "--set", "train.ckpt_every=5"]
+
+
+def check_pixel_generator_commands(family: str, shards: Path, clip_run: Path, tmp_path: Path, sampler: str) -> None:
+    """A continuous family through the commands on the 16px shards: 5 steps of its tiny preset with dual output
+    (a sample grid at step 5), seeded samples that repeat byte for byte with --sampler, a flag it does not take
+    refused in one sentence, an edit box that leaves the rest of the image exactly as it was, an eval sweep."""
+    run = tmp_path / "run"
+    result = invoke("train", "--model", family, "--preset", "tiny", "--data", str(shards), "--out", str(run),
+                    "--steps", "5", "--set", "model.dual_output=true", *TINY_TRAIN)
+    assert result.exit_code == 0, result.output
+    assert (run / "samples" / "step-000005.png").is_file()
+    args = ["sample", "a red circle", "--ckpt", str(run), "--n", "2", "--steps", "3", "--sampler", sampler]
+    first = invoke(*args, "--out", str(tmp_path / "a"))
+    assert first.exit_code == 0, first.output
+    assert invoke(*args, "--out", str(tmp_path / "b")).exit_code == 0
+    assert (tmp_path / "a" / "0001.png").read_bytes() == (tmp_path / "b" / "0001.png").read_bytes()
+    result = invoke(*args, "--truncation", "0.5", "--out", str(tmp_path / "c"))
+    assert result.exit_code == 2 and "does not take --truncation" in one_line(result)
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "src.png")
+    edited = invoke("edit", str(tmp_path / "src.png"), "a green cross", "--ckpt", str(run), "--box", "0,0,8,8",
+                    "--n", "1", "--steps", "3", "--out", str(tmp_path / "edit"))
+    assert edited.exit_code == 0, edited.output
+    source, result_pixels = (np.asarray(Image.open(tmp_path / "edit" / f"000{i}.png")) for i in (0, 1))
+    assert np.array_equal(source[8:], result_pixels[8:]) and np.array_equal(source[:, 8:], result_pixels[:, 8:])
+
+    report_path = tmp_path / "sweep.json"
+    result = invoke("eval", "--ckpt", str(run), "--data", str(shards), "--r-precision", "--clip-model", str(clip_run),
+                    "--n", "4", "--batch-size", "4", "--steps", "2,3", "--sampler", sampler, "--json", str(report_path))
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert [row["steps"] for row in report["rows"]] == [2, 3]
+    assert all(0 <= row["r_precision"] <= 1 for row in report["rows"])
 
 
 @pytest.mark.parametrize("command", ["synth", "tokenize", "train", "sample", "edit", "eval", "models"])

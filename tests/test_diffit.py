@@ -7,12 +7,11 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from test_cli import invoke, one_line
+from test_cli import TINY_TRAIN, check_pixel_generator_commands, invoke, one_line
 
 from imgen_cli.config import from_dict, load_recipe, resolve
 from imgen_cli.diffusion import edm
@@ -333,50 +332,14 @@ def test_recipe_and_config_round_trip() -> None:
 
 # --- the commands ----------------------------------------------------------------------------------------------------
 
-TINY = ["--set", "train.batch_size=4", "--set", "data.num_workers=0", "--set", "train.log_every=5",
-        "--set", "train.sample_every=5", "--set", "train.ckpt_every=5"]
-
-
-@pytest.fixture(scope="module")
-def diffit_run(shapes_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("diffit") / "run"
-    result = invoke("train", "--model", "diffit", "--preset", "tiny", "--data", str(shapes_shards), "--out", str(run),
-                    "--steps", "5", "--set", "model.dual_output=true", *TINY)
-    assert result.exit_code == 0, result.output
-    return run
-
-
-def test_commands_train_sample_edit_and_eval(diffit_run: Path, shapes_shards: Path, clip_run: Path,
-                                             tmp_path: Path) -> None:
-    assert (diffit_run / "samples" / "step-000005.png").is_file()
-    args = ["sample", "a red circle", "--ckpt", str(diffit_run), "--n", "2", "--steps", "3"]
-    first = invoke(*args, "--sampler", "heun", "--out", str(tmp_path / "a"))
-    assert first.exit_code == 0, first.output
-    assert invoke(*args, "--sampler", "heun", "--out", str(tmp_path / "b")).exit_code == 0
-    assert (tmp_path / "a" / "0001.png").read_bytes() == (tmp_path / "b" / "0001.png").read_bytes()
-    result = invoke(*args, "--truncation", "0.5", "--out", str(tmp_path / "c"))
-    assert result.exit_code == 2 and "does not take --truncation" in one_line(result)
-
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "src.png")
-    edited = invoke("edit", str(tmp_path / "src.png"), "a green cross", "--ckpt", str(diffit_run), "--box", "0,0,8,8",
-                    "--n", "1", "--steps", "3", "--out", str(tmp_path / "edit"))
-    assert edited.exit_code == 0, edited.output
-    source, result_pixels = (np.asarray(Image.open(tmp_path / "edit" / f"000{i}.png")) for i in (0, 1))
-    assert np.array_equal(source[8:], result_pixels[8:]) and np.array_equal(source[:, 8:], result_pixels[:, 8:])
-
-    report_path = tmp_path / "sweep.json"
-    result = invoke("eval", "--ckpt", str(diffit_run), "--data", str(shapes_shards), "--r-precision",
-                    "--clip-model", str(clip_run), "--n", "4", "--batch-size", "4", "--steps", "2,3",
-                    "--sampler", "ddim", "--json", str(report_path))
-    assert result.exit_code == 0, result.output
-    assert [row["steps"] for row in json.loads(report_path.read_text())["rows"]] == [2, 3]
+def test_commands_train_sample_edit_and_eval(shapes_shards: Path, clip_run: Path, tmp_path: Path) -> None:
+    check_pixel_generator_commands("diffit", shapes_shards, clip_run, tmp_path, "heun")
 
 
 def test_latent_space_from_the_command_line(vq_run: Path, shapes_shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "latent"
     result = invoke("train", "--model", "diffit-latent", "--preset", "tiny", "--data", str(shapes_shards), "--out",
-                    str(run), "--steps", "2", "--vq", str(vq_run), "--set", "model.patch=1", *TINY)
+                    str(run), "--steps", "2", "--vq", str(vq_run), "--set", "model.patch=1", *TINY_TRAIN)
     assert result.exit_code == 0, result.output
     assert json.loads((run / "config.json").read_text())["model"]["vq"] == str(vq_run.resolve())
     result = invoke("sample", "a red circle", "--ckpt", str(run), "--n", "1", "--steps", "2", "--sampler", "ddim",
@@ -384,8 +347,8 @@ def test_latent_space_from_the_command_line(vq_run: Path, shapes_shards: Path, t
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "s" / "0000.png").size == (16, 16)
     result = invoke("train", "--model", "diffit-latent", "--preset", "tiny", "--data", str(shapes_shards),
-                    "--out", str(tmp_path / "none"), "--steps", "1", *TINY)
+                    "--out", str(tmp_path / "none"), "--steps", "1", *TINY_TRAIN)
     assert result.exit_code != 0 and "needs a tokenizer (--vq RUN)" in one_line(result)
     result = invoke("train", "--model", "diffit", "--preset", "tiny", "--data", str(shapes_shards),
-                    "--out", str(tmp_path / "img"), "--steps", "1", "--vq", str(vq_run), *TINY)
+                    "--out", str(tmp_path / "img"), "--steps", "1", "--vq", str(vq_run), *TINY_TRAIN)
     assert result.exit_code != 0 and "use --model diffit-latent" in one_line(result)
