@@ -34,7 +34,6 @@ from torch import Tensor, nn
 
 from imgen_cli.diffusion import dual_output
 from imgen_cli.diffusion.gaussian import (
-    SAMPLERS,
     SCHEDULES,
     TARGETS,
     Prediction,
@@ -479,9 +478,8 @@ class BitDiffusion(TokenFamily):
     def _sample(self, predict: Predictor, x: Tensor, pairs: list[tuple[float, float]], sampler: str, eta: float,
                 variance: str, known: Tensor | None, keep: Tensor | None, jump_length: int, resamplings: int,
                 generator: torch.Generator | None, gate_log: list[float] | None) -> Tensor:
-        """The last x0 estimate of the reverse process; the mean gate of every call appended to gate_log."""
-        if sampler not in SAMPLERS:
-            raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
+        """The last x0 estimate of the reverse process; the mean gate of every call appended to gate_log. An
+        unknown sampler is refused by the core before the first network call."""
         return final_estimate(sample_steps(predict, x, pairs, schedule=self.cfg.schedule, sampler=sampler, eta=eta,
                                            variance=variance, clip=self.cfg.scale, known=known, keep=keep,
                                            jump_length=jump_length, resamplings=resamplings, generator=generator),
