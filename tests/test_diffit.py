@@ -218,6 +218,16 @@ def test_edm_frame_of_the_denoiser() -> None:
     torch.testing.assert_close(model.estimate(output, x, g)[0], 0.5 * x / g.sqrt().float().view(-1, 1, 1, 1))
 
 
+def test_training_noise_levels_follow_the_configured_log_normal() -> None:
+    """EDM: ln sigma ~ N(p_mean, p_std^2), t its place on the sampler's grid, g = 1 / (1 + sigma^2)."""
+    torch.manual_seed(0)
+    t, g = tiny_model(p_mean=-0.4, p_std=0.8).noise_levels(20_000)
+    sigma = edm.sigma_from_gamma(g)
+    assert float(sigma.log().mean()) == pytest.approx(-0.4, abs=0.03)
+    assert float(sigma.log().std()) == pytest.approx(0.8, abs=0.03)
+    torch.testing.assert_close(t, edm.karras_time(sigma))
+
+
 def test_tiny_model_overfits_one_batch() -> None:
     """Four flat colours at 8x8 under four captions: learnt with EDM, then sampled back with DDIM from noise."""
     model = tiny_model(image_size=8, cond_dropout=0.0).train()
@@ -312,7 +322,8 @@ def test_clear_errors_for_bad_configs() -> None:
              (dict(depths=(1,)), "one entry per level"),
              (dict(vq="runs/vq"), "use --model diffit-latent"),
              (dict(guidance_schedule="linear"), "unknown model.guidance_schedule"),
-             (dict(gate_loss="l1"), "unknown model.gate_loss")]
+             (dict(gate_loss="l1"), "unknown model.gate_loss"),
+             (dict(p_std=0.0), "model.p_std must be > 0")]
     for overrides, message in cases:
         with pytest.raises(UserError, match=message):
             DiffiTConfig(**{**PRESETS["tiny"], **overrides}).validate()
@@ -325,6 +336,7 @@ def test_recipe_and_config_round_trip() -> None:
     cfg = resolve("diffit", DiffiTConfig, PRESETS, recipe=recipe, sets=["model.dual_output=true"])
     assert recipe["family"] == "diffit" and cfg.preset == "small" and cfg.model.image_size == 32
     assert cfg.model.dual_output and cfg.model.diffusion_process == "edm" and cfg.data.shards == "shards"
+    assert cfg.model.p_mean == -0.4 and cfg.model.p_std == 1.2
     assert from_dict(json.loads(json.dumps(cfg.to_dict())), DiffiTConfig).model == cfg.model
     latent = resolve("diffit-latent", DiffiTLatentConfig, LATENT_PRESETS)
     assert latent.model.space == "latent" and latent.model.diffusion_process == "vp" and latent.model.patch == 1

@@ -47,9 +47,9 @@ def karras_time(sigma: Tensor | float) -> Tensor:
     return ((s ** (1 / RHO) - lo) / (hi - lo)).clamp(0, 1)
 
 
-def sample_sigma(n: int, device: torch.device | str = "cpu") -> Tensor:
-    """Training noise levels [n]: ln sigma ~ N(-1.2, 1.2^2) (float64)."""
-    return (torch.randn(n, device=device, dtype=torch.float64) * P_STD + P_MEAN).exp()
+def sample_sigma(n: int, device: torch.device | str = "cpu", p_mean: float = P_MEAN, p_std: float = P_STD) -> Tensor:
+    """Training noise levels [n]: ln sigma ~ N(p_mean, p_std^2), by default EDM's N(-1.2, 1.2^2) (float64)."""
+    return (torch.randn(n, device=device, dtype=torch.float64) * p_std + p_mean).exp()
 
 
 def preconditioning(sigma: Tensor, sigma_data: float = SIGMA_DATA) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -74,6 +74,10 @@ class DiffiTConfig(TextEncoderConfig):
     latent_scale: float = 0.0  # latent: latents are multiplied by this (0 = sqrt(channels), see `latent_factor`)
     image_size: int = 32  # image: the side of the images (the shards are resized to it)
     process: str = ""  # edm | vp; "" = edm in image space, vp in latent space (the paper's choices)
+    # edm: ln sigma ~ N(p_mean, p_std^2) in training (EDM's -1.2, 1.2); a higher p_mean trains more at the
+    # noise levels where layout is decided
+    p_mean: float = edm.P_MEAN
+    p_std: float = edm.P_STD
     schedule: str = "linear"  # vp: gamma(t), linear (DDPM's betas, ADM's) or cosine
     prediction: str = ""  # vp: the single head's target, eps (default), x0 or v; EDM has its own
     dual_output: bool = False  # Dynamic Dual-Output: x0 and eps heads plus a per-pixel gate
@@ -127,6 +131,7 @@ class DiffiTConfig(TextEncoderConfig):
                 f"{self.guidance_schedule!r}; choose one of {', '.join(GUIDANCE_SCHEDULES)}.")
         require(self.guidance_power > 0, f"model.guidance_power must be > 0, got {self.guidance_power}.")
         require(self.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {self.mlp_ratio}.")
+        require(self.p_std > 0, f"model.p_std must be > 0, got {self.p_std}.")
         if self.space == "image":
             self._validate_image()
         else:
@@ -508,7 +513,7 @@ class DiffiT(TokenFamily):
         """Training times t and signal levels g [B] (float64): EDM's log-normal sigma (t its place on the
         sampler's grid), or t ~ U(0, 1) on the VP schedule."""
         if self.cfg.diffusion_process == "edm":
-            sigma = edm.sample_sigma(b, self.device)
+            sigma = edm.sample_sigma(b, self.device, self.cfg.p_mean, self.cfg.p_std)
             return edm.karras_time(sigma), edm.gamma_from_sigma(sigma)
         t = torch.rand(b, device=self.device, dtype=torch.float64)
         return t, gamma(t, self.cfg.schedule).to(self.device)
