@@ -68,6 +68,9 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks i
 TRUNCATION_HELP = "VQ-Diffusion: top-r truncation, keep the codes within this mass (1 = off) \\[default: 1]."
 SAMPLER_HELP = ("The family's sampler: VQ-Diffusion posterior | purity (Improved's high-quality sampler); "
                 "Bit Diffusion and DiffiT ddpm | ddim | heun (EDM's second order, two calls per step).")
+BF16_HELP = "Run the network under bfloat16 autocast (CPU or CUDA)."
+COMPILE_HELP = "torch.compile the network first (pays off over many batches)."
+CACHE_HELP = "Compute the prompts' cross-attention keys and values once per run, not per step (same images)."
 
 
 def recipes_dir() -> Path:
@@ -310,7 +313,7 @@ def sample(
     prompts: Annotated[list[str], typer.Argument(help="One or more prompts.")],
     ckpt: Annotated[str | None, typer.Option("--ckpt", help="Run directory \\[default: newest under runs/].")] = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Images per prompt.")] = 4,
-    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Sampler steps \\[default: the family's].")] = None,
+    steps: Annotated[str | None, typer.Option("--steps", help="Sampler steps \\[default: the family's]; a list (4,8,16) sweeps, one folder per count under --out.")] = None,
     guidance: Annotated[float | None, typer.Option("--guidance", help="Classifier-free guidance scale s (1 = none) \\[default: the family's].")] = None,
     guidance_ramp: Annotated[bool | None, typer.Option("--guidance-ramp/--no-guidance-ramp", help="Muse: grow the guidance from 1 over the steps.")] = None,
     negative: Annotated[str | None, typer.Option("--negative", help="Negative prompt: replaces the unconditional branch of guidance.")] = None,
@@ -321,6 +324,9 @@ def sample(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     out_dir: Annotated[Path, typer.Option("--out", help="Where the PNGs, prompts.txt and grid.png go.")] = Path("samples"),
     device: Annotated[str | None, typer.Option("--device")] = None,
+    bf16: Annotated[bool, typer.Option("--bf16", help=BF16_HELP)] = False,
+    compile_model: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
+    cache_context: Annotated[bool, typer.Option("--cache-context/--no-cache-context", help=CACHE_HELP)] = True,
 ) -> None:
     """Generate images from text prompts with a trained run."""
     import time
@@ -335,19 +341,26 @@ def sample(
         refiner = _generator(super_res, "super-resolution", dev, flag="--sr").model
         pipeline.check_cascade(model, refiner)
     all_prompts = [p for p in prompts for _ in range(n)]
-    options = pipeline.check_options(
-        model.generate_tokens if refiner is not None else model.generate,
-        {"steps": steps, "guidance": guidance, "guidance_ramp": guidance_ramp, "negative_prompts": negative,
-         "truncation": truncation, "sampler": sampler},
-        trained.family.name)
-    started = time.perf_counter()
-    with _progress("sample", len(all_prompts)) as advance:
-        images = pipeline.generate(model, all_prompts, batch_size=batch_size, seed=seed, options=options,
-                                   advance=advance, super_res=refiner)
-    seconds = time.perf_counter() - started
-    grid = pipeline.save_images(images, all_prompts, out_dir, per_row=n)
-    out.print(f"{len(images)} images ({seconds / len(images):.3f} s each on {dev.type}) in {out_dir}/, grid: {grid}",
-              highlight=False)
+    step_counts = _step_list(steps)
+    speed = pipeline.Speed(cache_context=cache_context, bf16=bf16, compile=compile_model)
+    for network in (model, refiner):
+        if network is not None:
+            speed.prepare(network)
+    for count in step_counts:
+        options = pipeline.check_options(
+            model.generate_tokens if refiner is not None else model.generate,
+            {"steps": count, "guidance": guidance, "guidance_ramp": guidance_ramp, "negative_prompts": negative,
+             "truncation": truncation, "sampler": sampler},
+            trained.family.name)
+        folder = out_dir / f"steps-{count}" if len(step_counts) > 1 else out_dir
+        started = time.perf_counter()
+        with _progress("sample" if count is None else f"sample ({count} steps)", len(all_prompts)) as advance:
+            images = pipeline.generate(model, all_prompts, batch_size=batch_size, seed=seed, options=options,
+                                       advance=advance, super_res=refiner, speed=speed)
+        seconds = time.perf_counter() - started
+        grid = pipeline.save_images(images, all_prompts, folder, per_row=n)
+        out.print(f"{len(images)} images ({seconds / len(images):.3f} s each on {dev.type}) in {folder}/, "
+                  f"grid: {grid}", highlight=False)
 
 
 @app.command(epilog='Examples: imgen edit photo.png "a green square" --ckpt runs/muse --box 8,8,40,40 | '
@@ -370,6 +383,8 @@ def edit(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     out_dir: Annotated[Path, typer.Option("--out", help="Where the PNGs, prompts.txt and grid.png go.")] = Path("edits"),
     device: Annotated[str | None, typer.Option("--device")] = None,
+    bf16: Annotated[bool, typer.Option("--bf16", help=BF16_HELP)] = False,
+    cache_context: Annotated[bool, typer.Option("--cache-context/--no-cache-context", help=CACHE_HELP)] = True,
 ) -> None:
     """Inpaint (--mask, --box), outpaint (--keep-box) or, without a region, edit mask-free (Muse) under a new prompt."""
     import torch
@@ -390,11 +405,12 @@ def edit(
     options = pipeline.check_options(model.edit, {"steps": steps, "guidance": guidance, "iterations": iterations,
                                                   "truncation": truncation, "sampler": sampler},
                                      trained.family.name)
+    speed = pipeline.Speed(cache_context=cache_context, bf16=bf16)
     with _progress("edit", n) as advance:
         edited = []
         for i in range(n):
             generator = pipeline.batch_generator(seed, i, dev)
-            with torch.no_grad():
+            with speed.applied(model):
                 result = model.edit(source.to(dev), None if region is None else region.to(dev), [prompt],
                                     generator=generator, **options).float().clamp(0, 1).cpu()
             if region is not None:
@@ -436,6 +452,9 @@ def evaluate(
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write every number to this file.")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="With several --steps: metric vs seconds per image, PNG \\[default: next to --json].")] = None,
     device: Annotated[str | None, typer.Option("--device")] = None,
+    bf16: Annotated[bool, typer.Option("--bf16", help=BF16_HELP)] = False,
+    compile_model: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
+    cache_context: Annotated[bool, typer.Option("--cache-context/--no-cache-context", help=CACHE_HELP)] = True,
 ) -> None:
     """Score a run: FID / KID / CLIP score / R-precision for generators, reconstruction metrics for tokenizers."""
     if recon:
@@ -450,7 +469,8 @@ def evaluate(
     req = EvalRequest(fid=fid, kid=kid, clip_score=clip_score, r_precision=r_precision, features=features,
                       inception_weights=inception_weights, clip_model=clip_model, n=n, batch_size=batch_size,
                       steps=_step_list(steps), guidance=guidance, seed=seed, r=r,
-                      options={"truncation": truncation, "sampler": sampler})
+                      options={"truncation": truncation, "sampler": sampler},
+                      speed=pipeline.Speed(cache_context=cache_context, bf16=bf16, compile=compile_model))
     req.validate()
     if images is not None and ckpt is not None:
         raise UserError("give either --ckpt (generate, then score) or --images (score a folder), not both.")
@@ -464,7 +484,7 @@ def evaluate(
             if not trained.family.generates_images:
                 raise UserError(f"{trained.run.path} is a {trained.family.name} run, which does not generate images"
                                 + ("; score it with --recon." if trained.family.name == "vqgan" else "."))
-            model, subject = trained.model, f"{trained.run.path} step {trained.checkpoint.step}"
+            model, subject = req.speed.prepare(trained.model), f"{trained.run.path} step {trained.checkpoint.step}"
             req.options = pipeline.check_options(model.generate, req.options, trained.family.name)
         note = (lambda m: err.print(m, highlight=False)) if env.is_main else (lambda m: None)
         progress = _progress if env.is_main else _silent_progress

@@ -5,12 +5,18 @@ Seeds follow the image, not the batch layout: batch b of a call draws from a gen
 (seed, b) with a fixed batch size, so the same command gives the same files. Every output folder gets
 a `prompts.txt` with one line per image in file order, which is exactly what `imgen eval --images`
 reads back.
+
+Speed options (`Speed`) apply to every generating command alike: cross-attention keys and values computed
+once per sampling run (on by default; the images are the same either way), bf16 autocast, and torch.compile
+of the network.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +27,35 @@ from PIL import Image
 from torch import Tensor
 
 from imgen_cli.errors import UserError
+from imgen_cli.nn.transformer import cached_context
+
+
+@dataclass
+class Speed:
+    """How a generating command runs its network; none of these changes what the model computes, bf16 aside."""
+
+    cache_context: bool = True  # cross-attention keys and values of the prompts once per run, not per step
+    bf16: bool = False  # autocast the network to bfloat16 (CPU and CUDA)
+    compile: bool = False  # torch.compile the network's forward (the first batch pays the compilation)
+
+    def prepare(self, model: Any) -> Any:
+        """The model, compiled in place if asked (its sampling methods call `self(...)`, which then runs the
+        compiled forward)."""
+        if self.compile:
+            model.compile()
+        return model
+
+    @contextlib.contextmanager
+    def applied(self, model: Any) -> Iterator[None]:
+        """Inference around one call of `generate` or `edit`."""
+        device = next(model.parameters()).device
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            if self.cache_context:
+                stack.enter_context(cached_context(model))
+            if self.bf16:
+                stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+            yield
 
 
 def batch_generator(seed: int, batch: int, device: torch.device) -> torch.Generator:
@@ -39,10 +74,11 @@ def check_options(method: Callable, options: dict[str, Any], family: str) -> dic
 
 
 def generate(model: Any, prompts: list[str], *, batch_size: int, seed: int, options: dict[str, Any],
-             advance: Callable[[int], None], super_res: Any = None) -> Tensor:
+             advance: Callable[[int], None], super_res: Any = None, speed: Speed | None = None) -> Tensor:
     """Images [len(prompts), 3, H, W] in [0, 1]. With `super_res` (a Muse super-resolution model), `model`
     generates the low-resolution token grid and `super_res` the high-resolution one conditioned on it."""
     device = next(model.parameters()).device
+    speed = speed or Speed()
     out = []
     for b, start in enumerate(range(0, len(prompts), batch_size)):
         chunk = prompts[start:start + batch_size]
@@ -50,11 +86,13 @@ def generate(model: Any, prompts: list[str], *, batch_size: int, seed: int, opti
         chunk_options = dict(options)
         if "negative_prompts" in options:  # one negative prompt, repeated for every prompt of the batch
             chunk_options["negative_prompts"] = [options["negative_prompts"]] * len(chunk)
-        with torch.no_grad():
-            if super_res is None:
+        if super_res is None:
+            with speed.applied(model):
                 images = model.generate(chunk, generator=generator, **chunk_options)
-            else:
+        else:
+            with speed.applied(model):
                 lowres = model.generate_tokens(chunk, generator=generator, **chunk_options)
+            with speed.applied(super_res):
                 images = super_res.generate(chunk, generator=generator, lowres_tokens=lowres, **chunk_options)
         out.append(images.float().clamp(0, 1).cpu())
         advance(len(chunk))

@@ -113,6 +113,24 @@ def test_super_resolution_cascade(cascade: tuple[Path, Path], tmp_path: Path) ->
     assert result.exit_code == 2 and "refines a 2x2 token grid" in one_line(result)
 
 
+def test_sample_sweeps_steps_with_the_speed_options(muse_run: Path, tmp_path: Path) -> None:
+    result = invoke("sample", "a red circle", "--ckpt", str(muse_run), "--n", "2", "--steps", "2,3", "--out",
+                    str(tmp_path / "sweep"), "--bf16", "--no-cache-context")
+    assert result.exit_code == 0, result.output
+    for count in (2, 3):
+        folder = tmp_path / "sweep" / f"steps-{count}"
+        assert sorted(p.name for p in folder.iterdir()) == ["0000.png", "0001.png", "grid.png", "prompts.txt"]
+    cached = invoke("sample", "a red circle", "--ckpt", str(muse_run), "--n", "2", "--steps", "3", "--out",
+                    str(tmp_path / "cached"))
+    plain = invoke("sample", "a red circle", "--ckpt", str(muse_run), "--n", "2", "--steps", "3", "--out",
+                   str(tmp_path / "plain"), "--no-cache-context")
+    assert cached.exit_code == 0 and plain.exit_code == 0
+    for file in ("0000.png", "0001.png"):
+        assert (tmp_path / "cached" / file).read_bytes() == (tmp_path / "plain" / file).read_bytes()
+    bad = invoke("sample", "a red circle", "--ckpt", str(muse_run), "--steps", "2,x")
+    assert bad.exit_code != 0 and "--steps takes step counts" in bad.output
+
+
 def _source_image(path: Path) -> Path:
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)).save(path)

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from imgen_cli.data import shards as shard_io
 from imgen_cli.errors import UserError
 from imgen_cli.eval import features as feats
-from imgen_cli.sample import batch_generator, load_image
+from imgen_cli.sample import Speed, batch_generator, load_image
 from imgen_cli.train.distributed import DistEnv, gather_objects
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -62,6 +62,7 @@ class EvalRequest:
     r: int = 10
     kid_subset_size: int = 1000
     options: dict[str, Any] = field(default_factory=dict)  # further sampler options of the family (truncation, ...)
+    speed: Speed = field(default_factory=Speed)
 
     def validate(self) -> None:
         if not (self.fid or self.kid or self.clip_score or self.r_precision):
@@ -124,7 +125,7 @@ def generate(model: Any, prompts: list[str], steps: int | None, req: EvalRequest
             continue
         generator = batch_generator(req.seed, b, env.device)  # the seeds of `imgen sample`: the same images
         started = time.perf_counter()
-        with torch.no_grad():
+        with req.speed.applied(model):
             out = model.generate([prompts[i] for i in batch], generator=generator, **kwargs)
         if env.device.type == "cuda":
             torch.cuda.synchronize(env.device)

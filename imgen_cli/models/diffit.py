@@ -248,7 +248,7 @@ class DiffiTBlock(nn.Module):
         if self.cross is not None:
             b, nw, n, d = x.shape
             tokens = self.norm_cross(x.reshape(b, nw * n, d))
-            x = x + self.cross(tokens, self.norm_context(text.states), text.mask).view(b, nw, n, d)
+            x = x + self.cross(tokens, text.states, text.mask, self.norm_context).view(b, nw, n, d)
         return x + self.mlp(self.norm2(x))
 
 

@@ -11,9 +11,15 @@ one: LN without affine, then (1 + scale) * x + shift with scale and shift from a
 linear map, so every block starts as the plain pre-norm block. Attention always goes through
 `F.scaled_dot_product_attention`: unmasked self-attention stays eligible for flash kernels; a key
 padding mask (text) sends cross-attention to the memory-efficient kernel.
+
+Sampling runs every step against the same encoded prompts, so under `cached_context` each cross-attention
+layer projects a context tensor to keys and values once per sampling run instead of once per step.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,13 +36,30 @@ class Attention(nn.Module):
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(context_dim or dim, 2 * dim, bias=qkv_bias)
         self.out = nn.Linear(dim, dim)
+        # context tensor id -> (the tensor, its keys and values) while `cached_context` is on; holding the
+        # tensor keeps its id from being reused by another one
+        self.context_cache: dict[int, tuple[Tensor, Tensor]] | None = None
 
-    def forward(self, x: Tensor, context: Tensor | None = None, key_mask: Tensor | None = None) -> Tensor:
-        """x [B, L, D]; context [B, S, C]; key_mask [B, S] bool, True = attend (a padding mask)."""
+    def keys_values(self, source: Tensor, norm: nn.Module | None = None) -> Tensor:
+        """[2, B, heads, S, head_dim] for a source [B, S, C], normalised by `norm` first if given."""
+        b, s, _ = source.shape
+        return self.kv(source if norm is None else norm(source)).view(b, s, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+
+    def context_keys_values(self, context: Tensor, norm: nn.Module | None) -> Tensor:
+        cache = self.context_cache
+        if cache is None:
+            return self.keys_values(context, norm)
+        if id(context) not in cache:
+            cache[id(context)] = (context, self.keys_values(context, norm))
+        return cache[id(context)][1]
+
+    def forward(self, x: Tensor, context: Tensor | None = None, key_mask: Tensor | None = None,
+                context_norm: nn.Module | None = None) -> Tensor:
+        """x [B, L, D]; context [B, S, C]; key_mask [B, S] bool, True = attend (a padding mask); context_norm:
+        a module applied to the context before its projection (part of what the cache saves)."""
         b, n, d = x.shape
-        source = x if context is None else context
         q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2)
-        k, v = self.kv(source).view(b, source.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        k, v = self.keys_values(x) if context is None else self.context_keys_values(context, context_norm)
         mask = None if key_mask is None else key_mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(out.transpose(1, 2).reshape(b, n, d))
@@ -118,6 +141,21 @@ class TransformerStack(nn.Module):
         for block in self.blocks:
             x = block(x, context, context_mask, cond)
         return self.norm(x)
+
+
+@contextlib.contextmanager
+def cached_context(model: nn.Module) -> Iterator[None]:
+    """Within: every cross-attention layer of `model` computes the keys and values of a context tensor once and
+    reuses them each time the same tensor object comes back (a sampling loop passes its encoded prompts to
+    every step). Only for inference: a cached projection carries no gradient to later steps' backward."""
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    for layer in layers:
+        layer.context_cache = {}
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.context_cache = None
 
 
 def _init_weights(module: nn.Module) -> None:
