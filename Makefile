@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # the demo's generator: muse, or vqdiffusion with `make demo MODEL=vqdiffusion`
 MODEL  ?= muse
 
-.PHONY: install test demo lint bench clean
+.PHONY: install install-bench test demo lint bench bench-peers bench-gpu clean
 
 install: $(STAMP)
 
@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# the bench-only extras (matplotlib, the peer implementations); never needed by the package or the tests
+install-bench: install
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 
 test: install
 	$(BIN)/python -m pytest tests
@@ -41,8 +45,16 @@ demo: install
 		--clip-model runs/demo/clip --n 200 --json runs/demo/$(MODEL)/eval.json
 	@echo "demo done: runs/demo/samples/grid.png, training grids in runs/demo/*/samples/, metrics in runs/demo/*/*.json"
 
-bench: install
+bench: install-bench
 	$(BIN)/python bench/run.py --out BENCHMARKS.md
+
+# imgen against diffusers, muse-maskgit-pytorch and bit-diffusion: one training and one sampling step each
+bench-peers: install-bench
+	$(BIN)/python bench/peers.py --out BENCHMARKS.md
+
+# on a GPU machine: every family at its base preset, 256x256, bf16
+bench-gpu: install
+	$(BIN)/python bench/gpu.py --out BENCHMARKS.md
 
 clean:
 	rm -rf demo runs/demo .pytest_cache

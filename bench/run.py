@@ -330,6 +330,92 @@ def bench_diffit() -> str:
             "1001-row label table, which imgen's text path replaces.\n")
 
 
+SCALING_FAMILIES = ("muse", "vqdiffusion", "bitdiff", "diffit-latent", "diffit")
+SCALING_GRIDS, SCALING_STEPS, FIXED_STEPS, FIXED_GRID, SCALING_BATCH = (8, 16, 32), (4, 8, 16, 32), 8, 16, 4
+
+
+def scaling_model(name: str, grid: int) -> torch.nn.Module:
+    """A family's CPU preset (`small`, untrained: speed does not depend on the weights) whose output is a
+    (8 grid)^2-pixel image: the token families, Bit Diffusion's token mode and latent DiffiT on the g x g grid
+    of the small vqgan (f = 8, decoder included in the time), image-space DiffiT on the pixels themselves."""
+    from imgen_cli import registry
+    from imgen_cli.models.vqgan import PRESETS as VQ_PRESETS
+    from imgen_cli.models.vqgan import VQGAN, VQGANConfig
+
+    family = registry.get(name)
+    torch.manual_seed(0)
+    preset = dict(family.presets()["small"])
+    if name == "diffit":
+        return family.build(family.config_cls()(**{**preset, "image_size": 8 * grid})).eval()
+    tokenizer = VQGAN(VQGANConfig(**{**VQ_PRESETS["small"], "image_size": 8 * grid})).eval()
+    if name == "bitdiff":
+        preset.update(codebook_size=tokenizer.codebook_size, grid=grid)
+    return family.model_cls()(family.config_cls()(**preset), tokenizer).eval()
+
+
+def seconds_per_image(model: torch.nn.Module, steps: int, **speed: bool) -> float:
+    from imgen_cli.sample import Speed
+
+    prompts = ["a red circle above a blue square"] * SCALING_BATCH
+    with Speed(**speed).applied(model):
+        model.generate(prompts[:1], steps=1, generator=torch.Generator().manual_seed(0))  # allocate, pick kernels
+        start = time.perf_counter()
+        model.generate(prompts, steps=steps, generator=torch.Generator().manual_seed(0))
+        return (time.perf_counter() - start) / SCALING_BATCH
+
+
+def bench_scaling() -> str:
+    """Issue 10's scaling table: sampling time per image against the output resolution (token grid 8, 16, 32
+    at f = 8) at fixed steps, and against the steps at the 16 x 16 grid, for every generator family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_grid = {name: [seconds_per_image(scaling_model(name, g), FIXED_STEPS) for g in SCALING_GRIDS]
+               for name in SCALING_FAMILIES}
+    options = {"no context cache": dict(cache_context=False), "context cache": {}, "bf16": dict(bf16=True)}
+    by_steps, by_option = {}, {}
+    for name in SCALING_FAMILIES:
+        model = scaling_model(name, FIXED_GRID)
+        by_steps[name] = [seconds_per_image(model, k) for k in SCALING_STEPS]
+        by_option[name] = [seconds_per_image(model, FIXED_STEPS, **speed) for speed in options.values()]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in SCALING_FAMILIES:
+        left.plot([8 * g for g in SCALING_GRIDS], by_grid[name], marker="o", label=name)
+        right.plot(SCALING_STEPS, by_steps[name], marker="o", label=name)
+    left.set(xscale="log", yscale="log", xlabel="output side, px (token grid x 8)", ylabel="s / image",
+             title=f"{FIXED_STEPS} steps")
+    right.set(xscale="log", yscale="log", xlabel="sampler steps", ylabel="s / image",
+              title=f"{FIXED_GRID}x{FIXED_GRID} grid ({8 * FIXED_GRID} px)")
+    for axes, ticks in ((left, [8 * g for g in SCALING_GRIDS]), (right, SCALING_STEPS)):
+        axes.set_xticks(ticks, [str(v) for v in ticks])
+        axes.minorticks_off()
+        axes.grid(alpha=0.3)
+    left.legend()
+    figure.tight_layout()
+    plot = Path(__file__).resolve().parent.parent / "bench" / "scaling.png"
+    figure.savefig(plot, dpi=110)
+
+    def table(columns: tuple, values: dict[str, list[float]], unit: str = "") -> str:
+        return (f"| family | {' | '.join(f'{c}{unit}' for c in columns)} |\n|---|{'---|' * len(columns)}\n" +
+                "".join(f"| {name} | {' | '.join(f'{1000 * v:.0f} ms' for v in row)} |\n"
+                        for name, row in values.items()))
+
+    return (f"Untrained `small` presets (speed does not depend on the weights), {SCALING_BATCH} prompts per batch, "
+            f"guidance on (cond + uncond in one forward), prompt context cached, fp32, "
+            f"{torch.get_num_threads()} threads; the time per image includes the text encoder and the vqgan "
+            f"decoder. Muse, VQ-Diffusion, Bit Diffusion (token mode: bits of the tokens) and latent DiffiT run on "
+            f"the g x g grid of the small vqgan (f = 8); image-space DiffiT on the (8g)^2 pixels. Plot: "
+            f"`bench/scaling.png`.\n\nSampling time per image at {FIXED_STEPS} steps:\n\n"
+            + table(tuple(8 * g for g in SCALING_GRIDS), by_grid, " px") +
+            f"\nAt the {FIXED_GRID}x{FIXED_GRID} grid ({8 * FIXED_GRID} px):\n\n"
+            + table(SCALING_STEPS, by_steps, " steps") +
+            f"\nThe speed options of `imgen sample` at the {FIXED_GRID}x{FIXED_GRID} grid, {FIXED_STEPS} steps (the "
+            f"same images with and without the context cache; bf16 = autocast on this CPU):\n\n"
+            + table(tuple(options), by_option) + "\n![scaling](bench/scaling.png)\n")
+
+
 SUITES = {
     "data": ("Data pipeline: synth, tokenize, streaming loader", bench_data),
     "train": ("Training throughput: shared transformer block stack", bench_train),
@@ -339,6 +425,7 @@ SUITES = {
     "vqdiffusion": ("VQ-Diffusion on the shapes world: R-precision and the speed-quality table", bench_vqdiffusion),
     "bitdiff": ("Bit Diffusion on the shapes world, and the Dynamic Dual-Output ablation", bench_bitdiff),
     "diffit": ("Image-space DiffiT on the shapes world: R-precision at 50 DDIM steps", bench_diffit),
+    "scaling": ("Sampling time against resolution and steps", bench_scaling),
 }
 
 
