@@ -25,6 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from run import matmul_rate, synchronize, write_section  # noqa: E402
+
 from imgen_cli import registry  # noqa: E402
 from imgen_cli.models.vqgan import PRESETS as VQ_PRESETS  # noqa: E402
 from imgen_cli.models.vqgan import VQGAN, VQGANConfig  # noqa: E402
@@ -39,25 +41,6 @@ SIZES = {
              "diffit": ("tiny", {}), "diffit-latent": ("tiny", {"patch": 1})},
 }
 CAPTION = "a red circle above a blue square"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
-    """Measured dense matmul FLOP/s in `dtype`: the denominator of MFU (a smaller product on the CPU check)."""
-    n, repeats = (4096, 50) if device.type == "cuda" else (512, 5)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(5):
-        a @ b
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    synchronize(device)
-    return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
 def build(name: str, size: str, device: torch.device) -> tuple[torch.nn.Module, VQGAN]:
@@ -143,7 +126,8 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/gpu.py: no CUDA device here; run it on a GPU machine, or check the script with "
                  "--device cpu --size tiny.")
-    peak = matmul_rate(device, torch.bfloat16)
+    # the product large enough to saturate a GPU; a small one keeps the CPU self-check quick
+    peak = matmul_rate(device, torch.bfloat16, *((4096, 50) if device.type == "cuda" else (512, 5)))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     rows = []
     for name in args.family or list(SIZES[args.size]):
@@ -167,8 +151,6 @@ def main() -> None:
             "latency/image, batch 16 |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     print(body)
     if args.out:
-        from run import write_section
-
         write_section(args.out, f"gpu-{args.size}", f"GPU path: every family at {args.size} size, bf16",
                       body, " ".join(["python bench/gpu.py", *sys.argv[1:]]))
 

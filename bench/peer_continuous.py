@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from peers import Row, Side, autocast, count, sample_step, train_step, trainable
+from peers import Row, Side, autocast, side, trainable
 from torch import Tensor, nn
 
 from imgen_cli.diffusion.gaussian import time_pairs
@@ -101,9 +101,8 @@ def imgen_bit_diffusion(device: torch.device, dtype: torch.dtype) -> Side:
                              jump_length=1, resamplings=1, generator=None, gate_log=None)
 
     params = trainable(model)
-    return Side("imgen Bit Diffusion",
-                train_step(lambda: model.loss(batch)["loss"], params, device, dtype, lr=LR, module=model),
-                sample_step(sample, device, dtype, module=model), count(params))
+    return side("imgen Bit Diffusion", params, lambda: model.loss(batch)["loss"], sample, device, dtype, lr=LR,
+                module=model)
 
 
 @contextlib.contextmanager
@@ -160,8 +159,7 @@ def bit_diffusion_peer(device: torch.device, dtype: torch.dtype) -> Side:
         return x0 * alpha_next + (x - alpha * x0) / sigma.clamp(min=1e-8) * sigma_next
 
     params = trainable(diffusion)
-    return Side("bit-diffusion (lucidrains)", train_step(loss, params, device, dtype, lr=LR, module=diffusion),
-                sample_step(sample, device, dtype, module=diffusion), count(params))
+    return side("bit-diffusion (lucidrains)", params, loss, sample, device, dtype, lr=LR, module=diffusion)
 
 
 def _widths(widths: list[int]) -> str:
@@ -208,9 +206,8 @@ def imgen_diffit_latent(device: torch.device, dtype: torch.dtype) -> Side:
                           resamplings=1, generator=None, gate_log=None)
 
     params = trainable(model)
-    return Side("imgen DiffiT-latent",
-                train_step(lambda: model.loss(batch)["loss"], params, device, dtype, lr=LR, module=model),
-                sample_step(sample, device, dtype, module=model), count(params))
+    return side("imgen DiffiT-latent", params, lambda: model.loss(batch)["loss"], sample, device, dtype, lr=LR,
+                module=model)
 
 
 def dit_peer(device: torch.device, dtype: torch.dtype, width: int) -> Side:
@@ -243,8 +240,7 @@ def dit_peer(device: torch.device, dtype: torch.dtype, width: int) -> Side:
         return scheduler.step(uncond + GUIDANCE * (cond - uncond), t_sample, x).prev_sample
 
     params = trainable(model)
-    return Side(f"diffusers DiT, width {width}", train_step(loss, params, device, dtype, lr=LR, module=model),
-                sample_step(sample, device, dtype, module=model), count(params))
+    return side(f"diffusers DiT, width {width}", params, loss, sample, device, dtype, lr=LR, module=model)
 
 
 DIFFIT_CONFIG = (

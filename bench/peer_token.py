@@ -16,7 +16,7 @@ from diffusers.schedulers.scheduling_vq_diffusion import index_to_log_onehot
 from muse_maskgit_pytorch import MaskGit, MaskGitTransformer, VQGanVAE
 from muse_maskgit_pytorch import t5 as maskgit_t5
 from muse_maskgit_pytorch.muse_maskgit_pytorch import gumbel_sample, top_k
-from peers import Row, Side, count, sample_step, train_step, trainable
+from peers import Row, Side, side, trainable
 from torch import Tensor
 from transformers import T5Config
 
@@ -105,11 +105,9 @@ def imgen_vqdiffusion(device: torch.device, dtype: torch.dtype) -> Side:
     predict = model._predictor(CAPTIONS, GUIDANCE, 1.0, None)  # truncation 1: off, as on the peer
     x_t = _half_masked(batch["tokens"].flatten(1), model.mask_id)
     params = trainable(model)
-    return Side("imgen VQDiffusion",
-                train_step(lambda: model.loss(batch)["loss"], params, device, dtype, lr=LR, betas=BETAS),
-                sample_step(lambda: next(denoise_steps(predict, x_t, [SAMPLE_T, SAMPLE_T - 1], model.schedule)),
-                             device, dtype),
-                count(params))
+    return side("imgen VQDiffusion", params, lambda: model.loss(batch)["loss"],
+                lambda: next(denoise_steps(predict, x_t, [SAMPLE_T, SAMPLE_T - 1], model.schedule)), device, dtype,
+                lr=LR, betas=BETAS)
 
 
 def _vq_noised(scheduler: VQDiffusionScheduler, x0: Tensor, t: int) -> Tensor:
@@ -167,9 +165,8 @@ def diffusers_vqdiffusion(device: torch.device, dtype: torch.dtype) -> Side:
         scheduler.step(guided, SAMPLE_T, x_t)
 
     params = trainable(net)
-    return Side("diffusers Transformer2DModel + VQDiffusionScheduler",
-                train_step(loss, params, device, dtype, lr=LR, betas=BETAS), sample_step(update, device, dtype),
-                count(params))
+    return side("diffusers Transformer2DModel + VQDiffusionScheduler", params, loss, update, device, dtype, lr=LR,
+                betas=BETAS)
 
 
 # --- Muse ---------------------------------------------------------------------------------------------------
@@ -191,9 +188,8 @@ def imgen_muse(device: torch.device, dtype: torch.dtype) -> Side:
                           schedule=cfg.schedule, exponent=cfg.schedule_exponent))
 
     params = trainable(model)
-    return Side("imgen Muse", train_step(lambda: model.loss(batch)["loss"], params, device, dtype, lr=LR,
-                                         betas=BETAS),
-                sample_step(update, device, dtype), count(params))
+    return side("imgen Muse", params, lambda: model.loss(batch)["loss"], update, device, dtype, lr=LR,
+                betas=BETAS)
 
 
 def _cosine_masked(tokens: Tensor, mask_id: int) -> tuple[Tensor, Tensor]:
@@ -241,9 +237,8 @@ def diffusers_uvit(device: torch.device, dtype: torch.dtype) -> Side:
         scheduler.step(uncond + GUIDANCE * (conditional - uncond), scheduler.timesteps[0], start)
 
     params = trainable(net)
-    return Side("diffusers UVit2DModel + AmusedScheduler",
-                train_step(loss, params, device, dtype, lr=LR, betas=BETAS), sample_step(update, device, dtype),
-                count(params))
+    return side("diffusers UVit2DModel + AmusedScheduler", params, loss, update, device, dtype, lr=LR,
+                betas=BETAS)
 
 
 def muse_maskgit(device: torch.device, dtype: torch.dtype) -> Side:
@@ -279,10 +274,8 @@ def muse_maskgit(device: torch.device, dtype: torch.dtype) -> Side:
     # its self-conditioning feed-forward (built even with self_cond=False) and its top-level norm never run
     unused = {id(p) for module in (transformer.self_cond_to_init_embed, transformer.norm) for p in module.parameters()}
     params = [p for p in transformer.parameters() if id(p) not in unused]
-    return Side("muse-maskgit-pytorch MaskGit",
-                train_step(lambda: maskgit(tokens, text_embeds=text_embeds), params, device, dtype, lr=LR,
-                           betas=BETAS),
-                sample_step(update, device, dtype), count(params))
+    return side("muse-maskgit-pytorch MaskGit", params, lambda: maskgit(tokens, text_embeds=text_embeds), update,
+                device, dtype, lr=LR, betas=BETAS)
 
 
 ROWS = [

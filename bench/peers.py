@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from run import synchronize, write_section  # run.py puts the repository on sys.path for imgen_cli
 from torch import Tensor, nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 MIB = 2**20
 
@@ -102,12 +101,15 @@ def sample_step(update: Callable[[], object], device: torch.device, dtype: torch
     return step
 
 
+def side(name: str, params: list[nn.Parameter], loss: Callable[[], Tensor], update: Callable[[], object],
+         device: torch.device, dtype: torch.dtype, *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+         module: nn.Module | None = None) -> Side:
+    """A side from its trainable parameters, its loss and its sampler update (see `train_step`, `sample_step`)."""
+    return Side(name, train_step(loss, params, device, dtype, lr=lr, betas=betas, module=module),
+                sample_step(update, device, dtype, module), count(params))
+
+
 # --- measuring ---
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _rss_kib(key: str) -> int:
@@ -249,8 +251,6 @@ def main() -> None:
             + table(results))
     print(body)
     if args.out:
-        from run import write_section
-
         command = "python bench/peers.py" + (f" --device {args.device}" if args.device != "cpu" else "")
         write_section(args.out, f"peers-{device.type}", f"imgen against the public implementations ({device.type})",
                       body, command)

@@ -74,15 +74,15 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    _sync(device)
+    synchronize(device)
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -101,14 +101,14 @@ def bench_train(device_name: str = "cpu") -> str:
         x = torch.randn(batch, seq, width, device=device)
         times = []
         for i in range(13):
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
                 loss = stack(x).float().pow(2).mean()
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            _sync(device)
+            synchronize(device)
             if i >= 3:  # the first steps allocate and pick kernels
                 times.append(time.perf_counter() - start)
         step = statistics.median(times)
