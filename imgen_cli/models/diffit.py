@@ -216,7 +216,8 @@ class TMSA(nn.Module):
         b, nw, n, d = x.shape
         qkv = self.qkv(x) + self.qkv_time(time)[:, None, None]
         q, k, v = qkv.view(b * nw, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.position_bias().to(q.dtype))
+        # the bias as a 4-D mask: a 3-D float mask sends SDPA to its math path on the CPU, not the flash kernel
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.position_bias().to(q.dtype)[None])
         return self.proj(out.transpose(1, 2).reshape(b, nw, n, d))
 
 
