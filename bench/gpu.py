@@ -36,8 +36,7 @@ from imgen_cli.sample import Speed  # noqa: E402
 SIZES = {
     "base": {"vqgan": ("base", {}), "muse": ("base", {}), "vqdiffusion": ("base", {}),
              "bitdiff": ("base", {}), "diffit": ("base", {}), "diffit-latent": ("B-2", {"patch": 1})},
-    "tiny": {"vqgan": ("tiny", {}), "muse": ("tiny", {"codebook_size": 0, "grid": 0}),
-             "vqdiffusion": ("tiny", {"codebook_size": 0, "grid": 0}), "bitdiff": ("tiny", {}),
+    "tiny": {"vqgan": ("tiny", {}), "muse": ("tiny", {}), "vqdiffusion": ("tiny", {}), "bitdiff": ("tiny", {}),
              "diffit": ("tiny", {}), "diffit-latent": ("tiny", {"patch": 1})},
 }
 CAPTION = "a red circle above a blue square"
