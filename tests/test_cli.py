@@ -25,6 +25,20 @@ TINY_TRAIN = ["--set", "train.batch_size=4", "--set", "data.num_workers=0", "--s
               "--set", "train.sample_every=5", "--set", "train.ckpt_every=5"]
 
 
+def check_box_edit_keeps_the_rest(run: Path, tmp_path: Path, steps: int) -> Path:
+    """`imgen edit --box 0,0,8,8` of a random 16px image: every pixel outside the box comes back exactly as it
+    was. Returns the source image's path."""
+    rng = np.random.default_rng(0)
+    source_path = tmp_path / "src.png"
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(source_path)
+    edited = invoke("edit", str(source_path), "a green cross", "--ckpt", str(run), "--box", "0,0,8,8",
+                    "--n", "1", "--steps", str(steps), "--out", str(tmp_path / "edit"))
+    assert edited.exit_code == 0, edited.output
+    source, result_pixels = (np.asarray(Image.open(tmp_path / "edit" / f"000{i}.png")) for i in (0, 1))
+    assert np.array_equal(source[8:], result_pixels[8:]) and np.array_equal(source[:, 8:], result_pixels[:, 8:])
+    return source_path
+
+
 def check_pixel_generator_commands(family: str, shards: Path, clip_run: Path, tmp_path: Path, sampler: str) -> None:
     """A continuous family through the commands on the 16px shards: 5 steps of its tiny preset with dual output
     (a sample grid at step 5), seeded samples that repeat byte for byte with --sampler, a flag it does not take
@@ -42,13 +56,7 @@ def check_pixel_generator_commands(family: str, shards: Path, clip_run: Path, tm
     result = invoke(*args, "--truncation", "0.5", "--out", str(tmp_path / "c"))
     assert result.exit_code == 2 and "does not take --truncation" in one_line(result)
 
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "src.png")
-    edited = invoke("edit", str(tmp_path / "src.png"), "a green cross", "--ckpt", str(run), "--box", "0,0,8,8",
-                    "--n", "1", "--steps", "3", "--out", str(tmp_path / "edit"))
-    assert edited.exit_code == 0, edited.output
-    source, result_pixels = (np.asarray(Image.open(tmp_path / "edit" / f"000{i}.png")) for i in (0, 1))
-    assert np.array_equal(source[8:], result_pixels[8:]) and np.array_equal(source[:, 8:], result_pixels[:, 8:])
+    check_box_edit_keeps_the_rest(run, tmp_path, steps=3)
 
     report_path = tmp_path / "sweep.json"
     result = invoke("eval", "--ckpt", str(run), "--data", str(shards), "--r-precision", "--clip-model", str(clip_run),

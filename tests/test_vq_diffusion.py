@@ -7,11 +7,9 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from test_cli import invoke, one_line
+from test_cli import check_box_edit_keeps_the_rest, invoke, one_line
 
 from imgen_cli.config import from_dict, resolve
 from imgen_cli.errors import UserError
@@ -473,14 +471,8 @@ def test_commands_train_sample_edit_and_eval(vqd_run: Path, vq_shards: Path, cli
     assert again.exit_code == 0
     assert invoke(*args, "--negative", "a blue square", "--out", str(tmp_path / "d")).exit_code == 0
 
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "src.png")
-    edited = invoke("edit", str(tmp_path / "src.png"), "a green cross", "--ckpt", str(vqd_run), "--box", "0,0,8,8",
-                    "--n", "1", "--steps", "5", "--out", str(tmp_path / "edit"))
-    assert edited.exit_code == 0, edited.output
-    source, result_pixels = (np.asarray(Image.open(tmp_path / "edit" / f"000{i}.png")) for i in (0, 1))
-    assert np.array_equal(source[8:], result_pixels[8:]) and np.array_equal(source[:, 8:], result_pixels[:, 8:])
-    result = invoke("edit", str(tmp_path / "src.png"), "x", "--ckpt", str(vqd_run), "--iterations", "3",
+    source = check_box_edit_keeps_the_rest(vqd_run, tmp_path, steps=5)
+    result = invoke("edit", str(source), "x", "--ckpt", str(vqd_run), "--iterations", "3",
                     "--out", str(tmp_path / "e"))
     assert result.exit_code == 2 and "does not take --iterations" in one_line(result)
 
