@@ -8,7 +8,8 @@ Training stream, per rank: the rank takes every world_size-th shard (so ranks ne
 data), each loader worker takes every num_workers-th of those when there are enough, and draws shards
 from its share with replacement from an RNG seeded by (seed, rank, worker). The loader,
 not the dataset, fixes the number of batches, so every rank yields exactly the same count and DDP
-stays in lock-step. Evaluation reads every sample exactly once.
+stays in lock-step. Evaluation reads every sample exactly once. Both skip damaged shards and samples,
+and images of another size than the split's, with a warning.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import io
 import itertools
 import json
 import random
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from imgen_cli.errors import RunError, UserError
 MANIFEST = "manifest.json"
 FORMAT = "imgen-shards"
 FORMAT_VERSION = 1
+SHARD_NAME = re.compile(r"[\w.-]+\.tar")
 
 
 @dataclass(frozen=True)
@@ -53,11 +56,34 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise UserError(f"{directory} has no {MANIFEST}; make shards with `imgen tokenize SRC --out {directory}`.")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (ValueError, RecursionError) as err:  # not text, not JSON, or nested too deep to parse
         raise UserError(f"{path} is not valid JSON ({err}).") from None
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{path} is not an imgen shard manifest.")
+    damage = _manifest_damage(manifest)
+    if damage:
+        raise UserError(f"{path} is damaged ({damage}); make it again with `imgen tokenize SRC --out {directory}`.")
     return manifest
+
+
+def _manifest_damage(manifest: dict[str, Any]) -> str | None:
+    """What is wrong with the fields imgen reads from a manifest, if anything."""
+    if not isinstance(manifest.get("image_size"), int):
+        return "image_size is not a number of pixels"
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or not all(isinstance(info, dict) for info in splits.values()):
+        return "splits is not a table of splits"
+    for split, info in splits.items():
+        if not isinstance(info.get("count"), int):
+            return f"splits.{split}.count is not a number"
+        shards = info.get("shards")
+        # bare file names: a name like "pipe:CMD" in a manifest of the current directory would run CMD
+        if not isinstance(shards, list) or not all(isinstance(s, str) and SHARD_NAME.fullmatch(s) for s in shards):
+            return f"splits.{split}.shards is not a list of .tar file names"
+    tokenizer = manifest.get("tokenizer")
+    if tokenizer is not None and not (isinstance(tokenizer, dict) and {"run", "step", "hash"} <= tokenizer.keys()):
+        return "tokenizer lacks its run, step or hash"
+    return None
 
 
 def open_shards(spec: str, split: str) -> ShardSet:
@@ -121,9 +147,18 @@ def _decode_sample(sample: dict[str, Any], rng: random.Random | None) -> dict[st
 
 
 def read_captions(shards: ShardSet) -> list[str]:
-    """The first caption of every sample, in shard order, without decoding any image."""
-    pipeline = wds.DataPipeline(wds.SimpleShardList(shards.urls), wds.tarfile_to_samples())
-    return [_choose_caption(sample, None) for sample in pipeline]
+    """The first caption of every sample, in shard order, without decoding any image; damaged shards and
+    samples are skipped with a warning."""
+    budget = _FailureBudget()
+    captions = []
+    for sample in wds.DataPipeline(wds.SimpleShardList(shards.urls), wds.tarfile_to_samples(handler=budget.handler)):
+        try:
+            captions.append(_choose_caption(sample, None))
+        except Exception as err:  # not JSON, or no caption
+            budget.handler(err)
+            continue
+        budget.ok()
+    return captions
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -204,7 +239,34 @@ class _FailureBudget:
         self.in_a_row = 0
 
 
-def _sample_stage(seed: int, rank: int, batch_size: int, skip_batches: int, budget: _FailureBudget):
+def _decoded(samples: Iterator[dict[str, Any]], rng: random.Random | None, image_size: int | None,
+             budget: _FailureBudget, to_skip: int = 0) -> Iterator[dict[str, Any]]:
+    """Decoded samples; the damaged ones, and images of another size than the split's (which batching could
+    not stack), are skipped through `budget`. A split without a manifest takes its first image's size.
+
+    The first `to_skip` samples are dropped undecoded, after the same caption draw decoding would make.
+    """
+    shape = (3, image_size, image_size) if image_size else None
+    for sample in samples:
+        try:
+            if to_skip:
+                _choose_caption(sample, rng)
+                to_skip -= 1
+                continue
+            decoded = _decode_sample(sample, rng)
+            found = tuple(decoded["image"].shape)
+            shape = shape or found
+            if found != shape:
+                raise ValueError(f"sample {decoded['key']} is {found[2]}x{found[1]} pixels, not {shape[2]}x{shape[1]}")
+        except Exception as err:  # a damaged sample must not stop a week-long run
+            budget.handler(err)
+            continue
+        budget.ok()
+        yield decoded
+
+
+def _sample_stage(seed: int, rank: int, batch_size: int, skip_batches: int, image_size: int | None,
+                  budget: _FailureBudget):
     """Decode + random caption choice, with a per-worker RNG created where the worker runs.
 
     To fast-forward past `skip_batches` batches each worker drops its role's share of them before
@@ -216,18 +278,7 @@ def _sample_stage(seed: int, rank: int, batch_size: int, skip_batches: int, budg
         worker, num_workers = _worker_role(skip_batches)
         rng = random.Random(_stream_seed(seed, rank, worker, 1))
         to_skip = len(range(worker, skip_batches, num_workers)) * batch_size
-        for sample in samples:
-            try:
-                if to_skip:  # the same caption draw as decoding would make, without decoding the image
-                    _choose_caption(sample, rng)
-                    to_skip -= 1
-                    continue
-                decoded = _decode_sample(sample, rng)
-            except Exception as err:  # a damaged sample must not stop a week-long run
-                budget.handler(err)
-                continue
-            budget.ok()
-            yield decoded
+        return _decoded(samples, rng, image_size, budget, to_skip)
 
     return stage
 
@@ -258,7 +309,7 @@ def train_loader(
         RankShardSampler(shards.urls, seed, rank, world_size, start_batch),
         wds.tarfile_to_samples(handler=budget.handler),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(_stream_seed(seed, rank, 2))),
-        _sample_stage(seed, rank, batch_size, start_batch, budget),
+        _sample_stage(seed, rank, batch_size, start_batch, shards.image_size, budget),
         wds.batched(batch_size, collation_fn=collate, partial=False),
     )
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers,
@@ -280,12 +331,14 @@ def exact_loader(shards: ShardSet, batch_size: int, *, rank: int = 0, world_size
     """Every sample of the split exactly once, in shard order; rank r takes samples r, r + world_size, ...
 
     Splitting by sample rather than by shard keeps the ranks' counts within one of each other
-    however few shards there are (each rank reads, but does not decode, the others' samples).
+    however few shards there are (each rank reads, but does not decode, the others' samples), damaged
+    samples aside: those are skipped with a warning, as in training.
     """
+    budget = _FailureBudget()
     return wds.DataPipeline(
         wds.SimpleShardList(shards.urls),
-        wds.tarfile_to_samples(),
+        wds.tarfile_to_samples(handler=budget.handler),
         _every_nth(world_size, rank),
-        wds.map(functools.partial(_decode_sample, rng=None)),
+        functools.partial(_decoded, rng=None, image_size=shards.image_size, budget=budget),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
