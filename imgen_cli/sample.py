@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from imgen_cli.data.sources import open_rgb
 from imgen_cli.errors import UserError
 from imgen_cli.nn.transformer import cached_context
 
@@ -124,9 +125,10 @@ def save_images(images: Tensor, prompts: list[str], out_dir: Path, per_row: int)
 def load_image(path: Path, size: int) -> Tensor:
     """An image file -> [1, 3, size, size] in [0, 1], centre-cropped to a square, then resized."""
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-    except OSError as err:
+        img = open_rgb(path)
+    except Image.DecompressionBombError:
+        raise UserError(f"{path} is too large: more than {Image.MAX_IMAGE_PIXELS} pixels.") from None
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's ways of saying truncated / not an image
         raise UserError(f"cannot read {path} as an image: {err}.") from None
     side = min(img.size)
     left, top = (img.width - side) // 2, (img.height - side) // 2
@@ -155,6 +157,8 @@ def region_mask(size: int, mask_path: Path | None, box: str | None, keep_box: st
     if len(given) > 1:
         raise UserError(f"give one of --mask, --box and --keep-box, not {' and '.join(given)}.")
     if mask_path is not None:
+        if mask_path.is_dir():
+            raise UserError(f"--mask {mask_path} is a directory, not an image.")
         if not mask_path.is_file():
             raise UserError(f"--mask {mask_path} does not exist.")
         mask = load_image(mask_path, size).mean(1, keepdim=True) >= 0.5

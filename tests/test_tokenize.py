@@ -137,5 +137,5 @@ def test_tokenize_natural_size_and_errors(shapes_coco: Path, tmp_path: Path) -> 
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no images"):
         tokenize(tmp_path / "empty", tmp_path / "x")
-    with pytest.raises(UserError, match="--out must differ"):
+    with pytest.raises(UserError, match="holds the source"):
         tokenize(tmp_path / "auto", tmp_path / "auto")

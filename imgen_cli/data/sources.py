@@ -2,7 +2,8 @@
 
 Each reader yields `SourceItem`s in a fixed order (so the shards written from them are reproducible);
 the pixels are decoded later, in worker processes, by `prepare_image`. Problems that belong to one
-image (unreadable, truncated, oversized, no caption) are reported as `Skip` and counted, never raised.
+image (unreadable, truncated, oversized, no caption) are reported as `Skip` and counted, never raised;
+so is the damaged rest of a truncated source shard.
 """
 
 from __future__ import annotations
@@ -15,13 +16,18 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 from imgen_cli.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SKIP_REASONS = ("corrupt", "oversized", "no_caption", "missing")
+# A tar header can claim any size (a sparse member claims gigabytes in a few bytes) and reading a member
+# allocates all of it; no image within the default max_pixels, nor its caption, comes near this.
+MAX_MEMBER_BYTES = 512 << 20
 
 
 @dataclass
@@ -74,24 +80,30 @@ def _read_coco(path: Path) -> Source:
     items: list[SourceItem] = []
     for split in ("train", "val"):
         ann_path = path / "annotations" / f"captions_{split}2017.json"
-        if not ann_path.is_file():
-            continue
-        try:
-            ann = json.loads(ann_path.read_text())
-            images, annotations = ann["images"], ann["annotations"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise UserError(f"{ann_path} is not a COCO captions file ({err}).") from None
+        if ann_path.is_file():
+            items += _coco_split(path, split, ann_path)
+    return Source("coco", path, iter(items), len(items))
+
+
+def _coco_split(path: Path, split: str, ann_path: Path) -> list[SourceItem]:
+    try:
+        ann = json.loads(ann_path.read_text())
         captions: dict[int, list[str]] = {}
-        for a in annotations:
+        for a in ann["annotations"]:
             captions.setdefault(a["image_id"], []).append(a["caption"])
-        for img in sorted(images, key=lambda i: i["id"]):
+        items = []
+        for img in sorted(ann["images"], key=lambda i: i["id"]):
             file = path / f"{split}2017" / img["file_name"]
             caps = _clean_captions(captions.get(img["id"], []))
             skip = None if caps else "no_caption"
             if skip is None and not file.is_file():
                 skip = "missing"
             items.append(SourceItem(split, str(img["id"]), caps, path=str(file), skip=skip))
-    return Source("coco", path, iter(items), len(items))
+    except KeyError as err:
+        raise UserError(f"{ann_path} is not a COCO captions file (an entry lacks {err}).") from None
+    except (ValueError, TypeError, RecursionError) as err:  # not JSON, or a list or field of the wrong type
+        raise UserError(f"{ann_path} is not a COCO captions file ({err}).") from None
+    return items
 
 
 # --- a folder of images with same-named .txt captions ------------------------------------------------
@@ -126,35 +138,44 @@ def _iter_shards(shards: list[Path], val_fraction: float) -> Iterator[SourceItem
         fixed_split = "val" if shard.name.startswith("val") else "train" if shard.name.startswith("train") else None
         try:
             with tarfile.open(shard) as tar:
-                groups: dict[str, dict[str, bytes]] = {}
-                order: list[str] = []
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    base = member.name.rsplit("/", 1)[-1]
-                    key, _, ext = base.partition(".")
-                    prefix = member.name[: len(member.name) - len(base)]
-                    key = prefix + key
-                    if key not in groups:
-                        groups[key] = {}
-                        order.append(key)
-                    groups[key][ext.lower()] = tar.extractfile(member).read()
-        except (tarfile.TarError, OSError, EOFError) as err:
-            raise UserError(f"shard {shard} is unreadable ({err}).") from None
-        for key in order:
-            yield _shard_item(shard, key, groups[key], fixed_split, val_fraction)
+                for key, files in _shard_samples(tar):
+                    yield _shard_item(shard, key, files, fixed_split, val_fraction)
+        except (tarfile.TarError, OSError, EOFError):
+            # truncated or not a tar: the samples before the damage stand, the rest counts as one corrupt item
+            yield SourceItem(fixed_split or "train", shard.name, [], skip="corrupt")
 
 
-def _shard_item(shard: Path, key: str, files: dict[str, bytes], fixed_split: str | None,
+def _shard_samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes | None]]]:
+    """(key, {extension: bytes}) per sample, in tar order. A sample's files are contiguous, as webdataset
+    writes and reads them; a file over MAX_MEMBER_BYTES is not read (None)."""
+    key, files = None, {}
+    for member in tar:
+        if not member.isfile():
+            continue
+        base = member.name.rsplit("/", 1)[-1]
+        stem, _, ext = base.partition(".")
+        member_key = member.name[: len(member.name) - len(base)] + stem
+        if member_key != key:
+            if key is not None:
+                yield key, files
+            key, files = member_key, {}
+        files[ext.lower()] = tar.extractfile(member).read() if member.size <= MAX_MEMBER_BYTES else None
+    if key is not None:
+        yield key, files
+
+
+def _shard_item(shard: Path, key: str, files: dict[str, bytes | None], fixed_split: str | None,
                 val_fraction: float) -> SourceItem:
     source_id = f"{shard.name}/{key}"
     split = fixed_split or hash_split(source_id, val_fraction)
-    meta = {}
-    if "json" in files:
-        try:
-            meta = json.loads(files["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            meta = {}
+    if None in files.values():
+        return SourceItem(split, source_id, [], skip="oversized")
+    try:
+        meta = json.loads(files["json"]) if "json" in files else {}
+    except (ValueError, RecursionError):  # not JSON (too deeply nested, even)
+        meta = {}
+    if not isinstance(meta, dict):  # JSON, but a list or a string
+        meta = {}
     caps = meta.get("captions") if isinstance(meta.get("captions"), list) else []
     if not caps and "txt" in files:
         caps = files["txt"].decode("utf-8", errors="replace").splitlines()
@@ -195,26 +216,54 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+def open_rgb(file: str | Path | IO[bytes]) -> Image.Image:
+    """An image file as upright 8-bit RGB, decoded in full.
+
+    EXIF orientation is applied. Greyscale of more than 8 bits is scaled down, where PIL's convert would clip
+    it to white: integers (modes I;16, I) are read as 16-bit, 0..65535; floats (mode F) as 0..1; an image with
+    values outside that range is stretched from its own minimum to its maximum instead.
+    Raises Image.DecompressionBombError for more than Image.MAX_IMAGE_PIXELS pixels (PIL itself only warns
+    up to twice that), and PIL's OSError, SyntaxError or ValueError for a file that is not a whole image.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(file)
+        except Image.DecompressionBombWarning as warning:
+            raise Image.DecompressionBombError(str(warning)) from None
+    with img:
+        upright = ImageOps.exif_transpose(img)  # a decoded copy
+    if upright.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        upright = _to_8bit(upright)
+    if upright.mode == "P":  # PIL asks for palette images (which may hold transparency) to go through RGBA
+        upright = upright.convert("RGBA")
+    return upright.convert("RGB")
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """A 16-bit or 32-bit greyscale image as 8-bit L; see open_rgb for the rule."""
+    values = np.nan_to_num(np.asarray(img, dtype=np.float64))
+    low, high = 0.0, 1.0 if img.mode == "F" else 65535.0
+    if values.min() < low or values.max() > high:
+        low, high = values.min(), values.max()
+    scaled = (values - low) * (255 / max(high - low, 1e-12))
+    return Image.fromarray(np.round(scaled).astype(np.uint8), "L")
+
+
 def prepare_image(item: SourceItem, size: int, max_pixels: int) -> PreparedImage | Skip:
     """Decode, check and resize one image; every per-image failure becomes a counted Skip."""
     if item.skip:
         return Skip(item.skip, item.source_id)
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        with warnings.catch_warnings():
-            # PIL only warns between max_pixels and twice that; treat both as an oversized image
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(item.path if item.data is None else io.BytesIO(item.data))
-            img.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        img = open_rgb(item.path if item.data is None else io.BytesIO(item.data))
+    except Image.DecompressionBombError:
         return Skip("oversized", item.source_id)
     except FileNotFoundError:
         return Skip("missing", item.source_id)
     except (OSError, SyntaxError, ValueError):  # PIL's ways of saying truncated / not an image
         return Skip("corrupt", item.source_id)
     original = img.size
-    if img.mode != "RGB":
-        img = img.convert("RGBA").convert("RGB") if img.mode == "P" else img.convert("RGB")
     img = resize_center_crop(img, size)
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)

@@ -1,8 +1,8 @@
 """`imgen tokenize`: a dataset (COCO dir, image+caption folder, shards) to train/val WebDataset shards.
 
 Images are decoded and resized in a process pool, but written in source order, so the shards are
-byte-identical whatever the number of workers. The manifest is written last: a directory without
-one is an unfinished run.
+byte-identical whatever the number of workers. They are written into a hidden directory beside `--out`
+and moved into it only once complete, the manifest last: a directory without one is an unfinished run.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ import io
 import itertools
 import json
 import multiprocessing
+import os
+import shutil
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -25,11 +28,12 @@ from PIL import Image
 
 import imgen_cli
 from imgen_cli.data import shards as shard_format
-from imgen_cli.data.sources import SKIP_REASONS, PreparedImage, Skip, SourceItem, open_source, prepare_image
+from imgen_cli.data.sources import SKIP_REASONS, PreparedImage, Skip, Source, SourceItem, open_source, prepare_image
 from imgen_cli.errors import UserError
 from imgen_cli.runs import write_json_atomic
 
 SPLITS = ("train", "val")
+MIN_SIZE, MAX_SIZE = 8, 4096  # --size; a batch of 4096px images in flight is already gigabytes
 
 
 @dataclass
@@ -88,12 +92,36 @@ def _natural_size(src: str | Path, val_fraction: float, max_pixels: int) -> int:
     raise UserError(f"{src} holds no readable image with a caption.")
 
 
-def _clear_previous(out: Path) -> None:
-    for name in (shard_format.MANIFEST, "sizes.json"):
-        (out / name).unlink(missing_ok=True)
-    for split in SPLITS:
-        for tar in out.glob(f"{split}-*.tar"):
-            tar.unlink()
+def _check_paths(src: Path, out: Path) -> None:
+    """--out is replaced at the end of the run, so it must not hold the source."""
+    source, target = src.resolve(), out.resolve()
+    if target == source or target in source.parents:
+        raise UserError(f"--out {out} holds the source {src}; write the shards to another directory.")
+    if target.exists() and not target.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory.")
+
+
+def _previous_outputs(out: Path) -> list[Path]:
+    """What an earlier tokenize wrote into `out` (its other files are not imgen's to touch)."""
+    names = [shard_format.MANIFEST, "sizes.json", *(f"{split}-*.tar" for split in SPLITS)]
+    return [path for name in names for path in out.glob(name)]
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move the finished shards from `staging` into `out`, replacing an earlier run's.
+
+    The old manifest goes first and the new one comes last, so no reader ever takes the directory for
+    complete while its shards are being replaced; the old shards are deleted only after the new ones are in.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    (out / shard_format.MANIFEST).unlink(missing_ok=True)
+    new = sorted(p.name for p in staging.iterdir() if p.name != shard_format.MANIFEST)
+    for name in new:
+        os.replace(staging / name, out / name)
+    for old in _previous_outputs(out):
+        if old.name not in new:
+            old.unlink()
+    os.replace(staging / shard_format.MANIFEST, out / shard_format.MANIFEST)
 
 
 def tokenize(
@@ -113,24 +141,41 @@ def tokenize(
 
     `size` None takes the source's own image size, at most 256. With `tokens`, every sample also gets
     `{key}.vq.npy`, its image's token grid, and the manifest records the tokenizer.
+
+    The shards are written into a hidden directory beside `out` and moved into `out` only once complete:
+    a failed run leaves an earlier run's shards in `out` as they were.
     """
+    out = Path(out)
+    _check_paths(Path(src), out)
     if size is None:
         size = _natural_size(src, val_fraction, max_pixels)
-    if size < 8:
-        raise UserError(f"--size must be at least 8 pixels, got {size}.")
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise UserError(f"--size must be between {MIN_SIZE} and {MAX_SIZE} pixels, got {size}.")
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}.")
-    out = Path(out)
-    src_path = Path(src)
-    if src_path.exists() and out.exists() and out.resolve() == src_path.resolve():
-        raise UserError("--out must differ from the source directory.")
     source = open_source(src, val_fraction)
     on_total(source.total)
-    out.mkdir(parents=True, exist_ok=True)
-    _clear_previous(out)
+    beside = out.resolve().parent  # the same filesystem, so moving the finished shards in is a rename
+    beside.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.resolve().name}.partial-", dir=beside))
+    try:
+        try:
+            manifest = _write_shards(source, staging, size=size, workers=workers, shard_size=shard_size,
+                                     max_pixels=max_pixels, tokens=tokens, on_item=on_item)
+        except OSError as err:  # a full disk, most likely
+            reason = err.strerror or err
+            raise UserError(f"writing the shards failed ({reason}); nothing in {out} was changed.") from None
+        _publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
 
+
+def _write_shards(source: Source, staging: Path, *, size: int, workers: int, shard_size: int, max_pixels: int,
+                  tokens: TokenEncoder | None, on_item: Callable[[], None]) -> dict[str, Any]:
+    """The shards, sizes.json and manifest.json of `source` in `staging`; returns the manifest."""
     started = time.time()
-    writers = {s: _SplitWriter(out, s, shard_size) for s in SPLITS}
+    writers = {s: _SplitWriter(staging, s, shard_size) for s in SPLITS}
     skipped: Counter[str] = Counter()
     skipped_examples: list[str] = []
     index = 0
@@ -172,13 +217,13 @@ def tokenize(
             w.close()
 
     if not writers["train"].sizes:
-        raise UserError(f"{src} gave no usable training images ({_skip_text(skipped)}).")
+        raise UserError(f"{source.path} gave no usable training images ({_skip_text(skipped)}).")
     sizes = {name: n for w in writers.values() for name, n in w.sizes.items()}
     manifest = {
         "format": shard_format.FORMAT,
         "version": shard_format.FORMAT_VERSION,
         "imgen_version": imgen_cli.__version__,
-        "source": {"kind": source.kind, "path": str(Path(src).resolve())},
+        "source": {"kind": source.kind, "path": str(source.path.resolve())},
         "image_size": size,
         "splits": {s: {"count": sum(w.sizes.values()), "shards": sorted(w.sizes)} for s, w in writers.items()},
         "skipped": {reason: skipped.get(reason, 0) for reason in SKIP_REASONS},
@@ -186,8 +231,8 @@ def tokenize(
         "tokenizer": tokens.record if tokens else None,
         "seconds": round(time.time() - started, 2),
     }
-    write_json_atomic(out / "sizes.json", sizes)
-    write_json_atomic(out / shard_format.MANIFEST, manifest)
+    write_json_atomic(staging / "sizes.json", sizes)
+    write_json_atomic(staging / shard_format.MANIFEST, manifest)
     return manifest
 
 
