@@ -75,7 +75,7 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    shards: str = "shards"  # a tokenize output dir (with manifest.json), or a shard list: glob, {a..b}, pipe:
+    shards: str = "shards"  # a tokenize output dir, or a shard list: glob, {a..b}, pipe:CMD (runs CMD in a shell)
     num_workers: int = 2
     shuffle_buffer: int = 1000
     # on resume: "replay" fast-forwards the stream past the batches already seen (exact: the run continues
