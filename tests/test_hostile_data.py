@@ -23,7 +23,7 @@ from imgen_cli.sample import load_image, region_mask
 
 
 def invoke(*args: str):
-    return CliRunner().invoke(app, list(args), env={"COLUMNS": "250"})
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "1000"})  # long temporary paths: no wrapping
 
 
 def fails_in_one_sentence(result) -> str:

@@ -14,6 +14,7 @@ and images of another size than the split's, with a warning.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import glob
 import hashlib
@@ -22,6 +23,8 @@ import itertools
 import json
 import random
 import re
+import signal
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -62,7 +65,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise UserError(f"{path} is not an imgen shard manifest.")
     damage = _manifest_damage(manifest)
     if damage:
-        raise UserError(f"{path} is damaged ({damage}); make it again with `imgen tokenize SRC --out {directory}`.")
+        raise UserError(f"{path} is damaged ({damage}); make the shards again with `imgen tokenize`.")
     return manifest
 
 
@@ -283,6 +286,13 @@ def _sample_stage(seed: int, rank: int, batch_size: int, skip_batches: int, imag
     return stage
 
 
+def _die_with_parent(worker_id: int) -> None:
+    """Ask Linux to kill this loader worker when the trainer dies: torch's own check runs only between
+    samples, so a worker busy with a large batch outlived a trainer killed by the kernel for minutes."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 def train_loader(
     shards: ShardSet,
     batch_size: int,
@@ -313,7 +323,7 @@ def train_loader(
         wds.batched(batch_size, collation_fn=collate, partial=False),
     )
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers,
-                           persistent_workers=num_workers > 0)
+                           persistent_workers=num_workers > 0, worker_init_fn=_die_with_parent)
     return loader.with_epoch(batches)
 
 
