@@ -91,6 +91,8 @@ class TrainedModel:
 def load_trained(ckpt: str | None, device: Any = "cpu", ema: bool = True, runs_root: str = "runs",
                  flag: str = "--ckpt") -> TrainedModel:
     """`--ckpt RUN` (or the newest run) -> the family's network with the checkpoint's weights, ready to use."""
+    from safetensors import SafetensorError
+
     from imgen_cli.config import from_dict
     from imgen_cli.runs import resolve_run
 
@@ -100,7 +102,13 @@ def load_trained(ckpt: str | None, device: Any = "cpu", ema: bool = True, runs_r
     config = from_dict(saved, family.config_cls())
     model = family.build(config.model)
     try:
-        model.load_state_dict(checkpoint.load_weights(ema=ema))
+        weights = checkpoint.load_weights(ema=ema)
+    except (SafetensorError, OSError) as err:  # a garbage header, data cut short, an unreadable file
+        name = "ema.safetensors" if ema else "model.safetensors"
+        raise UserError(f"{checkpoint.path / name} is damaged: {err}.",
+                        hint=f"An earlier checkpoint may be intact: --ckpt {run.path}/checkpoints/step-N.") from None
+    try:
+        model.load_state_dict(weights)
     except RuntimeError as err:  # weights from another version of the family's network
         detail = " ".join(str(err).split("\n", 1)[-1].split())[:300]
         raise UserError(f"{checkpoint.path} does not fit the {family.name} network of this imgen version "

@@ -5,8 +5,9 @@ are the prompts (the first caption of each sample, cycled to `n`) and the R-prec
 The generated side is either a run's `generate` (the family contract), evaluated at each requested
 step count, or a folder of images with a prompts file.
 
-Reference features are cached next to the shards, keyed by the feature extractor's id and the shard
-files, so a second evaluation against the same data only computes the generated side. Under torchrun
+Reference features are cached next to the shards, keyed by the feature extractor's id (which carries a
+hash of its weights) and the shard files, so a second evaluation against the same data with the same
+network only computes the generated side. Under torchrun
 each rank generates and scores its share (batch b belongs to rank b % world and is seeded from the
 seed and b alone, so the images do not depend on the world size); torchmetrics sums the states
 across ranks in `compute`.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -35,6 +37,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch import Tensor, nn
 
+from imgen_cli import pretrained
 from imgen_cli.data import shards as shard_io
 from imgen_cli.errors import UserError
 from imgen_cli.eval import features as feats
@@ -42,6 +45,7 @@ from imgen_cli.sample import Speed, batch_generator, load_image
 from imgen_cli.train.distributed import DistEnv, gather_objects
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+SAMPLE_GRID = "grid.png"  # the contact sheet `imgen sample` writes beside its images (sample.save_images): not one
 Progress = Callable[[str, int], contextlib.AbstractContextManager]
 
 
@@ -92,7 +96,7 @@ class ImageFolder:
         directory = Path(directory)
         if not directory.is_dir():
             raise UserError(f"--images {directory} is not a directory.")
-        paths = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.name != SAMPLE_GRID)
         if not paths:
             raise UserError(f"--images {directory} holds no {'/'.join(IMAGE_SUFFIXES)} files.")
         if prompts_file is None:
@@ -191,13 +195,14 @@ class Metrics:
         from torchmetrics.image.kid import KernelInceptionDistance
 
         self.metrics: dict[str, Any] = {}
+        if (req.fid or req.kid) and min(n_real, n_fake) < 2:  # a covariance (FID) or a kernel mean (KID) of one
+            raise UserError(f"{'FID' if req.fid else 'KID'} needs at least 2 images per side, got {n_real} real "
+                            f"and {n_fake} generated.")
         if req.fid:
             self.metrics["fid"] = FrechetInceptionDistance(feature=_FeaturesOrImages(extractor), normalize=True,
                                                            reset_real_features=False)
         if req.kid:
             subset = min(req.kid_subset_size, n_real, n_fake)
-            if subset < 2:
-                raise UserError(f"KID needs at least 2 images per side, got {n_real} real and {n_fake} generated.")
             with warnings.catch_warnings():  # keeping every feature is what KID is; no need to say so
                 warnings.simplefilter("ignore", UserWarning)
                 self.metrics["kid"] = KernelInceptionDistance(feature=_FeaturesOrImages(extractor), normalize=True,
@@ -287,6 +292,23 @@ def _reference_cache(shards: shard_io.ShardSet, extractor_id: str) -> Path | Non
     return first.parent / ".imgen-cache" / f"reference-{slug}-{digest}.pt"
 
 
+def _read_reference_cache(cache: Path, extractor_id: str, note: Callable[[str], None]) -> Tensor | None:
+    """The cached reference features if `cache` holds this extractor's; a damaged file or another extractor's
+    features are recomputed (and the file rewritten), never used."""
+    if not cache.is_file():
+        return None
+    try:
+        cached = torch.load(cache, map_location="cpu", weights_only=True)
+    except Exception as err:  # a crafted, truncated or foreign file: each is simply not a usable cache
+        note(f"recomputing the reference features: {cache} cannot be loaded ({pretrained.unloadable(err)})")
+        return None
+    if not (isinstance(cached, dict) and cached.get("extractor") == extractor_id
+            and isinstance(cached.get("features"), Tensor)):
+        note(f"recomputing the reference features: {cache} does not hold those of {extractor_id}")
+        return None
+    return cached["features"]
+
+
 def _sum(value: float, env: DistEnv) -> float:
     if not env.distributed:
         return value
@@ -313,9 +335,9 @@ def evaluate(req: EvalRequest, shards_spec: str, env: DistEnv, progress: Progres
                      else feats.InceptionFeatures(feats.inception_weights_path(req.inception_weights)))
         extractor = extractor.to(device).eval()
     prompts = folder.prompts if folder is not None else [captions[i % len(captions)] for i in range(req.n)]
-    if model is not None and len(prompts) < env.world_size * req.batch_size:
-        raise UserError(f"--n {len(prompts)} gives some of the {env.world_size} ranks no batch of {req.batch_size}; "
-                        f"raise --n or lower --batch-size.")
+    if model is not None and math.ceil(len(prompts) / req.batch_size) < env.world_size:
+        raise UserError(f"--n {len(prompts)} in batches of {req.batch_size} gives some of the {env.world_size} ranks "
+                        f"no batch; raise --n or lower --batch-size.")
     metrics = Metrics(req, extractor, clip, len(captions), len(prompts), device)
     rprec = RPrecision(clip, captions, req.r, req.seed, req.batch_size) if req.r_precision else None
 
@@ -364,12 +386,11 @@ def _score_real(req: EvalRequest, shards: shard_io.ShardSet, env: DistEnv, progr
     """One pass over the real val images: FID/KID reference (unless cached), the real R-precision ceiling
     and the real CLIP score."""
     cache = _reference_cache(shards, extractor.id) if extractor is not None else None
-    cached = None
-    if cache is not None and cache.is_file():
-        cached = torch.load(cache, map_location="cpu", weights_only=True)
+    cached = _read_reference_cache(cache, extractor.id, note) if cache is not None else None
+    if cached is not None:
         note(f"reference features from {cache}")
         # each rank feeds a share: the synced sums are the whole reference's, and no rank's KID list is empty
-        metrics.update_real(cached["features"][env.rank::env.world_size].to(env.device))
+        metrics.update_real(cached[env.rank::env.world_size].to(env.device))
     needs_pass = (extractor is not None and cached is None) or rprec is not None or req.clip_score
     real: dict[str, Any] = {}
     if not needs_pass:
