@@ -183,7 +183,7 @@ def test_eval_images_folder_end_to_end(tiny_clip: Path, eval_shards: Path, val_f
     assert row["r_precision"] > 0.3  # chance is 1/10
     assert report["real"]["clip_score"] == pytest.approx(row["clip_score"], abs=1e-3)
     assert report["feature_extractor"].startswith("clip:imgen-clip:clip@step150")
-    assert report["clip_model"] == "imgen-clip:clip@step150"
+    assert report["clip_model"].startswith("imgen-clip:clip@step150:sha256=")
     assert report["real_images"] == 48 and row["images"] == 48
     assert report["settings"]["features"] == "clip" and report["settings"]["r"] == 10
     assert report["seconds"] > 0

@@ -2,17 +2,23 @@
 
 Every feature extractor here takes images as float [0, 1] tensors of any square size and returns one
 vector per image, so torchmetrics gets it as a custom `feature` module and the evaluation code never
-cares which one it holds. Each has an `id` that names it completely (network and weights); scores and
-cached reference statistics are labelled with it.
+cares which one it holds. Each has an `id` that names it completely (network, and a hash of the weights' values
+rather than where they came from); scores and cached reference statistics are labelled with it.
 
 CLIP models come from three places, all behind one `--clip-model` value:
 - an imgen run of the `clip` family (`runs/clip`): the offline evaluator, trained on the user's shards;
-- `NAME:TAG`, an open_clip model with a pretrained tag (`ViT-B-32:openai`), loaded from the local caches;
+- `NAME:TAG`, an open_clip model with a published pretrained tag (`ViT-B-32:openai`): fetched from the Hugging
+  Face hub into its cache (`$HF_HOME/hub`) the first time, read from there afterwards; with `HF_HUB_OFFLINE=1`
+  only the cache is used, and a tag not in it is a one-sentence error;
 - `NAME:/path/weights.pt` (or .safetensors), an open_clip architecture with weights from a local file.
+
+No weights file runs code when loaded: torch files are read with `weights_only=True` (see `imgen_cli.pretrained`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +26,7 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import Tensor, nn
 
+from imgen_cli import pretrained
 from imgen_cli.errors import UserError
 from imgen_cli.models.clip import preprocess
 
@@ -41,6 +48,16 @@ def inception_weights_path(given: str | None) -> Path:
     return cached
 
 
+def weights_digest(module: nn.Module) -> str:
+    """12 hex digits of sha256 over every tensor of the module's state: the ids name the weights themselves, so
+    two CLIP runs both called `clip` at step 2 never share cached reference features."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:12]
+
+
 class InceptionFeatures(nn.Module):
     """torch-fidelity's InceptionV3 pool features (2048-d), resized the TF1 way (`antialias=False`), so
     scores are comparable with published FIDs."""
@@ -49,10 +66,21 @@ class InceptionFeatures(nn.Module):
         super().__init__()
         from torchmetrics.image.fid import NoTrainInceptionV3
 
-        self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                      feature_extractor_weights_path=str(weights), antialias=False)
+        state = pretrained.load_state_dict(weights, "the InceptionV3 weights file")
+        # torch-fidelity's constructor unpickles the weights file it is given with weights_only=False (it would
+        # run a crafted file's code), and there is no constructor without weights: it gets an in-memory copy of
+        # the tensors loaded safely above
+        copy = io.BytesIO()
+        torch.save(state, copy)
+        copy.seek(0)
+        try:
+            self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                          feature_extractor_weights_path=copy, antialias=False)
+        except RuntimeError as err:  # load_state_dict: missing, unexpected or misshapen tensors
+            detail = " ".join(str(err).split("\n", 1)[-1].split())[:200]
+            raise UserError(f"{weights} is not torch-fidelity's InceptionV3 state dict ({detail}).") from None
         self.num_features = 2048
-        self.id = f"inception-v3-compat:{weights.name}:antialias=False"
+        self.id = f"inception-v3-compat:{weights.name}:sha256={weights_digest(self.net)}:antialias=False"
 
     def forward(self, images: Tensor) -> Tensor:
         uint8 = (images.clamp(0, 1) * 255).round().to(torch.uint8)
@@ -82,7 +110,7 @@ class OpenClipModel(nn.Module):
 
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.id = name
+        self.id = f"{name}:sha256={weights_digest(model)}"
         cfg = open_clip.get_model_preprocess_cfg(model)
         size = cfg.get("size", 224)
         self.image_size = size if isinstance(size, int) else size[0]
@@ -127,18 +155,32 @@ def load_clip(spec: str | None, device: torch.device | str, runs_root: str = "ru
 
 def _open_clip(name: str, source: str, device: torch.device | str) -> OpenClipModel:
     import open_clip
+    from huggingface_hub import constants
 
     if name not in open_clip.list_models():
         raise UserError(f"--clip-model: {name!r} is not an open_clip model name (see open_clip.list_models()).")
-    is_file = Path(source).expanduser().suffix in (".pt", ".pth", ".bin", ".safetensors")
-    if is_file and not Path(source).expanduser().is_file():
+    path = Path(source).expanduser()
+    is_file = path.suffix in (".pt", ".pth", ".bin", ".safetensors")
+    if is_file and not path.is_file():
         raise UserError(f"--clip-model {name}:{source}: the weights file does not exist.")
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if not is_file and source not in tags:
+        raise UserError(f"--clip-model {name}:{source}: {source!r} is neither a weights file (.pt, .pth, .bin, "
+                        f".safetensors) nor a pretrained tag of {name} ({', '.join(tags) or 'it has none'}).")
     try:
-        model = open_clip.create_model(name, pretrained=str(Path(source).expanduser()) if is_file else source,
-                                       device=device)
-    except Exception as err:  # offline hub misses, unknown tags and bad files all surface here
-        reason = " ".join(str(err).split())[:200]
-        raise UserError(f"could not load open_clip {name} with pretrained {source!r}: {reason}",
-                        hint="Offline, give the weights as a local file (NAME:/path/weights.pt) or use an imgen "
-                             "clip run (imgen train --model clip).") from None
+        with pretrained.open_clip_logs_silenced():
+            model = open_clip.create_model(name, pretrained=str(path) if is_file else source)
+    # open_clip says "Failed to download weights for tag ..." when the hub has no answer and the cache no file;
+    # any other failure is the file's (a crafted pickle, a damaged or mismatched checkpoint)
+    except Exception as err:
+        if is_file or "Failed to download" not in str(err):
+            raise UserError(f"--clip-model {name}:{source} cannot be loaded: {pretrained.unloadable(err)}.") from None
+        if constants.HF_HUB_OFFLINE:
+            raise UserError(f"--clip-model {name}:{source} is not in the Hugging Face cache "
+                            f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set.",
+                            hint="Fetch it once online, or give the weights as a file: --clip-model "
+                                 f"{name}:/path/weights.pt.") from None
+        raise UserError(f"could not fetch --clip-model {name}:{source} from the Hugging Face hub into "
+                        f"{constants.HF_HUB_CACHE} (no connection?).",
+                        hint=f"Give the weights as a file instead: --clip-model {name}:/path/weights.pt.") from None
     return OpenClipModel(model, open_clip.get_tokenizer(name), f"{name}:{source}").to(device)

@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from imgen_cli import pretrained
 from imgen_cli.errors import UserError, require
 
 QUANTIZERS = ("cosine", "ema")
@@ -364,7 +365,7 @@ class _PerceptualDistance(nn.Module):
             raise UserError(f"model.perceptual_weights {weights} does not exist.",
                             "Give a local VGG16 state dict (torchvision's vgg16-397923af.pth); "
                             "imgen downloads nothing.")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = pretrained.load_state_dict(path, "model.perceptual_weights")
         state = {k.removeprefix("features."): v for k, v in state.items() if not k.startswith("classifier.")}
         features = torchvision.models.vgg16(weights=None).features[: self.LAYERS[-1] + 1]
         try:

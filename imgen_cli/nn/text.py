@@ -28,6 +28,7 @@ from open_clip.transformer import TextTransformer
 from torch import Tensor, nn
 
 from imgen_cli.errors import UserError
+from imgen_cli.pretrained import open_clip_logs_silenced, unloadable
 
 
 @dataclass
@@ -166,14 +167,15 @@ def _pretrained_tower(cfg: TextEncoderConfig) -> nn.Module:
         raise UserError(f"model.text_pretrained {pretrained} does not exist.",
                         "Give a local open_clip checkpoint file or a pretrained tag whose weights are cached.")
     try:
-        clip = open_clip.create_model(name, pretrained=pretrained or None)
+        with open_clip_logs_silenced():
+            clip = open_clip.create_model(name, pretrained=pretrained or None)
     # open_clip reports a failed download, an unknown tag and an unreadable or mismatched file with
     # several exception types; each is the same user-fixable problem
     except Exception as err:
-        raise UserError(f"could not load the {name} text encoder weights {pretrained!r}: "
-                        f"{str(err).splitlines()[0][:200]}",
-                        "imgen downloads nothing: give a local checkpoint file, or a tag already in the "
-                        "open_clip/Hugging Face cache.") from None
+        reason = unloadable(err) if looks_like_file else str(err).splitlines()[0][:200].rstrip(".")
+        raise UserError(f"could not load the {name} text encoder weights {pretrained!r}: {reason}.",
+                        "Give a local checkpoint file, or a published open_clip tag (fetched into the Hugging Face "
+                        "cache the first time; with HF_HUB_OFFLINE=1 only the cache is read).") from None
     # CLIP keeps the text modules at its top level under the tower's own names; CustomTextCLIP nests them
     state = (clip.text if isinstance(getattr(clip, "text", None), nn.Module) else clip).state_dict()
     state["positional_embedding"] = state["positional_embedding"][: cfg.text_context]
