@@ -5,6 +5,7 @@ Heavy imports (torch, webdataset) happen inside the commands so `imgen --help` s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -15,6 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from imgen_cli.errors import ImgenError, UserError
 
@@ -32,8 +34,9 @@ app = typer.Typer(
         "  imgen models                      # every family, its presets and status"
     ),
 )
-err = Console(stderr=True)
-out = Console()
+# markup off: paths, prompts and config values are printed as typed ("[/bad]" is a path, not a Rich tag)
+err = Console(stderr=True, markup=False)
+out = Console(markup=False)
 _state = {"debug": False}
 
 RUNS_ROOT = Path("runs")
@@ -49,9 +52,10 @@ def guarded(fn):
         except ImgenError as e:
             if _state["debug"]:
                 raise
-            err.print(f"[red]error:[/] {e}", highlight=False)
+            # soft wrap: the sentence stays one line, which the terminal folds, and a log keeps whole
+            err.print(Text.assemble(("error:", "red"), f" {e}"), highlight=False, soft_wrap=True)
             if e.hint:
-                err.print(e.hint, highlight=False)
+                err.print(e.hint, highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -71,6 +75,8 @@ SAMPLER_HELP = ("The family's sampler: VQ-Diffusion posterior | purity (Improved
 BF16_HELP = "Run the network under bfloat16 autocast (CPU or CUDA)."
 COMPILE_HELP = "torch.compile the network first (pays off over many batches)."
 CACHE_HELP = "Compute the prompts' cross-attention keys and values once per run, not per step (same images)."
+SEED_MAX = 2**31 - 1  # the generators are seeded with seed * 1_000_003 + batch, which must fit torch's 64 bits
+Seed = Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Same seed, same images.")]
 
 
 def recipes_dir() -> Path:
@@ -87,7 +93,7 @@ def synth(
     n: Annotated[int, typer.Option("--n", min=1, help="Training images.")] = 2000,
     n_val: Annotated[int | None, typer.Option("--val", min=0, help="Validation images \\[default: n/10].")] = None,
     size: Annotated[int, typer.Option("--size", min=16, max=1024, help="Image side in pixels.")] = 64,
-    seed: Annotated[int, typer.Option("--seed", help="Same seed, same bytes.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Same seed, same bytes.")] = 0,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Rendering processes.")] = 1,
 ) -> None:
     """Write the built-in [bold]shapes[/] world: captioned images in the real COCO 2017 captions layout."""
@@ -193,7 +199,7 @@ def train(
     recipe: Annotated[Path | None, typer.Option("--recipe", help="TOML recipe \\[default: recipes/shapes/MODEL.toml].")] = None,
     preset: Annotated[str | None, typer.Option("--preset", help="Size preset: tiny, small, base, ...")] = None,
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Total optimizer steps.")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Training seed.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", min=0, max=SEED_MAX, help="Training seed.")] = None,
     sets: Annotated[list[str] | None, typer.Option("--set", help="Override any key: --set train.lr=1e-4.")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 \\[default: cuda if present].")] = None,
     compile_model: Annotated[bool | None, typer.Option("--compile", help="torch.compile the model (train.compile).")] = None,
@@ -202,8 +208,10 @@ def train(
     """Train a model (one process, or every rank under torchrun). Re-running on an existing --out resumes it."""
     from imgen_cli import config as cfg_mod
     from imgen_cli import registry
-    from imgen_cli.runs import RunDir
+    from imgen_cli.runs import RunDir, pin_tokenizer
 
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file, not a run directory.")
     existing = RunDir(out_dir) if out_dir is not None and RunDir(out_dir).exists() else None
     if model is None:
         if existing is None:
@@ -227,7 +235,7 @@ def train(
         raise UserError(f"recipe {recipe} is for {recipe_values['family']}, not {model}.")
     cfg = cfg_mod.resolve(model, family.config_cls(), family.presets(), recipe=recipe_values, preset=preset,
                           sets=sets or [], flags={"data.shards": data, "train.steps": steps, "train.seed": seed,
-                                 "model.vq": str(Path(vq).resolve()) if vq else None,
+                                 "model.vq": pin_tokenizer(vq, existing) if vq else None,
                                  "train.compile": compile_model, "train.tensorboard": tensorboard})
     # bitdiff models tokens when given --vq; latent DiffiT encodes images itself (`reads_tokens` False)
     if family.needs_vq_tokens or (getattr(cfg.model, "vq", "") and getattr(cfg.model, "reads_tokens", True)):
@@ -239,9 +247,11 @@ def train(
     fresh_config = _checked_config(run, cfg)
     env = distributed.setup(device)
     try:
-        if env.is_main:
-            run.write_config(fresh_config)
-        result = run_train(cfg, run, env, err)
+        # rank 0 holds the run's lock (torchrun stops the other ranks if it cannot have it)
+        with run.lock() if env.is_main else contextlib.nullcontext():
+            if env.is_main:
+                run.write_config(fresh_config)
+            result = run_train(cfg, run, env, err)
     finally:
         distributed.teardown()
     if env.is_main and result.stopped_early:
@@ -278,11 +288,13 @@ def _run_config(cfg: Any) -> dict[str, Any]:
 
 
 def _checked_config(run: Any, cfg: Any) -> dict[str, Any]:
-    """The config.json to write; for an existing run, refuse changes to what is being trained."""
+    """The config.json to write; for a run with a checkpoint, refuse changes to what is being trained. A run
+    without one is new: a first start that failed before its first checkpoint must not block the corrected
+    command."""
     from imgen_cli.config import differences
 
     fresh = json.loads(json.dumps(_run_config(cfg)))
-    if run.exists():
+    if run.exists() and run.latest_checkpoint() is not None:
         changed = [d for d in differences(fresh, run.read_config())
                    if d.split(":")[0] not in RESUMABLE_KEYS | {"imgen_version"}]
         if changed:
@@ -321,7 +333,7 @@ def sample(
     truncation: Annotated[float | None, typer.Option("--truncation", help=TRUNCATION_HELP)] = None,
     sampler: Annotated[str | None, typer.Option("--sampler", help=SAMPLER_HELP)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images generated per forward batch.")] = 16,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Seed = 0,
     out_dir: Annotated[Path, typer.Option("--out", help="Where the PNGs, prompts.txt and grid.png go.")] = Path("samples"),
     device: Annotated[str | None, typer.Option("--device")] = None,
     bf16: Annotated[bool, typer.Option("--bf16", help=BF16_HELP)] = False,
@@ -334,6 +346,9 @@ def sample(
     from imgen_cli import sample as pipeline
     from imgen_cli.train.distributed import pick_device
 
+    pipeline.check_prompts(prompts)
+    pipeline.check_out_dir(out_dir)
+    step_counts = pipeline.parse_steps(steps)
     dev = pick_device(device)
     trained = _generator(ckpt, "sampling", dev)
     model, refiner = trained.model, None
@@ -341,7 +356,6 @@ def sample(
         refiner = _generator(super_res, "super-resolution", dev, flag="--sr").model
         pipeline.check_cascade(model, refiner)
     all_prompts = [p for p in prompts for _ in range(n)]
-    step_counts = _step_list(steps)
     speed = pipeline.Speed(cache_context=cache_context, bf16=bf16, compile=compile_model)
     for network in (model, refiner):
         if network is not None:
@@ -375,12 +389,12 @@ def edit(
     box: Annotated[str | None, typer.Option("--box", help="x0,y0,x1,y1: repaint inside this box (inpainting).")] = None,
     keep_box: Annotated[str | None, typer.Option("--keep-box", help="x0,y0,x1,y1: keep this box, repaint around it (outpainting).")] = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Edited versions to make.")] = 4,
-    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Sampler steps \\[default: the family's].")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Sampler steps \\[default: the family's].")] = None,
     guidance: Annotated[float | None, typer.Option("--guidance", help="Classifier-free guidance scale s.")] = None,
     iterations: Annotated[int | None, typer.Option("--iterations", min=0, help="Mask-free editing: resampling rounds \\[default: 100].")] = None,
     truncation: Annotated[float | None, typer.Option("--truncation", help=TRUNCATION_HELP)] = None,
     sampler: Annotated[str | None, typer.Option("--sampler", help=SAMPLER_HELP)] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Seed = 0,
     out_dir: Annotated[Path, typer.Option("--out", help="Where the PNGs, prompts.txt and grid.png go.")] = Path("edits"),
     device: Annotated[str | None, typer.Option("--device")] = None,
     bf16: Annotated[bool, typer.Option("--bf16", help=BF16_HELP)] = False,
@@ -394,6 +408,8 @@ def edit(
 
     if not image.is_file():
         raise UserError(f"{image} does not exist.")
+    pipeline.check_prompts([prompt])
+    pipeline.check_out_dir(out_dir)
     dev = pick_device(device)
     trained = _generator(ckpt, "editing", dev)
     model = trained.model
@@ -402,7 +418,7 @@ def edit(
     region = pipeline.region_mask(size, mask, box, keep_box)
     if region is not None and iterations is not None:
         raise UserError("--iterations is for mask-free editing; with a mask, --steps sets the decoding steps.")
-    options = pipeline.check_options(model.edit, {"steps": steps, "guidance": guidance, "iterations": iterations,
+    options = pipeline.check_options(model.edit, {"steps": pipeline.check_steps(steps), "guidance": guidance, "iterations": iterations,
                                                   "truncation": truncation, "sampler": sampler},
                                      trained.family.name)
     speed = pipeline.Speed(cache_context=cache_context, bf16=bf16)
@@ -448,7 +464,7 @@ def evaluate(
     sampler: Annotated[str | None, typer.Option("--sampler", help=SAMPLER_HELP)] = None,
     r: Annotated[int, typer.Option("--r", min=2, help="R-precision: captions ranked per image.")] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 50,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Seed = 0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write every number to this file.")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="With several --steps: metric vs seconds per image, PNG \\[default: next to --json].")] = None,
     device: Annotated[str | None, typer.Option("--device")] = None,
@@ -468,7 +484,7 @@ def evaluate(
 
     req = EvalRequest(fid=fid, kid=kid, clip_score=clip_score, r_precision=r_precision, features=features,
                       inception_weights=inception_weights, clip_model=clip_model, n=n, batch_size=batch_size,
-                      steps=_step_list(steps), guidance=guidance, seed=seed, r=r,
+                      steps=pipeline.parse_steps(steps), guidance=guidance, seed=seed, r=r,
                       options={"truncation": truncation, "sampler": sampler},
                       speed=pipeline.Speed(cache_context=cache_context, bf16=bf16, compile=compile_model))
     req.validate()
@@ -502,18 +518,6 @@ def evaluate(
         path = plot or (json_path.with_suffix(".png") if json_path is not None else Path("eval-sweep.png"))
         write_plot(report["rows"], metric, path)
         out.print(f"plot: {path}", highlight=False)
-
-
-def _step_list(steps: str | None) -> list[int | None]:
-    if steps is None:
-        return [None]
-    try:
-        values = [int(v) for v in steps.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"--steps takes step counts separated by commas (4,8,16), got {steps!r}.") from None
-    if not values or min(values) < 1:
-        raise UserError(f"--steps must be positive step counts, got {steps!r}.")
-    return values
 
 
 def _print_eval(report: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ valid ones, never a silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -30,6 +31,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 SECTIONS = ("model", "train", "data")
+MAX_STEPS = 10**12  # far beyond any run; keeps step counts inside the int64 every loader and counter uses
+MAX_SEED = 2**31 - 1  # numpy takes seeds below 2**32, and each rank seeds with seed + rank
 
 
 @dataclass
@@ -61,6 +64,10 @@ class TrainConfig:
     def validate(self) -> None:
         _positive(self, "train", ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every",
                                   "sample_every", "keep_last"))
+        if self.steps > MAX_STEPS:
+            raise UserError(f"train.steps must be at most {MAX_STEPS:,}, got {self.steps:,}.")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UserError(f"train.seed must be in [0, {MAX_SEED}], got {self.seed}.")
         if self.lr <= 0:
             raise UserError(f"train.lr must be positive, got {self.lr}.")
         if not 0 <= self.ema_decay < 1:
@@ -187,6 +194,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         raise UserError(f"{key} must be an integer, got {value!r}.")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # a nan lr or inf weight would only surface later, as a traceback or NaNs
+                raise UserError(f"{key} must be a finite number, got {value!r}.")
             return float(value)
         raise UserError(f"{key} must be a number, got {value!r}.")
     if annotation is str:

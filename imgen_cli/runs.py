@@ -8,24 +8,36 @@
 
 A checkpoint is written into a hidden temporary directory and renamed into place, so a directory
 named `step-N` is complete by construction; a crash mid-write leaves only a `.tmp-*` directory,
-which every lookup ignores. Weights are safetensors (loading runs no code); the training state
+which every lookup ignores and the next training start removes. Old checkpoints are pruned the
+same way round: renamed to `.tmp-*` first, then deleted. One trainer at a time holds `RUN/.lock`.
+Weights are safetensors (loading runs no code); the training state
 is plain containers loaded with `weights_only=True`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imgen_cli.errors import UserError
+from imgen_cli.errors import RunError, UserError
 
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "train_state.pt")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_TEMPORARY = ".tmp-"  # prefix of checkpoint directories being written or discarded; never a checkpoint
+
+
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -84,7 +96,13 @@ class RunDir:
     def read_config(self) -> dict[str, Any]:
         if not self.config_path.is_file():
             raise UserError(f"{self.path} is not an imgen run (no config.json).")
-        return json.loads(self.config_path.read_text())
+        try:
+            config = json.loads(self.config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"{self.config_path} is not valid JSON ({err}).") from None
+        if not isinstance(config, dict) or not isinstance(config.get("family"), str):
+            raise UserError(f"{self.config_path} is not an imgen run config (a JSON object naming its family).")
+        return config
 
     def write_config(self, config: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -118,23 +136,95 @@ class RunDir:
 
         self.checkpoint_root.mkdir(parents=True, exist_ok=True)
         final = self.checkpoint_root / f"step-{step:06d}"
-        tmp = self.checkpoint_root / f".tmp-step-{step:06d}"
+        tmp = self.checkpoint_root / f"{_TEMPORARY}step-{step:06d}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        meta = {"step": str(step)}
-        save_file(_contiguous(model_state), tmp / "model.safetensors", metadata=meta)
-        save_file(_contiguous(ema_state), tmp / "ema.safetensors", metadata=meta)
-        torch.save(train_state, tmp / "train_state.pt")
-        for name in CHECKPOINT_FILES:
-            with open(tmp / name, "rb") as fh:
-                os.fsync(fh.fileno())
+        try:
+            tmp.mkdir()
+            meta = {"step": str(step)}
+            save_file(_contiguous(model_state), tmp / "model.safetensors", metadata=meta)
+            save_file(_contiguous(ema_state), tmp / "ema.safetensors", metadata=meta)
+            torch.save(train_state, tmp / "train_state.pt")
+            mode = _file_mode()  # safetensors writes 0600 and torch.save follows the umask: one rule for all three
+            for name in CHECKPOINT_FILES:
+                os.chmod(tmp / name, mode)
+                with open(tmp / name, "rb") as fh:
+                    os.fsync(fh.fileno())
+        except (OSError, RuntimeError) as err:  # a full disk surfaces as either, depending on the writer
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = self.latest_checkpoint()
+            raise RunError(f"could not write checkpoint step {step} to {self.checkpoint_root} "
+                           f"({' '.join(str(err).split())[:200]}); the last complete checkpoint is "
+                           f"{previous.path if previous else 'none'}.") from None
         if final.exists():  # a re-run of the same step (resume after a crash right after saving)
-            shutil.rmtree(final)
+            self._discard(final)
         os.replace(tmp, final)
         _fsync_dir(self.checkpoint_root)
         for old in self.checkpoints()[:-keep_last]:
-            shutil.rmtree(old.path, ignore_errors=True)
+            self._discard(old.path)
         return Checkpoint(final, step)
+
+    def _discard(self, checkpoint_dir: Path) -> None:
+        """Rename first, then delete: a kill midway leaves a temporary name (cleaned on the next start), never a
+        half-deleted `step-N`."""
+        doomed = checkpoint_dir.with_name(f"{_TEMPORARY}discard-{checkpoint_dir.name}")
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(checkpoint_dir, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def clean_leftovers(self) -> list[str]:
+        """Remove what killed runs leave in checkpoints/: temporary directories and `step-N` directories that
+        lack a file (they can never load). Returns the names removed."""
+        removed = []
+        if self.checkpoint_root.is_dir():
+            complete = {c.path for c in self.checkpoints()}
+            for child in sorted(self.checkpoint_root.iterdir()):
+                leftover = child.name.startswith(_TEMPORARY) or (_STEP_DIR.match(child.name) and child not in complete)
+                if leftover and child.is_dir():
+                    shutil.rmtree(child, ignore_errors=True)
+                    removed.append(child.name)
+        return removed
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold an exclusive lock on the run for as long as one trainer writes it. The kernel drops a flock
+        when its process dies, so a killed trainer never leaves the run locked."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path / ".lock"
+        with open(lock_path, "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                raise UserError(f"{self.path} is being trained by process {holder}; wait for it to finish or "
+                                "choose another --out.") from None
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{os.getpid()}\n")
+            fh.flush()
+            try:
+                yield
+            finally:
+                fh.seek(0)
+                fh.truncate()
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def truncate_metrics(self, step: int) -> None:
+        """Keep only the records up to `step`: a run killed between logging and checkpointing logged steps its
+        resumed self will log again."""
+        if not self.metrics_path.is_file():
+            return
+        kept = []
+        for line in self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the kill
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line + "\n")
+        tmp = self.metrics_path.with_name(f".tmp-{self.metrics_path.name}")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, self.metrics_path)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as fh:
@@ -145,6 +235,13 @@ def _contiguous(state: dict[str, Any]) -> dict[str, Any]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
+def _family_or_none(run: RunDir) -> str | None:
+    try:
+        return run.read_config()["family"]
+    except UserError:  # a damaged run is no candidate; naming it with --ckpt gives its own error
+        return None
+
+
 def newest_run(root: str | Path = "runs", family: str | None = None) -> RunDir:
     """The run under `root` (of `family`, if given) whose newest complete checkpoint is the most recent."""
     root = Path(root)
@@ -153,7 +250,8 @@ def newest_run(root: str | Path = "runs", family: str | None = None) -> RunDir:
         for child in root.iterdir():
             run = RunDir(child)
             ckpt = run.latest_checkpoint() if run.exists() else None
-            if ckpt is not None and family in (None, run.read_config().get("family")):
+            found = _family_or_none(run) if ckpt is not None else None
+            if found is not None and family in (None, found):
                 candidates.append((ckpt.path.stat().st_mtime, run))
     if not candidates:
         raise UserError(
@@ -175,7 +273,8 @@ def resolve_run(ckpt: str | None, root: str | Path = "runs", flag: str = "--ckpt
                 raise UserError(f"{path} is not inside an imgen run (no config.json two levels up).")
             match = [c for c in run.checkpoints() if c.path == path]
             if not match:
-                raise UserError(f"checkpoint {path} is incomplete or missing.")
+                raise UserError(f"checkpoint {path} is incomplete or missing (a run keeps only its last "
+                                "train.keep_last checkpoints).")
             return run, match[0]
         if not path.exists():
             raise UserError(f"{flag} {ckpt} does not exist.")
@@ -186,3 +285,16 @@ def resolve_run(ckpt: str | None, root: str | Path = "runs", flag: str = "--ckpt
     if latest is None:
         raise UserError(f"run {run.path} has no complete checkpoint yet.")
     return run, latest
+
+
+def pin_tokenizer(vq: str, resuming: RunDir | None) -> str:
+    """`--vq RUN` -> the path of that run's newest checkpoint, which the model then decodes with for good,
+    however far the tokenizer trains on. A resumed run keeps the tokenizer checkpoint it was started with
+    (or, for runs made before pinning, its tokenizer run) as long as `--vq` names the same tokenizer run."""
+    tokenizer_run, checkpoint = resolve_run(vq, flag="--vq")
+    if resuming is not None and resuming.latest_checkpoint() is not None:
+        saved = resuming.read_config().get("model", {}).get("vq") or ""
+        if saved and tokenizer_run.path.resolve() in (Path(saved), Path(saved).parent.parent):
+            return saved
+    return str(checkpoint.path.resolve())
+

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,15 +64,64 @@ def batch_generator(seed: int, batch: int, device: torch.device) -> torch.Genera
     return torch.Generator(device).manual_seed(seed * 1_000_003 + batch)
 
 
+MAX_STEPS = 10_000  # sampler steps; beyond any schedule's use, and a typo of 1e20 must not hang the sampler
+
+
+def parse_steps(text: str | None) -> list[int | None]:
+    """`--steps 4,8,16` -> [4, 8, 16]; None -> [None] (the family's default)."""
+    if text is None:
+        return [None]
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--steps takes step counts separated by commas (4,8,16), got {text!r}.") from None
+    if not values:
+        raise UserError(f"--steps takes step counts separated by commas (4,8,16), got {text!r}.")
+    return [check_steps(v) for v in values]
+
+
+def check_steps(steps: int | None) -> int | None:
+    if steps is not None and not 1 <= steps <= MAX_STEPS:
+        raise UserError(f"--steps must be from 1 to {MAX_STEPS}, got {steps}.")
+    return steps
+
+
 def check_options(method: Callable, options: dict[str, Any], family: str) -> dict[str, Any]:
-    """Drop unset options; refuse, naming the flag, options the family's method does not take."""
+    """Drop unset options; refuse, naming the flag, options the family's method does not take and values no
+    sampler can use (a NaN guidance scale gives black images, not an error)."""
     given = {k: v for k, v in options.items() if v is not None}
     accepted = inspect.signature(method).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
     for name in given:
         if name not in accepted and not takes_any:
             raise UserError(f"the {family} family does not take --{name.replace('_', '-')}.")
+    guidance = given.get("guidance")
+    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
+        raise UserError(f"--guidance must be a finite scale >= 0 (1 = no guidance, 0 = unconditional), "
+                        f"got {guidance}.")
+    truncation = given.get("truncation")
+    if truncation is not None and not 0 < truncation <= 1:
+        raise UserError(f"--truncation is the probability mass kept, in (0, 1], got {truncation}.")
     return given
+
+
+def check_prompts(prompts: list[str]) -> list[str]:
+    """Prompts as text: a command line in another encoding arrives as undecodable bytes, which no text encoder
+    and no prompts.txt can take."""
+    for prompt in prompts:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"the prompt {prompt.encode('utf-8', 'replace').decode()!r} is not valid UTF-8 text.") \
+                from None
+    return prompts
+
+
+def check_out_dir(out_dir: Path, flag: str = "--out") -> Path:
+    """Before any work: the output folder must be a folder (or not exist yet)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{flag} {out_dir} is a file, not a folder for the images.")
+    return out_dir
 
 
 def generate(model: Any, prompts: list[str], *, batch_size: int, seed: int, options: dict[str, Any],
@@ -116,7 +166,7 @@ def save_images(images: Tensor, prompts: list[str], out_dir: Path, per_row: int)
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
         save_image(image, out_dir / f"{i:04d}.png")
-    (out_dir / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
+    (out_dir / "prompts.txt").write_text("".join(p + "\n" for p in prompts), encoding="utf-8")
     grid = out_dir / "grid.png"
     save_image(images, grid, nrow=per_row, padding=2, pad_value=1.0)
     return grid

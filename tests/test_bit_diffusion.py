@@ -293,7 +293,7 @@ def test_token_mode_from_the_command_line(vq_run: Path, shapes_shards: Path, tmp
     result = invoke("train", "--model", "bitdiff", "--preset", "tiny", "--data", str(shapes_shards), "--out", str(run),
                     "--steps", "2", "--vq", str(vq_run), *TINY_TRAIN)
     assert result.exit_code == 0, result.output
-    assert json.loads((run / "config.json").read_text())["model"]["vq"] == str(vq_run.resolve())
+    assert json.loads((run / "config.json").read_text())["model"]["vq"] == str(vq_run.resolve() / "checkpoints" / "step-000003")
     result = invoke("sample", "a red circle", "--ckpt", str(run), "--n", "1", "--steps", "2",
                     "--out", str(tmp_path / "s"))
     assert result.exit_code == 0, result.output

@@ -353,7 +353,7 @@ def test_latent_space_from_the_command_line(vq_run: Path, shapes_shards: Path, t
     result = invoke("train", "--model", "diffit-latent", "--preset", "tiny", "--data", str(shapes_shards), "--out",
                     str(run), "--steps", "2", "--vq", str(vq_run), "--set", "model.patch=1", *TINY_TRAIN)
     assert result.exit_code == 0, result.output
-    assert json.loads((run / "config.json").read_text())["model"]["vq"] == str(vq_run.resolve())
+    assert json.loads((run / "config.json").read_text())["model"]["vq"] == str(vq_run.resolve() / "checkpoints" / "step-000003")
     result = invoke("sample", "a red circle", "--ckpt", str(run), "--n", "1", "--steps", "2", "--sampler", "ddim",
                     "--out", str(tmp_path / "s"))
     assert result.exit_code == 0, result.output

@@ -31,6 +31,7 @@ from imgen_cli.train.distributed import DistEnv, gather_objects
 from imgen_cli.train.ema import EMA
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+TRAIN_STATE_KEYS = {"step", "optimizer", "scheduler", "scaler", "ema_updates", "world_size", "rng"}
 _LOAD = StateDictOptions(full_state_dict=True)
 
 
@@ -89,6 +90,11 @@ def resume(run: RunDir, state: TrainingState, env: DistEnv, warn: Any) -> Checkp
             train_state = ckpt.load_train_state()
         except (SafetensorError, OSError, EOFError, RuntimeError, pickle.UnpicklingError) as err:
             warn(f"checkpoint {ckpt.path} is unreadable ({type(err).__name__}: {err}); trying the one before")
+            continue
+        missing = TRAIN_STATE_KEYS - set(train_state) if isinstance(train_state, dict) else TRAIN_STATE_KEYS
+        if missing:
+            warn(f"checkpoint {ckpt.path} has a damaged train_state.pt (no {', '.join(sorted(missing))}); "
+                 "trying the one before")
             continue
         set_model_state_dict(state.model, model_sd, options=_LOAD)
         set_model_state_dict(state.ema.module, ema_sd, options=_LOAD)

@@ -29,9 +29,20 @@ class DistEnv:
 
 
 def pick_device(requested: str | None) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """`--device` (cpu, cuda, cuda:1, ...) checked against what this machine has; default cuda if present."""
+    if not requested:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"--device {requested!r} is not a device; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {requested}: no CUDA GPU is visible on this machine; use --device cpu.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA GPU(s).")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {requested}: imgen runs on cpu or cuda.")
+    return device
 
 
 def setup(requested_device: str | None = None) -> DistEnv:

@@ -162,7 +162,9 @@ def train(cfg: RunConfig, run: RunDir, env: DistEnv, console: Console,
         raise UserError(f"model.image_size is {model_size} but {cfg.data.shards} holds "
                         f"{train_shards.image_size}px images; re-tokenize with --size {model_size} "
                         f"or --set model.image_size={train_shards.image_size}.")
-    val_shards = _val_shards(cfg)
+    if train_shards.count and cfg.train.batch_size > train_shards.count:
+        raise UserError(f"train.batch_size {cfg.train.batch_size} is larger than the {train_shards.count} training "
+                        f"images in {cfg.data.shards}; lower it (--set train.batch_size=N).")
 
     model, ema, net = _build(cfg, env)
     optimizer = make_optimizer(model, cfg, device)
@@ -171,11 +173,19 @@ def train(cfg: RunConfig, run: RunDir, env: DistEnv, console: Console,
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg, device) == torch.float16)
     state = checkpoint.TrainingState(model, ema, optimizer, scheduler, scaler)
 
+    monitor = Monitor(run, console, env.is_main, cfg.train.steps, cfg.train.tensorboard)
     if env.is_main:
         run.path.mkdir(parents=True, exist_ok=True)
-    monitor = Monitor(run, console, env.is_main, cfg.train.steps, cfg.train.tensorboard)
+        for name in run.clean_leftovers():
+            monitor.note(f"removed {run.checkpoint_root / name}, left incomplete by an earlier run")
     saved = checkpoint.resume(run, state, env, monitor.note)
     step = saved.step if saved else 0
+    if env.is_main:
+        run.truncate_metrics(step)  # what was logged after the checkpoint is logged again from here
+    if step >= cfg.train.steps:
+        monitor.note(f"{run.path} is already at step {step} of train.steps {cfg.train.steps}: nothing to train "
+                     "(raise --steps to train on)")
+        return TrainResult(step, math.nan, saved, False, 0.0)
     if saved:
         monitor.note(f"resuming {run.path} from step {step}")
     else:
@@ -183,6 +193,7 @@ def train(cfg: RunConfig, run: RunDir, env: DistEnv, console: Console,
         np.random.seed(cfg.train.seed + env.rank)
         torch.manual_seed(cfg.train.seed + env.rank)  # different noise, masks, timesteps per rank
     monitor.begin_at(step)
+    val_shards = _val_shards(cfg, monitor.note)
 
     preview_batch = next(iter(shard_io.exact_loader(val_shards or train_shards, 8)))
     remaining = cfg.train.steps - step
@@ -294,10 +305,13 @@ def _clip(model: nn.Module, max_norm: float) -> float:
     return float(norm)
 
 
-def _val_shards(cfg: RunConfig) -> shard_io.ShardSet | None:
+def _val_shards(cfg: RunConfig, note: Callable[[str], None]) -> shard_io.ShardSet | None:
     try:
         return shard_io.open_shards(cfg.data.shards, "val")
     except UserError:
+        if cfg.train.val_every:
+            note(f"train.val_every is {cfg.train.val_every}, but {cfg.data.shards} has no val split: "
+                 "no validation loss this run")
         return None
 
 
