@@ -298,6 +298,43 @@ def test_latent_space_through_a_tokenizer() -> None:
         tiny_latent_model(latent_channels=4, grid=15)
 
 
+def network_calls(model: DiffiT) -> list[tuple[tuple, torch.Tensor]]:
+    """Every forward of the model from now on: its arguments (x, t, g, text) and raw output."""
+    calls: list[tuple[tuple, torch.Tensor]] = []
+    model.register_forward_hook(lambda module, args, output: calls.append((args, output.detach())))
+    return calls
+
+
+def test_dual_output_losses_carry_edm_weight() -> None:
+    """Image space, EDM (reference/dual_output.md section 8): lambda(sigma) ||c_skip y + c_out F_x - x0||^2,
+    ||eps_theta - n||^2 and lambda(sigma) ||x0 - mix||^2, mix = r x_theta + (1 - r)(y - sigma eps_theta),
+    recomputed per sample from what the network saw and said."""
+    model = tiny_model(dual_output=True, gate_loss="x0")
+    with torch.no_grad():  # heads and gate away from their zero start
+        model.net.out.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    calls = network_calls(model)
+    batch = {"image": images(), "caption": ["a", "b"]}
+    torch.manual_seed(0)
+    out = model.loss(batch)
+    (x_t, _, g, _), output = calls[0]
+    x0 = batch["image"] * 2 - 1
+    col = lambda v: v.view(-1, 1, 1, 1).float()  # noqa: E731 - per-sample [B] -> [B, 1, 1, 1]
+    sigma = ((1 - g) / g).sqrt()
+    y, noise = x_t / col(g.sqrt()), (x_t - col(g.sqrt()) * x0) / col((1 - g).sqrt())
+    c_skip, c_out = 0.25 / (sigma**2 + 0.25), 0.5 * sigma / (sigma**2 + 0.25).sqrt()
+    weight = col((sigma**2 + 0.25) / (0.5 * sigma) ** 2)
+    assert float(weight.max() / weight.min()) > 1.5  # two different noise levels: the weight is per sample
+    x_theta = col(c_skip) * y + col(c_out) * output[:, :3]
+    r = torch.sigmoid(output[:, 6:])
+    mix = r * x_theta + (1 - r) * (y - col(sigma) * output[:, 3:6])
+    assert float((r - 0.5).abs().mean()) > 0.05  # a gate that matters
+    expected = {"loss_x0": (weight * (x_theta - x0) ** 2).mean(), "loss_eps": ((output[:, 3:6] - noise) ** 2).mean(),
+                "loss_gate": (weight * (x0 - mix) ** 2).mean()}
+    for name, value in expected.items():
+        assert float(out[name]) == pytest.approx(float(value), rel=1e-4), name
+    assert float(out["loss"]) == pytest.approx(float(sum(expected.values())), rel=1e-4)
+
+
 def test_dual_output_on_the_model() -> None:
     for model in (tiny_model(dual_output=True), tiny_latent_model(dual_output=True, latent_channels=4, grid=8)):
         batch = {"caption": ["a", "b"], **({"latents": torch.randn(2, 4, 8, 8)} if model.latent else
@@ -353,7 +390,8 @@ def test_latent_space_from_the_command_line(vq_run: Path, shapes_shards: Path, t
     result = invoke("train", "--model", "diffit-latent", "--preset", "tiny", "--data", str(shapes_shards), "--out",
                     str(run), "--steps", "2", "--vq", str(vq_run), "--set", "model.patch=1", *TINY_TRAIN)
     assert result.exit_code == 0, result.output
-    assert json.loads((run / "config.json").read_text())["model"]["vq"] == str(vq_run.resolve() / "checkpoints" / "step-000003")
+    pinned = vq_run.resolve() / "checkpoints" / "step-000003"
+    assert json.loads((run / "config.json").read_text())["model"]["vq"] == str(pinned)
     result = invoke("sample", "a red circle", "--ckpt", str(run), "--n", "1", "--steps", "2", "--sampler", "ddim",
                     "--out", str(tmp_path / "s"))
     assert result.exit_code == 0, result.output

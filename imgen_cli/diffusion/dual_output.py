@@ -46,27 +46,38 @@ def mix(x_theta: Tensor, eps_theta: Tensor, logit: Tensor, x_t: Tensor,
 
 
 def losses(x_theta: Tensor, eps_theta: Tensor, logit: Tensor, x0: Tensor, eps: Tensor, x_t: Tensor,
-           gamma_t: Tensor, gamma_u: Tensor, gate_loss: str = "posterior") -> dict[str, Tensor]:
+           gamma_t: Tensor, gamma_u: Tensor, gate_loss: str = "posterior",
+           weight: Tensor | None = None) -> dict[str, Tensor]:
     """The three terms, each a mean over elements: "eps" ||eps - eps_theta||^2 and "x0" ||x0 - x_theta||^2
     train the heads; "gate" trains only the gate (and the trunk through r).
 
     gate_loss "posterior" (the paper's): ||mu~(x_t, x0) - (r sg[mu_x] + (1 - r) sg[mu_eps])||^2, the posterior
     means from t to u < t (gamma_t, gamma_u [B]); it equals c1^2 ||x0 - x0_mix||^2 with the heads detached.
     "x0": the unweighted ||x0 - x0_mix||^2 with the heads detached (a project option). Without the detach the
-    paper reports unstable training; detaching r instead would leave the gate untrained."""
+    paper reports unstable training; detaching r instead would leave the gate untrained.
+
+    weight [B], per sample, multiplies the two x0-space terms, "x0" and "gate": EDM's lambda(sigma) for an
+    EDM-trained network (reference/dual_output.md section 8), under which lambda ||x0 - x_theta||^2 is EDM's
+    unit-variance regression of the x head; the eps head's target is unit-variance already."""
     if gate_loss not in GATE_LOSSES:
         raise UserError(f"unknown gate loss {gate_loss!r}; choose one of {', '.join(GATE_LOSSES)}.")
     x_theta, eps_theta, x0, eps, x_t = (v.float() for v in (x_theta, eps_theta, x0, eps, x_t))
     r = torch.sigmoid(logit.float())
     from_eps = x0_from_eps(x_t, eps_theta.detach(), gamma_t)
     if gate_loss == "posterior":
-        c1, c2 = (c.reshape(-1, *([1] * (x_t.dim() - 1))).to(x_t) for c in posterior_coefficients(gamma_t, gamma_u)[:2])
+        c1, c2 = (_column(c, x_t) for c in posterior_coefficients(gamma_t, gamma_u)[:2])
         target = c1 * x0 + c2 * x_t
         mixed = r * (c1 * x_theta.detach() + c2 * x_t) + (1 - r) * (c1 * from_eps + c2 * x_t)
     else:
         target, mixed = x0, r * x_theta.detach() + (1 - r) * from_eps
-    return {"eps": (eps - eps_theta).pow(2).mean(), "x0": (x0 - x_theta).pow(2).mean(),
-            "gate": (target - mixed).pow(2).mean()}
+    w = 1.0 if weight is None else _column(weight, x_t)
+    return {"eps": (eps - eps_theta).pow(2).mean(), "x0": (w * (x0 - x_theta).pow(2)).mean(),
+            "gate": (w * (target - mixed).pow(2)).mean()}
+
+
+def _column(values: Tensor, like: Tensor) -> Tensor:
+    """Per-sample values [B] -> like's dtype, shaped [B, 1, ..., 1] to broadcast over like."""
+    return values.reshape(-1, *([1] * (like.dim() - 1))).to(like)
 
 
 def gate_times(t: Tensor) -> Tensor:
@@ -75,10 +86,11 @@ def gate_times(t: Tensor) -> Tensor:
 
 
 def objective(x_theta: Tensor, eps_theta: Tensor, logit: Tensor, x0: Tensor, eps: Tensor, x_t: Tensor,
-              gamma_t: Tensor, gamma_u: Tensor, gate_loss: str = "posterior") -> tuple[Tensor, Tensor, dict]:
+              gamma_t: Tensor, gamma_u: Tensor, gate_loss: str = "posterior",
+              weight: Tensor | None = None) -> tuple[Tensor, Tensor, dict]:
     """A family's training step with dual output: (the total L_x + L_eps + L_gate, the detached x0_mix for its
-    own metrics, the terms and the mean gate to log)."""
-    terms = losses(x_theta, eps_theta, logit, x0, eps, x_t, gamma_t, gamma_u, gate_loss)
+    own metrics, the terms and the mean gate to log); weight as in `losses`."""
+    terms = losses(x_theta, eps_theta, logit, x0, eps, x_t, gamma_t, gamma_u, gate_loss, weight)
     estimate, r = mix(x_theta.detach(), eps_theta.detach(), logit.detach(), x_t, gamma_t)
     logged = {"loss_x0": terms["x0"].detach(), "loss_eps": terms["eps"].detach(),
               "loss_gate": terms["gate"].detach(), "gate": r.mean()}

@@ -533,8 +533,10 @@ class DiffiT(TokenFamily):
         if cfg.dual_output:
             x_out, eps_theta, logit = dual_output.split_heads(output, self.channels)
             g_u = gamma(dual_output.gate_times(t), cfg.noise_schedule).to(self.device)
+            # EDM weighs the x0-space terms by lambda(sigma), as its single head (reference/dual_output.md section 8)
+            weight = edm.loss_weight(edm.sigma_from_gamma(g)) if cfg.diffusion_process == "edm" else None
             total, estimate, logged = dual_output.objective(self.x0_head(x_out, x_t, g), eps_theta, logit, x0, eps,
-                                                            x_t, g, g_u, cfg.gate_loss)
+                                                            x_t, g, g_u, cfg.gate_loss, weight)
         elif cfg.diffusion_process == "edm":
             # lambda(sigma) ||D - x0||^2 = ||F - (x0 - c_skip y) / c_out||^2: EDM's unit-variance target
             c_skip, c_out, _, _ = edm.preconditioning(edm.sigma_from_gamma(g))
