@@ -156,7 +156,7 @@ def _tokenizer(vq: str, device: Any) -> tuple[Any, dict[str, Any]]:
     from imgen_cli.data.shards import tokenizer_record
 
     trained = registry.load_trained(vq, device, flag="--vq")
-    if not hasattr(trained.model, "encode"):
+    if not trained.family.is_tokenizer:
         raise UserError(f"--vq {vq} is a {trained.family.name} run, not an image tokenizer (vqgan).")
     model = trained.model
     record = tokenizer_record(trained.run.path, trained.checkpoint.step, model.codebook_size, model.grid_shape(),
@@ -245,6 +245,11 @@ def train(
     from imgen_cli.train.loop import train as run_train
 
     fresh_config = _checked_config(run, cfg)
+    latest = run.latest_checkpoint()
+    if latest is not None and latest.step >= cfg.train.steps:  # before anything is written: the run stays as it is
+        err.print(f"{run.path} is already at step {latest.step} of train.steps {cfg.train.steps}: nothing to train "
+                  "(raise --steps to train on).", highlight=False)
+        return
     env = distributed.setup(device)
     try:
         # rank 0 holds the run's lock (torchrun stops the other ranks if it cannot have it)
@@ -558,7 +563,7 @@ def _evaluate_recon(ckpt: str | None, data: str, n: int, json_path: Path | None,
     started = time.time()
     dev = pick_device(device)
     trained = registry.load_trained(ckpt, dev, runs_root=str(RUNS_ROOT))
-    if not hasattr(trained.model, "encode") or not hasattr(trained.model, "decode"):
+    if not trained.family.is_tokenizer:
         raise UserError(f"--recon scores image tokenizers; {trained.run.path} is a {trained.family.name} run.")
     shards = open_shards(data, "val")
     total = min(n, shards.count) if shards.count else n

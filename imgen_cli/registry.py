@@ -23,6 +23,7 @@ class Family:
     config_class: str
     model_class: str
     needs_vq_tokens: bool = False
+    is_tokenizer: bool = False  # an image tokenizer (encode/decode): `tokenize --vq`, `--vq`, `eval --recon`
     generates_images: bool = False  # text-to-image generator (sample/edit/eval --fid apply)
     supports_dual_output: bool = False  # a continuous diffusion family: model.dual_output is its head option
     presets_name: str = "PRESETS"  # the module's dict of size presets
@@ -48,7 +49,7 @@ FAMILIES: dict[str, Family] = {
     for f in [
         Family(
             "vqgan", "VQGAN image tokenizer", "Esser et al. 2021",
-            module="imgen_cli.models.vqgan", config_class="VQGANConfig", model_class="VQGAN",
+            module="imgen_cli.models.vqgan", config_class="VQGANConfig", model_class="VQGAN", is_tokenizer=True,
         ),
         Family("muse", "masked generative transformer", "Chang et al. 2023",
                module="imgen_cli.models.muse", config_class="MuseConfig", model_class="Muse",

@@ -61,7 +61,7 @@ def load_tokenizer(run: str) -> nn.Module:
     from imgen_cli import registry
 
     trained = registry.load_trained(run, device="cpu", flag="--vq")
-    if trained.family.name != "vqgan":
+    if not trained.family.is_tokenizer:
         raise UserError(f"--vq {run} is a {trained.family.name} run, not a vqgan tokenizer.")
     return trained.model
 

@@ -182,10 +182,6 @@ def train(cfg: RunConfig, run: RunDir, env: DistEnv, console: Console,
     step = saved.step if saved else 0
     if env.is_main:
         run.truncate_metrics(step)  # what was logged after the checkpoint is logged again from here
-    if step >= cfg.train.steps:
-        monitor.note(f"{run.path} is already at step {step} of train.steps {cfg.train.steps}: nothing to train "
-                     "(raise --steps to train on)")
-        return TrainResult(step, math.nan, saved, False, 0.0)
     if saved:
         monitor.note(f"resuming {run.path} from step {step}")
     else:
