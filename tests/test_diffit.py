@@ -305,6 +305,27 @@ def network_calls(model: DiffiT) -> list[tuple[tuple, torch.Tensor]]:
     return calls
 
 
+def test_edm_sampling_visits_edm_grid_in_2n_minus_1_calls() -> None:
+    """reference/diffit.md section 5 and property 10: the default 18 Heun steps are 17 steps between EDM's levels
+    sigma_i = (80^(1/7) + i / 17 (0.002^(1/7) - 80^(1/7)))^7, each with its correction at sigma_{i+1}, then one
+    Euler step from sigma_17 = 0.002 to 0: 35 network calls. DDIM (Euler) calls once per level."""
+    model = tiny_model()
+    calls = network_calls(model)
+
+    def sigmas(steps: int | None = None, sampler: str | None = None) -> list[float]:
+        calls.clear()
+        model.generate(["a red circle"], steps=steps, sampler=sampler, generator=torch.Generator().manual_seed(0))
+        return [float(edm.sigma_from_gamma(args[2][0])) for args, _ in calls]
+
+    def levels(n: int) -> list[float]:
+        return [(80 ** (1 / 7) + i / (n - 1) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for i in range(n)]
+
+    heun, grid = sigmas(), levels(18)
+    assert len(heun) == 35 and grid[:3] == pytest.approx([80, 57.586, 40.786], abs=1e-3)
+    assert heun == pytest.approx([s for i in range(17) for s in (grid[i], grid[i + 1])] + [0.002], rel=1e-5)
+    assert sigmas(5, "ddim") == pytest.approx(levels(5), rel=1e-5)
+
+
 def test_dual_output_losses_carry_edm_weight() -> None:
     """Image space, EDM (reference/dual_output.md section 8): lambda(sigma) ||c_skip y + c_out F_x - x0||^2,
     ||eps_theta - n||^2 and lambda(sigma) ||x0 - mix||^2, mix = r x_theta + (1 - r)(y - sigma eps_theta),

@@ -342,9 +342,13 @@ def test_edm_preconditioning_grid_and_weight() -> None:
     c_skip, c_out, c_in, c_noise = (float(c) for c in edm.preconditioning(torch.tensor(0.5)))
     assert (c_skip, c_out, c_in, c_noise) == pytest.approx((0.5, 0.353553, 1.414214, -0.173287), abs=1e-6)
     assert float(edm.loss_weight(torch.tensor(0.5))) == pytest.approx(8.0)
-    grid = [float(edm.karras_sigma(1 - i / 17)) for i in range(18)]  # EDM's N = 18 levels, then sigma = 0
+    pairs = time_pairs(18, schedule="edm")  # the samplers' grid: EDM's N = 18 levels, then sigma = 0
+    grid = [float(edm.karras_sigma(t)) for t, _ in pairs]
+    edm_levels = [(80 ** (1 / 7) + i / 17 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for i in range(18)]
+    assert grid == pytest.approx(edm_levels, rel=1e-9)
     assert grid[:4] == pytest.approx([80, 57.586, 40.786, 28.375], abs=1e-3)
     assert grid[-3:] == pytest.approx([0.02293, 0.00753, 0.002], abs=1e-5)
+    assert [t_next for _, t_next in pairs] == [t for t, _ in pairs[1:]] + [None]
     assert float(edm.karras_time(edm.karras_sigma(0.3))) == pytest.approx(0.3)
     sigma = torch.tensor([0.002, 0.5, 80.0], dtype=torch.float64)
     torch.testing.assert_close(edm.sigma_from_gamma(edm.gamma_from_sigma(sigma)), sigma)
@@ -384,3 +388,20 @@ def test_heun_is_second_order_on_the_probability_flow_ode() -> None:
     trace = list(sample_steps(oracle(torch.ones(1, 2, 2, 2)), randn(1, 2, 2, 2), time_pairs(4), schedule="edm",
                               sampler="heun"))
     assert len(trace) == 4 and torch.equal(trace[-1].x0, torch.ones(1, 2, 2, 2))
+
+
+@pytest.mark.parametrize(("sampler", "calls"), [("heun", 2 * 6 - 1), ("ddim", 6), ("ddpm", 6)])
+def test_edm_grid_ends_with_one_euler_step_to_the_data(sampler: str, calls: int) -> None:
+    """EDM's Algorithm 1 on N = 6 levels: Heun's correction on every step but the last, from sigma_min to 0,
+    which lands on the estimate D(x; sigma_min) of the last call."""
+    times: list[float] = []
+
+    def predict(x: torch.Tensor, t: float, prev: torch.Tensor) -> Prediction:
+        times.append(t)
+        return Prediction(torch.tanh(2 * x))  # any network
+
+    trace = list(sample_steps(predict, randn(1, 3, 2, 2), time_pairs(6, schedule="edm"), schedule="edm",
+                              sampler=sampler, clip=None, generator=torch.Generator().manual_seed(0)))
+    assert len(times) == calls and times[-1] == 0.0 and trace[-1].t_next is None
+    torch.testing.assert_close(trace[-1].x0, torch.tanh(2 * trace[-2].x), rtol=0, atol=0)
+    assert torch.equal(trace[-1].x, trace[-1].x0)  # sigma_N = 0: the state is the data

@@ -7,7 +7,7 @@ step in sigma, and `sample_steps(..., sampler="heun")` is EDM's second-order sam
 EDM adds (reference/diffit.md section 3): the log-normal training distribution of sigma, the preconditioning
 D(x; sigma) = c_skip x + c_out F(c_in x; c_noise), the loss weight lambda(sigma), and the rho = 7 grid of
 noise levels, exposed to the core as the "edm" schedule gamma(t) with t = 1 at sigma_max and t = 0 at
-sigma_min.
+sigma_min; `time_pairs(N, schedule="edm")` walks EDM's N levels and then steps to sigma = 0.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def gamma_from_sigma(sigma: Tensor | float) -> Tensor:
 
 def karras_sigma(t: Tensor | float) -> Tensor:
     """The rho-grid as a function of time: (sigma_min^(1/rho) + t (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho,
-    so that N uniform steps of t from 1 visit EDM's grid sigma_i, i = 0..N (float64)."""
+    so that t_i = 1 - i / (N - 1), i = 0..N-1, visit EDM's grid sigma_i; its sigma_N = 0 is the data, past
+    t = 0 (float64)."""
     t = torch.as_tensor(t, dtype=torch.float64)
     lo, hi = SIGMA_MIN ** (1 / RHO), SIGMA_MAX ** (1 / RHO)
     return (lo + t * (hi - lo)) ** RHO

@@ -582,7 +582,7 @@ class DiffiT(TokenFamily):
         sampler = sampler or ("heun" if self.cfg.diffusion_process == "edm" else "ddpm")
         return steps or (18 if self.cfg.diffusion_process == "edm" else 250), sampler
 
-    def _run(self, predict: Predictor, x: Tensor, pairs: list[tuple[float, float]], sampler: str, eta: float,
+    def _run(self, predict: Predictor, x: Tensor, pairs: list[tuple[float, float | None]], sampler: str, eta: float,
              known: Tensor | None, keep: Tensor | None, jump_length: int, resamplings: int,
              generator: torch.Generator | None, gate_log: list[float] | None) -> Tensor:
         """The last x0 estimate of the reverse process (pixels are clipped to [-1, 1], latents never)."""
@@ -600,14 +600,16 @@ class DiffiT(TokenFamily):
                  generator: torch.Generator | None = None, gate_log: list[float] | None = None) -> Tensor:
         """Images [B, 3, H, W] in [0, 1] for B prompts.
 
-        sampler heun (image space's default: EDM's second order, two network calls per step), ddim (eta = 0:
-        EDM's Euler step) or ddpm (latent space's default); steps N of the time grid (18 / 250 by default);
-        guidance w (1 = none), ramped by model.guidance_schedule. With a list as gate_log, a dual-output model
-        appends the mean gate of every call. Every random draw comes from `generator` (on the model's device)."""
+        sampler heun (image space's default: EDM's second order, two network calls per step but the last), ddim
+        (eta = 0: EDM's Euler step) or ddpm (latent space's default); steps N of the time grid (18 / 250 by
+        default; EDM's N noise levels, then a step to sigma = 0); guidance w (1 = none), ramped by
+        model.guidance_schedule. With a list as gate_log, a dual-output model appends the mean gate of every
+        call. Every random draw comes from `generator` (on the model's device)."""
         steps, sampler = self._defaults(steps, sampler)
         predict = self._predictor(prompts, guidance, negative_prompts)
-        x0 = self._run(predict, self._noise(len(prompts), generator), time_pairs(steps), sampler, eta, None, None,
-                       1, 1, generator, gate_log)
+        pairs = time_pairs(steps, schedule=self.cfg.noise_schedule)
+        x0 = self._run(predict, self._noise(len(prompts), generator), pairs, sampler, eta, None, None, 1, 1,
+                       generator, gate_log)
         return self.to_images(x0)
 
     # --- editing ---
@@ -636,7 +638,8 @@ class DiffiT(TokenFamily):
         steps, sampler = self._defaults(steps, sampler)
         known = self.encode(images)
         keep = None if mask is None else self._keep(mask)
-        x, pairs = edit_start(known, time_pairs(steps), strength, self.cfg.noise_schedule, generator)
+        x, pairs = edit_start(known, time_pairs(steps, schedule=self.cfg.noise_schedule), strength,
+                              self.cfg.noise_schedule, generator)
         predict = self._predictor(prompts, guidance, negative_prompts)
         x0 = self._run(predict, x, pairs, sampler, eta, None if keep is None else known, keep, jump_length,
                        resamplings, generator, gate_log)
