@@ -44,6 +44,11 @@ def vq_run(shapes_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return train_tiny("vqgan", shapes_shards, tmp_path_factory.mktemp("vq") / "run", steps=3)
 
 
+def pinned_tokenizer(vq_run: Path) -> str:
+    """What a run trained with `--vq vq_run` records as model.vq: the tokenizer's checkpoint at that time."""
+    return str(vq_run.resolve() / "checkpoints" / "step-000003")
+
+
 @pytest.fixture(scope="session")
 def vq_shards(vq_run: Path, shapes_coco: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """shapes_coco tokenized with vq_run: images plus their {key}.vq.npy token grids."""
@@ -58,3 +63,13 @@ def vq_shards(vq_run: Path, shapes_coco: Path, tmp_path_factory: pytest.TempPath
 def clip_run(shapes_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny in-project CLIP trained for 2 steps: the evaluator of the generator tests."""
     return train_tiny("clip", shapes_shards, tmp_path_factory.mktemp("clip") / "run", steps=2)
+
+
+def error_line(result, exit_code: int = 2) -> str:
+    """The single `error:` line of a refused command (a hint may follow it): its exit code, no traceback."""
+    assert result.exit_code == exit_code, result.output
+    assert "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+

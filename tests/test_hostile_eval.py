@@ -17,7 +17,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from conftest import train_tiny
+from conftest import error_line, train_tiny
 from PIL import Image
 from test_cli import invoke
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -42,14 +42,6 @@ def crafted_pickle(path: Path, marker: Path) -> Path:
     """A torch-style weights file whose loading would create `marker`."""
     torch.save({"conv.weight": RunsACommand(f"touch {shlex.quote(str(marker))}")}, path)
     return path
-
-
-def error_line(result) -> str:
-    """The single `error:` line of a refused command (a hint may follow it)."""
-    assert result.exit_code == 2, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.output
-    return errors[0]
 
 
 def refuse(*args: str, env: dict[str, str] | None = None) -> str:

@@ -16,21 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import train_tiny
+from conftest import error_line, train_tiny
 from PIL import Image
 from test_cli import TINY_TRAIN, invoke
 
 from imgen_cli.errors import RunError
 from imgen_cli.runs import RunDir
-
-
-def error_line(result, exit_code: int = 2) -> str:
-    """The single `error:` line of a refused command (a hint may follow it), with its exit code."""
-    assert result.exit_code == exit_code, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.output
-    return errors[0]
 
 
 def usage_error(result) -> str:
