@@ -320,13 +320,21 @@ def test_inpainting_keeps_known_tokens_at_every_step_and_starts_where_training_m
     assert all(torch.equal(x[keep], known[keep]) for x in history) and history[-1].max() < K
 
 
-@pytest.mark.parametrize("rule", ["purity", "uniform"])
-def test_high_quality_sampler_reveals_a_set_count_and_never_changes_revealed_tokens(rule: str) -> None:
+@pytest.mark.parametrize(("rule", "sure_first"), [("purity", (28, 32)), ("uniform", (10, 22))])
+def test_high_quality_sampler_reveals_a_set_count_and_never_changes_revealed_tokens(
+        rule: str, sure_first: tuple[int, int]) -> None:
+    """Half the positions are sure of a code (p = 0.98), half flat (1/64): once half the tokens are revealed,
+    purity has revealed almost only sure ones (the flat score 1/64 of theirs), the uniform rule about half."""
     schedule = MaskReplaceSchedule(K)
     steps = timestep_list(99, 10)  # 10 reveal calls, then t = 0
     x = torch.full((2, 64), K)
-    history = list(purity_steps(fixed_predictor(2, 64, K), x, steps, schedule, rule=rule,
+    logits = torch.zeros(2, 64, K)
+    logits[:, :32, 5] = 8.0
+    log_p = log_x0_from_logits(logits)
+    history = list(purity_steps(lambda x, t: log_p, x, steps, schedule, rule=rule,
                                 generator=torch.Generator().manual_seed(0)))
+    lowest, highest = sure_first
+    assert all(lowest <= int(n) <= highest for n in (history[4][:, :32] != K).sum(1)), (history[4] != K).sum(1)
     assert len(history) == len(steps)
     previous = x
     for i, current in enumerate(history[:-1]):
@@ -337,6 +345,23 @@ def test_high_quality_sampler_reveals_a_set_count_and_never_changes_revealed_tok
         assert (current != K).sum(1).tolist() == expected
         previous = current
     assert history[-1].max() < K
+
+
+def test_purity_is_normalised_over_all_positions() -> None:
+    """s_i = max_k p_i(k) / max_{j,k} p_j(k) with j over every position: a revealed token the network is sure of
+    (0.99) lowers a masked position's purity to 0.3 / 0.99, so its top code (0.3, the 15 others 0.7 / 15 each) is
+    sharpened to p^(1 + s) and drawn w.p. 0.430 (0.734 were s normalised over the masked positions alone)."""
+    k, rows = 16, 4000
+    probs = torch.tensor([[0.99] + [0.01 / 15] * 15, [0.3] + [0.7 / 15] * 15], dtype=torch.float64)
+    log_p = torch.cat([probs.log(), torch.full((2, 1), LOG_ZERO, dtype=torch.float64)], dim=-1).expand(rows, 2, k + 1)
+    x = torch.tensor([0, k]).expand(rows, 2)  # position 0 revealed, position 1 masked
+    first = next(purity_steps(lambda x, t: log_p, x, [1, 0], MaskReplaceSchedule(k),
+                              generator=torch.Generator().manual_seed(0)))
+    e = 1 + 0.3 / 0.99
+    expected = 0.3**e / (0.3**e + 15 * (0.7 / 15) ** e)
+    assert expected == pytest.approx(0.4296, abs=1e-4)
+    assert torch.equal(first[:, 0], x[:, 0]) and float((first[:, 1] == 0).double().mean()) == pytest.approx(
+        expected, abs=0.03)
 
 
 # --- the model ----------------------------------------------------------------------------------------------------

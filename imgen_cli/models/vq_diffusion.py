@@ -339,7 +339,8 @@ def purity_steps(predict: Predictor, x: Tensor, timesteps: Sequence[int], schedu
 
     Per call: candidates are drawn at every position from p(x0) (sharpened to p^(1 + r s_i) by purity when
     r > 0); among the masked positions, n are chosen without replacement with probability proportional to
-    their score: uniform (rule "uniform") or purity s_i = max_k p_i(k) / max_{j,k} p_j(k) ("purity"). The
+    their score: uniform (rule "uniform") or purity s_i = max_k p_i(k) / max_{j,k} p_j(k) over all positions j
+    ("purity"; the normalisation only sets how much it sharpens, as the choice is proportional). The
     n of a step make the revealed count follow floor(M (i + 1) / calls); the last masked token goes with
     its predecessor rather than alone.
     """
@@ -355,7 +356,7 @@ def purity_steps(predict: Predictor, x: Tensor, timesteps: Sequence[int], schedu
         log_p = predict(x, t)[..., :k]
         log_p = log_p - log_p.logsumexp(dim=-1, keepdim=True)
         best = log_p.max(dim=-1).values.exp()  # [B, L]
-        purity = best / best.masked_fill(~masked, 0).amax(dim=1, keepdim=True).clamp_min(FLOOR)
+        purity = best / best.amax(dim=1, keepdim=True).clamp_min(FLOOR)  # j: every position, revealed ones too
         if sharpen > 0:
             log_p = F.log_softmax(log_p * (1 + sharpen * purity)[..., None], dim=-1)
         candidates = (log_p + gumbel(log_p.shape, generator, x.device, log_p.dtype)).argmax(dim=-1)
