@@ -228,11 +228,38 @@ def test_dual_output_on_the_model() -> None:
     log = []
     model.eval().generate(["a", "b"], steps=4, generator=torch.Generator().manual_seed(0), gate_log=log)
     assert log == pytest.approx([0.5] * 4)
-    with torch.no_grad():  # a gate forced to 1 (the x0 head) or 0 (the eps head)
-        model.unet.output.bias[48] = 30.0
-    trusted = []
-    model.generate(["a"], steps=2, guidance=1.0, generator=torch.Generator().manual_seed(0), gate_log=trusted)
-    assert trusted == pytest.approx([1.0, 1.0], abs=1e-9)
+
+
+def one_head_of(model: BitDiffusion, rows: slice, prediction: str) -> BitDiffusion:
+    """A single-head model with the dual-output model's weights and only the given rows of its output conv."""
+    state = model.state_dict()
+    state["unet.output.weight"], state["unet.output.bias"] = (state[f"unet.output.{name}"][rows]
+                                                              for name in ("weight", "bias"))
+    single = tiny_model(prediction=prediction)
+    single.load_state_dict(state)
+    return single.eval()
+
+
+def test_a_forced_gate_generates_what_its_head_alone_generates() -> None:
+    """r = 1 samples exactly as the x0 head alone, r = 0 exactly as the eps head alone (guided, self-conditioned,
+    with the mixture fed back); the two heads sample differently."""
+    model = tiny_model(dual_output=True)
+    with torch.no_grad():  # heads that differ
+        model.unet.output.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+
+    def sample(m: BitDiffusion, gate_log: list[float] | None = None) -> torch.Tensor:
+        return m.generate_bits(["a red circle", "a blue square"], steps=3, guidance=2.0,
+                               generator=torch.Generator().manual_seed(0), gate_log=gate_log)
+
+    alone = {head: sample(one_head_of(model, rows, head)) for head, rows in (("x0", slice(0, 24)),
+                                                                             ("eps", slice(24, 48)))}
+    assert not torch.equal(alone["x0"], alone["eps"])
+    for logit, head, r in ((200.0, "x0", 1.0), (-200.0, "eps", 0.0)):  # sigmoid(+-200) is 1 and 0 in float32
+        with torch.no_grad():
+            model.unet.output.bias[48] = logit
+        gates: list[float] = []
+        assert torch.equal(sample(model, gates), alone[head]), head
+        assert gates == [r] * 3
 
 
 def test_the_gate_head_learns_only_from_the_gate_loss() -> None:
