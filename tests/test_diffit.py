@@ -326,6 +326,26 @@ def test_edm_sampling_visits_edm_grid_in_2n_minus_1_calls() -> None:
     assert sigmas(5, "ddim") == pytest.approx(levels(5), rel=1e-5)
 
 
+def test_latent_loss_regresses_the_added_noise_on_the_linear_schedule() -> None:
+    """Latent space (ADM/DiT, reference/diffit.md section 3): t ~ U(0, 1), gamma(t) = exp(-(0.1 t + 9.95 t^2)) (DDPM's
+    linear betas), x_t = sqrt(gamma) x0 + sqrt(1 - gamma) eps, and the loss ||F - eps||^2 against the noise drawn."""
+    model = tiny_latent_model(latent_channels=4, grid=8)
+    with torch.no_grad():  # an output that is not zero
+        model.net.out.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    calls = network_calls(model)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    t, eps = torch.rand(2, dtype=torch.float64), torch.randn(2, 4, 8, 8)  # the loss's first two draws
+    torch.manual_seed(0)
+    loss = model.loss({"latents": latents, "caption": ["a", "b"]})["loss"]
+    (x_t, t_seen, g, _), output = calls[0]
+    torch.testing.assert_close(t_seen, t)
+    torch.testing.assert_close(g, torch.exp(-(0.1 * t + 9.95 * t**2)))
+    col = g.view(-1, 1, 1, 1).float()
+    torch.testing.assert_close(x_t, col.sqrt() * 2 * latents + (1 - col).sqrt() * eps)  # x0: latents * sqrt(4)
+    assert float(loss) == pytest.approx(float((output - eps).pow(2).mean()), rel=1e-5)
+
+
 def test_dual_output_losses_carry_edm_weight() -> None:
     """Image space, EDM (reference/dual_output.md section 8): lambda(sigma) ||c_skip y + c_out F_x - x0||^2,
     ||eps_theta - n||^2 and lambda(sigma) ||x0 - mix||^2, mix = r x_theta + (1 - r)(y - sigma eps_theta),
