@@ -42,7 +42,8 @@ def check_box_edit_keeps_the_rest(run: Path, tmp_path: Path, steps: int) -> Path
 def check_pixel_generator_commands(family: str, shards: Path, clip_run: Path, tmp_path: Path, sampler: str) -> None:
     """A continuous family through the commands on the 16px shards: 5 steps of its tiny preset with dual output
     (a sample grid at step 5), seeded samples that repeat byte for byte with --sampler, a flag it does not take
-    refused in one sentence, an edit box that leaves the rest of the image exactly as it was, an eval sweep."""
+    refused in one sentence, an edit box that leaves the rest of the image exactly as it was, an eval sweep whose
+    R-precisions are whole numbers of hits."""
     run = tmp_path / "run"
     result = invoke("train", "--model", family, "--preset", "tiny", "--data", str(shards), "--out", str(run),
                     "--steps", "5", "--set", "model.dual_output=true", *TINY_TRAIN)
@@ -59,12 +60,25 @@ def check_pixel_generator_commands(family: str, shards: Path, clip_run: Path, tm
     check_box_edit_keeps_the_rest(run, tmp_path, steps=3)
 
     report_path = tmp_path / "sweep.json"
-    result = invoke("eval", "--ckpt", str(run), "--data", str(shards), "--r-precision", "--clip-model", str(clip_run),
-                    "--n", "4", "--batch-size", "4", "--steps", "2,3", "--sampler", sampler, "--json", str(report_path))
+    # R = 2 (chance 1/2) so that there are hits to count, 6 images in batches of 4 and 2
+    result = invoke("eval", "--ckpt", str(run), "--data", str(shards), "--r-precision", "--r", "2", "--clip-model",
+                    str(clip_run), "--n", "6", "--batch-size", "4", "--steps", "2,3", "--sampler", sampler, "--json",
+                    str(report_path))
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
     assert [row["steps"] for row in report["rows"]] == [2, 3]
-    assert all(0 <= row["r_precision"] <= 1 for row in report["rows"])
+
+    def hits(r_precision: float, images: int) -> int:
+        """R-precision is a share of the images: a whole number of hits among them."""
+        count = round(r_precision * images)
+        assert r_precision * images == pytest.approx(count, abs=1e-9) and 0 <= count <= images, (r_precision, images)
+        return count
+
+    val_images = json.loads((shards / "manifest.json").read_text())["splits"]["val"]["count"]
+    assert [row["images"] for row in report["rows"]] == [6, 6] and report["real_images"] == val_images
+    counts = [hits(row["r_precision"], 6) for row in report["rows"]]
+    counts.append(hits(report["real"]["r_precision"], val_images))  # the ceiling: every real val image
+    assert sum(counts) > 0  # 28 images at chance 1/2: no hit at all would be an evaluator that never counts
 
 
 @pytest.mark.parametrize("command", ["synth", "tokenize", "train", "sample", "edit", "eval", "models"])
