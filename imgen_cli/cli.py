@@ -311,15 +311,20 @@ def _checked_config(run: Any, cfg: Any) -> dict[str, Any]:
 # --- sample / edit / eval -------------------------------------------------------------------------------------
 
 
-def _generator(ckpt: str | None, what: str, device: Any, flag: str = "--ckpt") -> Any:
-    """A trained text-to-image run, or one sentence saying why this run cannot do `what`."""
+def _generator(ckpt: str | None, what: str, device: Any, flag: str = "--ckpt", say: bool = True) -> Any:
+    """A trained text-to-image run (without `ckpt`: the newest one anywhere under runs/, named on stderr), or one
+    sentence saying why this run cannot do `what`."""
     from imgen_cli import registry
 
-    trained = registry.load_trained(ckpt, device, runs_root=str(RUNS_ROOT), flag=flag)
+    trained = registry.load_trained(ckpt, device, runs_root=str(RUNS_ROOT), flag=flag,
+                                    families=registry.generators())
     if not trained.family.generates_images:
-        generators = [f.name for f in registry.FAMILIES.values() if f.generates_images]
         raise UserError(f"{trained.run.path} is a {trained.family.name} run ({trained.family.summary}); {what} "
-                        f"needs a text-to-image run ({', '.join(generators)}).")
+                        f"needs a text-to-image run ({', '.join(registry.generators())}).",
+                        hint="Score a tokenizer with `imgen eval --recon`." if trained.family.is_tokenizer else None)
+    if ckpt is None and say:
+        err.print(f"{flag} {trained.run.path} (the newest text-to-image run under {RUNS_ROOT}/, step "
+                  f"{trained.checkpoint.step})", highlight=False)
     return trained
 
 
@@ -482,7 +487,6 @@ def evaluate(
         if fid or kid or clip_score or r_precision or images is not None:
             raise UserError("--recon scores a tokenizer run on its own; run the generation metrics separately.")
         return _evaluate_recon(ckpt, data, n, json_path, device)
-    from imgen_cli import registry
     from imgen_cli import sample as pipeline
     from imgen_cli.eval.generative import EvalRequest, ImageFolder, evaluate, write_plot
     from imgen_cli.train import distributed
@@ -501,10 +505,7 @@ def evaluate(
         if images is not None:
             folder = ImageFolder.open(images, prompts)
         else:
-            trained = registry.load_trained(ckpt, env.device, runs_root=str(RUNS_ROOT))
-            if not trained.family.generates_images:
-                raise UserError(f"{trained.run.path} is a {trained.family.name} run, which does not generate images"
-                                + ("; score it with --recon." if trained.family.name == "vqgan" else "."))
+            trained = _generator(ckpt, "evaluation", env.device, say=env.is_main)
             model, subject = req.speed.prepare(trained.model), f"{trained.run.path} step {trained.checkpoint.step}"
             req.options = pipeline.check_options(model.generate, req.options, trained.family.name)
         note = (lambda m: err.print(m, highlight=False)) if env.is_main else (lambda m: None)
@@ -562,7 +563,8 @@ def _evaluate_recon(ckpt: str | None, data: str, n: int, json_path: Path | None,
 
     started = time.time()
     dev = pick_device(device)
-    trained = registry.load_trained(ckpt, dev, runs_root=str(RUNS_ROOT))
+    trained = registry.load_trained(ckpt, dev, runs_root=str(RUNS_ROOT),
+                                    families=[f.name for f in registry.FAMILIES.values() if f.is_tokenizer])
     if not trained.family.is_tokenizer:
         raise UserError(f"--recon scores image tokenizers; {trained.run.path} is a {trained.family.name} run.")
     shards = open_shards(data, "val")

@@ -8,6 +8,7 @@ and `edit` for generator families. Modules are imported lazily so `imgen --help`
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +74,11 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+def generators() -> list[str]:
+    """The families that make images from prompts (what sample, edit and eval --fid take)."""
+    return [f.name for f in FAMILIES.values() if f.generates_images]
+
+
 def get(name: str) -> Family:
     try:
         return FAMILIES[name]
@@ -90,14 +96,15 @@ class TrainedModel:
 
 
 def load_trained(ckpt: str | None, device: Any = "cpu", ema: bool = True, runs_root: str = "runs",
-                 flag: str = "--ckpt") -> TrainedModel:
-    """`--ckpt RUN` (or the newest run) -> the family's network with the checkpoint's weights, ready to use."""
+                 flag: str = "--ckpt", families: Sequence[str] | None = None) -> TrainedModel:
+    """`--ckpt RUN` (or the newest run of `families`) -> the family's network with the checkpoint's weights, ready
+    to use."""
     from safetensors import SafetensorError
 
     from imgen_cli.config import from_dict
     from imgen_cli.runs import resolve_run
 
-    run, checkpoint = resolve_run(ckpt, runs_root, flag)
+    run, checkpoint = resolve_run(ckpt, runs_root, flag, families)
     saved = run.read_config()
     family = get(saved["family"])
     config = from_dict(saved, family.config_cls())

@@ -22,7 +22,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,29 +242,32 @@ def _family_or_none(run: RunDir) -> str | None:
         return None
 
 
-def newest_run(root: str | Path = "runs", family: str | None = None) -> RunDir:
-    """The run under `root` (of `family`, if given) whose newest complete checkpoint is the most recent."""
+def newest_run(root: str | Path = "runs", families: Sequence[str] | None = None) -> RunDir:
+    """The run anywhere under `root` (of one of `families`, if given) whose newest complete checkpoint is the
+    most recent: `make demo` puts its runs one level deeper (runs/demo/muse), users group theirs as they like."""
     root = Path(root)
     candidates = []
-    if root.is_dir():
-        for child in root.iterdir():
-            run = RunDir(child)
-            ckpt = run.latest_checkpoint() if run.exists() else None
-            found = _family_or_none(run) if ckpt is not None else None
-            if found is not None and family in (None, found):
-                candidates.append((ckpt.path.stat().st_mtime, run))
+    for config in sorted(root.rglob("config.json")) if root.is_dir() else []:
+        run = RunDir(config.parent)
+        ckpt = run.latest_checkpoint()
+        found = _family_or_none(run) if ckpt is not None else None
+        if found is not None and (families is None or found in families):
+            candidates.append((ckpt.path.stat().st_mtime, run))
     if not candidates:
+        kind = f"{', '.join(families[:-1])} or {families[-1]} " if len(families or []) > 1 else \
+            f"{families[0]} " if families else ""
         raise UserError(
-            f"no trained {family + ' ' if family else ''}run found under {root}/.",
+            f"no trained {kind}run found under {root}/.",
             hint="Train one first (`imgen train --model NAME`) or pass --ckpt RUN.",
         )
     return max(candidates, key=lambda c: c[0])[1]
 
 
-def resolve_run(ckpt: str | None, root: str | Path = "runs", flag: str = "--ckpt") -> tuple[RunDir, Checkpoint]:
-    """`--ckpt RUN` (or the newest run under runs/) -> the run and its newest complete checkpoint."""
+def resolve_run(ckpt: str | None, root: str | Path = "runs", flag: str = "--ckpt",
+                families: Sequence[str] | None = None) -> tuple[RunDir, Checkpoint]:
+    """`--ckpt RUN` (or the newest run of `families` under runs/) -> the run and its newest complete checkpoint."""
     if ckpt is None:
-        run = newest_run(root)
+        run = newest_run(root, families)
     else:
         path = Path(ckpt)
         if _STEP_DIR.match(path.name) and path.parent.name == "checkpoints":

@@ -21,6 +21,7 @@ def one_line(result) -> str:
     return " ".join(result.output.split())
 
 
+NO_GENERATOR = "no trained muse, vqdiffusion, bitdiff, diffit or diffit-latent run found under runs/"
 TINY_TRAIN = ["--set", "train.batch_size=4", "--set", "data.num_workers=0", "--set", "train.log_every=5",
               "--set", "train.sample_every=5", "--set", "train.ckpt_every=5"]
 
@@ -118,7 +119,7 @@ def test_models_lists_presets_and_status() -> None:
         (["train", "--model", "vqgan", "--set", "oops"], "--set expects key=value"),
         (["train", "--model", "vqgan", "--preset", "giant"], "unknown preset 'giant'"),
         (["train", "--model", "vqgan", "--data", "no_shards_here"], "no_shards_here"),
-        (["sample", "a bear riding a bicycle"], "no trained run found under runs/"),
+        (["sample", "a bear riding a bicycle"], NO_GENERATOR),
         (["sample", "x", "--ckpt", "nowhere"], "--ckpt nowhere does not exist"),
         (["edit", "missing.png", "a red circle"], "missing.png does not exist"),
         (["eval"], "choose at least one metric"),
@@ -169,12 +170,11 @@ def test_the_users_four_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     result = invoke(*args, "--set", "model.codebook_size=32")
     assert result.exit_code == 2 and "was trained with other settings (model.codebook_size" in one_line(result)
 
-    result = invoke("sample", "a bear riding a bicycle")
-    assert result.exit_code == 2
-    assert "runs/vqgan is a vqgan run (VQGAN image tokenizer); sampling needs a text-to-image run" in one_line(result)
-    result = invoke("eval", "--fid")
-    assert result.exit_code == 2 and "runs/vqgan is a vqgan run, which does not generate images; score it with " \
-        "--recon" in one_line(result)
+    result = invoke("sample", "a bear riding a bicycle")  # the newest run is no generator
+    assert result.exit_code == 2 and NO_GENERATOR in one_line(result)
+    result = invoke("eval", "--fid", "--ckpt", "runs/vqgan")
+    assert result.exit_code == 2 and "runs/vqgan is a vqgan run (VQGAN image tokenizer); evaluation needs a " \
+        "text-to-image run" in one_line(result) and "imgen eval --recon" in one_line(result)
     result = invoke("eval", "--recon", "--n", "4")  # the newest run is the tokenizer: reconstruction works
     assert result.exit_code == 0 and "PSNR (dB)" in result.output
 

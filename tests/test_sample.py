@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +33,20 @@ def muse_run(vq_run: Path, vq_shards: Path, tmp_path_factory: pytest.TempPathFac
     train("--model", "muse", "--preset", "tiny", "--data", str(vq_shards), "--vq", str(vq_run), "--out", str(run),
           "--steps", "5")
     return run
+
+
+def test_the_default_run_is_the_newest_generator_anywhere_under_runs(muse_run: Path, vq_run: Path, clip_run: Path,
+                                                                     tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make demo` leaves runs/demo/{vqgan,clip,muse}: `imgen sample` takes the generator, whichever ran last."""
+    monkeypatch.chdir(tmp_path)
+    for name, run in (("muse", muse_run), ("vqgan", vq_run), ("clip", clip_run)):  # the clip run is the newest
+        shutil.copytree(run, Path("runs/demo") / name)
+        os.utime(RunDir(Path("runs/demo") / name).latest_checkpoint().path)
+    result = invoke("sample", "a red circle", "--n", "1", "--steps", "2")
+    assert result.exit_code == 0, result.output
+    assert "--ckpt runs/demo/muse (the newest text-to-image run under runs/, step 5)" in one_line(result)
+    assert Path("samples/0000.png").is_file()
 
 
 @pytest.fixture(scope="module")

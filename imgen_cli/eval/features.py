@@ -140,7 +140,7 @@ def load_clip(spec: str | None, device: torch.device | str, runs_root: str = "ru
 
     if spec is None:
         try:
-            spec = str(newest_run(runs_root, family="clip").path)
+            spec = str(newest_run(runs_root, families=["clip"]).path)
         except UserError:
             raise UserError(f"no CLIP model to evaluate with (no clip run under {runs_root}/): pass --clip-model "
                             "RUN|NAME:TAG|NAME:FILE.",
