@@ -194,9 +194,10 @@ def time_pairs(steps: int, td: float = 0.0, schedule: str = "cosine") -> list[tu
     td, the asymmetric time difference, counts steps (pix2seq's unit, not lucidrains' continuous one): the
     network is told t_now while the state it gets was produced for a time td steps closer to the data.
 
-    schedule "edm" takes EDM's grid instead (reference/diffit.md section 5): N noise levels t_k = 1 - k / (N - 1),
-    sigma_max to sigma_min, N - 1 steps between them, then a last step from sigma_min to the data itself
-    (t_next None: sigma_N = 0), which Heun takes without its correction: 2N - 1 network calls (35 for N = 18)."""
+    schedule "edm" takes EDM's grid instead (reference/diffit.md section 5; td does not apply): N noise levels
+    t_k = 1 - k / (N - 1), sigma_max to sigma_min, N - 1 steps between them, then a last step from sigma_min to
+    the data itself (t_next None: sigma_N = 0), which Heun takes without its correction: 2N - 1 network calls
+    (35 for N = 18)."""
     if steps < 1:
         raise UserError(f"steps must be at least 1, got {steps}.")
     if td < 0:
