@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,19 +125,32 @@ def check_out_dir(out_dir: Path, flag: str = "--out") -> Path:
     return out_dir
 
 
-def generate(model: Any, prompts: list[str], *, batch_size: int, seed: int, options: dict[str, Any],
-             advance: Callable[[int], None], super_res: Any = None, speed: Speed | None = None) -> Tensor:
-    """Images [len(prompts), 3, H, W] in [0, 1]. With `super_res` (a Muse super-resolution model), `model`
-    generates the low-resolution token grid and `super_res` the high-resolution one conditioned on it."""
+@dataclass
+class GeneratedBatch:
+    indices: list[int]  # positions of these images in the prompt list
+    images: Tensor  # [len(indices), 3, H, W] float in [0, 1], on the CPU
+    seconds: float  # spent in the network (synchronised on CUDA), not in saving or scoring
+
+
+def generated_batches(model: Any, prompts: list[str], *, batch_size: int, seed: int, options: dict[str, Any],
+                      speed: Speed | None = None, super_res: Any = None, rank: int = 0,
+                      world_size: int = 1) -> Iterator[GeneratedBatch]:
+    """The one seeded loop of `sample` and `eval`: batch b of `prompts` draws from a generator seeded by (seed, b)
+    and belongs to rank b mod world_size, so the images depend neither on the number of ranks nor on which command
+    made them. With `super_res` (a Muse super-resolution model), `model` generates the low-resolution token grid
+    and `super_res` the high-resolution one conditioned on it. A `negative_prompts` option is one negative
+    prompt, repeated for every prompt of the batch."""
     device = next(model.parameters()).device
     speed = speed or Speed()
-    out = []
     for b, start in enumerate(range(0, len(prompts), batch_size)):
+        if b % world_size != rank:
+            continue
         chunk = prompts[start:start + batch_size]
         generator = batch_generator(seed, b, device)
         chunk_options = dict(options)
-        if "negative_prompts" in options:  # one negative prompt, repeated for every prompt of the batch
+        if "negative_prompts" in options:
             chunk_options["negative_prompts"] = [options["negative_prompts"]] * len(chunk)
+        started = time.perf_counter()
         if super_res is None:
             with speed.applied(model):
                 images = model.generate(chunk, generator=generator, **chunk_options)
@@ -145,8 +159,20 @@ def generate(model: Any, prompts: list[str], *, batch_size: int, seed: int, opti
                 lowres = model.generate_tokens(chunk, generator=generator, **chunk_options)
             with speed.applied(super_res):
                 images = super_res.generate(chunk, generator=generator, lowres_tokens=lowres, **chunk_options)
-        out.append(images.float().clamp(0, 1).cpu())
-        advance(len(chunk))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - started
+        yield GeneratedBatch(list(range(start, start + len(chunk))), images.float().clamp(0, 1).cpu(), seconds)
+
+
+def generate(model: Any, prompts: list[str], *, batch_size: int, seed: int, options: dict[str, Any],
+             advance: Callable[[int], None], super_res: Any = None, speed: Speed | None = None) -> Tensor:
+    """Images [len(prompts), 3, H, W] in [0, 1], in one process (see `generated_batches`)."""
+    out = []
+    for batch in generated_batches(model, prompts, batch_size=batch_size, seed=seed, options=options, speed=speed,
+                                   super_res=super_res):
+        out.append(batch.images)
+        advance(len(batch.indices))
     return torch.cat(out)
 
 

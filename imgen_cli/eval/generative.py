@@ -41,7 +41,7 @@ from imgen_cli import pretrained
 from imgen_cli.data import shards as shard_io
 from imgen_cli.errors import UserError
 from imgen_cli.eval import features as feats
-from imgen_cli.sample import Speed, batch_generator, load_image
+from imgen_cli.sample import Speed, generated_batches, load_image
 from imgen_cli.train.distributed import DistEnv, gather_objects
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -121,22 +121,16 @@ def _batches(indices: list[int], size: int) -> Iterator[list[int]]:
 
 def generate(model: Any, prompts: list[str], steps: int | None, req: EvalRequest, env: DistEnv,
              advance: Callable[[int], None]) -> tuple[list[int], Tensor, float]:
-    """This rank's share of the images for `prompts`: (indices, uint8 images, seconds spent generating)."""
+    """This rank's share of the images for `prompts`: (indices, uint8 images, seconds spent generating), the
+    images `imgen sample` makes for the same prompts and seed."""
     indices, images, seconds = [], [], 0.0
-    kwargs = {k: v for k, v in (("steps", steps), ("guidance", req.guidance), *req.options.items()) if v is not None}
-    for b, batch in enumerate(_batches(list(range(len(prompts))), req.batch_size)):
-        if b % env.world_size != env.rank:
-            continue
-        generator = batch_generator(req.seed, b, env.device)  # the seeds of `imgen sample`: the same images
-        started = time.perf_counter()
-        with req.speed.applied(model):
-            out = model.generate([prompts[i] for i in batch], generator=generator, **kwargs)
-        if env.device.type == "cuda":
-            torch.cuda.synchronize(env.device)
-        seconds += time.perf_counter() - started
-        indices += batch
-        images.append((out.clamp(0, 1) * 255).round().to(torch.uint8).cpu())
-        advance(len(batch))
+    options = {k: v for k, v in (("steps", steps), ("guidance", req.guidance), *req.options.items()) if v is not None}
+    for batch in generated_batches(model, prompts, batch_size=req.batch_size, seed=req.seed, options=options,
+                                   speed=req.speed, rank=env.rank, world_size=env.world_size):
+        indices += batch.indices
+        images.append((batch.images * 255).round().to(torch.uint8))
+        seconds += batch.seconds
+        advance(len(batch.indices))
     empty = torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
     return indices, torch.cat(images) if images else empty, seconds
 
