@@ -262,19 +262,14 @@ def test_loader_workers_die_with_the_trainer(shapes_shards: Path, tmp_path: Path
     """A worker busy inside a batch (here: a decode that takes a minute) never reaches torch's own check that its
     parent lives; the kernel must end it when the trainer is killed."""
     script = (
-        "import multiprocessing, time\n"
+        "import os, time\n"
         "from imgen_cli.data import shards\n"
-        "decode, decoded = shards._decode_sample, []\n"
-        "def slow_after_one_batch(sample, rng):\n"
-        "    decoded.append(1)\n"
-        "    if len(decoded) > 4:\n"
-        "        time.sleep(60)\n"
-        "    return decode(sample, rng)\n"
-        "shards._decode_sample = slow_after_one_batch\n"
+        "def slow_decode(sample, rng):\n"
+        "    print(os.getpid(), flush=True)\n"
+        "    time.sleep(60)\n"
+        "shards._decode_sample = slow_decode\n"
         f"loader = shards.train_loader(shards.open_shards({str(shapes_shards)!r}, 'train'), 4, 10, num_workers=1)\n"
         "next(iter(loader))\n"
-        "print(multiprocessing.active_children()[0].pid, flush=True)\n"
-        "time.sleep(60)\n"
     )
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     worker = int(parent.stdout.readline())
