@@ -14,10 +14,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pytest
 import torch
-from conftest import error_line, train_tiny
+from conftest import error_line, register_open_clip, train_tiny
 from PIL import Image
 from test_cli import invoke
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -63,14 +62,7 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def tiny_open_clip(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A small open_clip architecture registered under its own name (builds in milliseconds)."""
-    root = tmp_path_factory.mktemp("open_clip")
-    name = "imgen-test-hostile-clip"
-    vision = {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 16}
-    config = {"embed_dim": 16, "vision_cfg": vision,
-              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    (root / f"{name}.json").write_text(json.dumps(config))
-    open_clip.add_model_config(root / f"{name}.json")
-    return name
+    return register_open_clip(tmp_path_factory.mktemp("open_clip"), "imgen-test-hostile-clip")
 
 
 @pytest.fixture(scope="module")

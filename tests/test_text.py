@@ -1,11 +1,11 @@
 """The shared text encoder: masks, pooling, freezing, pretrained towers, the null condition and its dropout."""
 
-import json
 from pathlib import Path
 
 import open_clip
 import pytest
 import torch
+from conftest import register_open_clip
 
 from imgen_cli.errors import UserError
 from imgen_cli.nn.text import TextEncoder, TextEncoderConfig, TextStates, drop_condition
@@ -98,12 +98,7 @@ def test_text_states_concatenate_along_the_batch() -> None:
 def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, torch.nn.Module]:
     """An open_clip model config registered under a test name, and a checkpoint file of it."""
     root = tmp_path_factory.mktemp("clip")
-    name = "imgen-test-tiny-clip"
-    vision = {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 16}
-    config = {"embed_dim": 16, "vision_cfg": vision,
-              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
-    (root / f"{name}.json").write_text(json.dumps(config))
-    open_clip.add_model_config(root / f"{name}.json")
+    name = register_open_clip(root, "imgen-test-tiny-clip", text_layers=2)
     torch.manual_seed(0)
     clip = open_clip.create_model(name).eval()
     torch.save(clip.state_dict(), root / "weights.pt")
