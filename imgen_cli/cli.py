@@ -287,9 +287,16 @@ RESUMABLE_KEYS = {"train.steps", "train.log_every", "train.ckpt_every", "train.s
 
 
 def _run_config(cfg: Any) -> dict[str, Any]:
+    """config.json: the configuration, imgen's version and, for a run on a pinned tokenizer checkpoint, that
+    checkpoint's weights hash (checked whenever the run is loaded)."""
     import imgen_cli
+    from imgen_cli.runs import weights_hash
 
-    return {**cfg.to_dict(), "imgen_version": imgen_cli.__version__}
+    config = {**cfg.to_dict(), "imgen_version": imgen_cli.__version__}
+    vq = Path(config["model"].get("vq") or "")
+    if (vq / "ema.safetensors").is_file():
+        config["tokenizer_hash"] = weights_hash(vq)
+    return config
 
 
 def _checked_config(run: Any, cfg: Any) -> dict[str, Any]:
@@ -297,11 +304,14 @@ def _checked_config(run: Any, cfg: Any) -> dict[str, Any]:
     without one is new: a first start that failed before its first checkpoint must not block the corrected
     command."""
     from imgen_cli.config import differences
+    from imgen_cli.runs import check_pinned_tokenizer
 
     fresh = json.loads(json.dumps(_run_config(cfg)))
     if run.exists() and run.latest_checkpoint() is not None:
-        changed = [d for d in differences(fresh, run.read_config())
-                   if d.split(":")[0] not in RESUMABLE_KEYS | {"imgen_version"}]
+        saved = run.read_config()
+        check_pinned_tokenizer(saved)
+        changed = [d for d in differences(fresh, saved)
+                   if d.split(":")[0] not in RESUMABLE_KEYS | {"imgen_version", "tokenizer_hash"}]
         if changed:
             raise UserError(f"{run.path} was trained with other settings ({'; '.join(changed[:3])}); "
                             "resume it with its own settings or choose a new --out.")

@@ -102,10 +102,11 @@ def load_trained(ckpt: str | None, device: Any = "cpu", ema: bool = True, runs_r
     from safetensors import SafetensorError
 
     from imgen_cli.config import from_dict
-    from imgen_cli.runs import resolve_run
+    from imgen_cli.runs import check_pinned_tokenizer, resolve_run
 
     run, checkpoint = resolve_run(ckpt, runs_root, flag, families)
     saved = run.read_config()
+    check_pinned_tokenizer(saved)
     family = get(saved["family"])
     config = from_dict(saved, family.config_cls())
     model = family.build(config.model)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -300,4 +301,20 @@ def pin_tokenizer(vq: str, resuming: RunDir | None) -> str:
         if saved and tokenizer_run.path.resolve() in (Path(saved), Path(saved).parent.parent):
             return saved
     return str(checkpoint.path.resolve())
+
+
+def weights_hash(checkpoint_dir: Path) -> str:
+    """The identity of a checkpoint's EMA weights (what every command loads), by content."""
+    return hashlib.sha256((checkpoint_dir / "ema.safetensors").read_bytes()).hexdigest()[:16]
+
+
+def check_pinned_tokenizer(config: dict[str, Any]) -> None:
+    """Refuse a run whose pinned tokenizer checkpoint no longer holds the weights it was trained with (the
+    tokenizer run deleted and trained again to the same step, say): its tokens would decode to other images."""
+    expected, vq = config.get("tokenizer_hash"), (config.get("model") or {}).get("vq")
+    if expected and vq and (Path(vq) / "ema.safetensors").is_file():
+        found = weights_hash(Path(vq))
+        if found != expected:
+            raise UserError(f"the tokenizer checkpoint {vq} holds other weights ({found}) than this run was "
+                            f"trained with ({expected}); its tokens would decode to other images.")
 

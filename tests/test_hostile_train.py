@@ -245,6 +245,11 @@ def test_a_token_family_decodes_with_its_own_tokenizer_checkpoint(shapes_shards:
     assert train_cli(shapes_shards, vq, "--steps", "3", "--set", "train.keep_last=1").exit_code == 0
     line = error_line(invoke(*sample, "--out", str(tmp_path / "c")))
     assert "step-000001 is incomplete or missing" in line
+    # the tokenizer trained anew to the same step number: the same path, other weights
+    shutil.rmtree(vq)
+    assert train_cli(shapes_shards, vq, "--steps", "1", "--seed", "1").exit_code == 0
+    line = error_line(invoke(*sample, "--out", str(tmp_path / "d")))
+    assert "step-000001 holds other weights" in line and "than this run was trained with" in line
 
 
 def test_recon_and_tokenize_refuse_a_run_that_is_no_tokenizer(shapes_shards: Path, tmp_path: Path) -> None:
