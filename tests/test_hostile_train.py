@@ -20,6 +20,7 @@ from conftest import error_line, train_tiny
 from PIL import Image
 from test_cli import TINY_TRAIN, invoke
 
+from imgen_cli import registry
 from imgen_cli.errors import RunError
 from imgen_cli.runs import RunDir
 
@@ -214,6 +215,19 @@ def test_a_full_disk_while_checkpointing_is_one_sentence_and_keeps_the_last_chec
     line = error_line(train_cli(shapes_shards, run, "--steps", "4"), exit_code=1)
     assert "could not write checkpoint step 4" in line and "step-000002" in line
     assert snapshot(run / "checkpoints") == kept
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB"),
+                                   RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't "
+                                                "allocate memory: you tried to allocate 6442450944 bytes.")])
+def test_a_batch_that_does_not_fit_in_memory_is_one_sentence(shapes_shards: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    def too_big(self, batch):  # noqa: ANN001
+        raise error
+
+    monkeypatch.setattr(registry.get("vqgan").model_cls(), "loss", too_big)
+    line = error_line(train_cli(shapes_shards, tmp_path / "run", "--steps", "2"), exit_code=1)
+    assert "out of memory with 4 samples per rank and step (train.batch_size 4" in line
 
 
 def test_a_damaged_train_state_falls_back_to_the_checkpoint_before(shapes_shards: Path, tmp_path: Path) -> None:

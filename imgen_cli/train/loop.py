@@ -284,13 +284,26 @@ def _accumulate(net: nn.Module, batches: Any, cfg: RunConfig, device: torch.devi
         keys += raw["key"]
         batch = shard_io.to_device(raw, device)
         is_ddp = isinstance(net, nn.parallel.DistributedDataParallel)
-        with net.no_sync() if is_ddp and micro < accum - 1 else contextlib.nullcontext():
+        with net.no_sync() if is_ddp and micro < accum - 1 else contextlib.nullcontext(), _out_of_memory(cfg, raw):
             with autocast(cfg, device):
                 out = net(batch)
             scaler.scale(out["loss"].float() / accum).backward()
         for k, v in out.items():
             parts[k] = parts.get(k, 0.0) + float(v.detach()) / accum
     return parts, keys
+
+
+@contextlib.contextmanager
+def _out_of_memory(cfg: RunConfig, raw: dict[str, Any]) -> Any:
+    """An allocation the batch does not fit in (CUDA, or the CPU allocator) as one sentence naming the remedy."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+        if not isinstance(err, (torch.OutOfMemoryError, MemoryError)) and "can't allocate memory" not in str(err):
+            raise
+        raise RunError(f"out of memory with {len(raw['key'])} samples per rank and step (train.batch_size "
+                       f"{cfg.train.batch_size}, train.grad_accum {cfg.train.grad_accum}); lower train.batch_size "
+                       "or raise train.grad_accum.") from None
 
 
 def _clip(model: nn.Module, max_norm: float) -> float:
