@@ -69,13 +69,23 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks i
     _state["debug"] = debug
 
 
-TRUNCATION_HELP = "VQ-Diffusion: top-r truncation, keep the codes within this mass (1 = off) \\[default: 1]."
-SAMPLER_HELP = ("The family's sampler: VQ-Diffusion posterior | purity (Improved's high-quality sampler); "
-                "Bit Diffusion and DiffiT ddpm | ddim | heun (EDM's second order, two calls per step).")
-BF16_HELP = "Run the network under bfloat16 autocast (CPU or CUDA)."
-COMPILE_HELP = "torch.compile the network first (pays off over many batches)."
-CACHE_HELP = "Compute the prompts' cross-attention keys and values once per run, not per step (same images)."
 SEED_MAX = 2**31 - 1  # the generators are seeded with seed * 1_000_003 + batch, which must fit torch's 64 bits
+# the flags sample, edit and eval share: declared once, so they mean the same everywhere
+Device = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 \\[default: cuda if present].")]
+SamplerSteps = Annotated[str | None, typer.Option(
+    "--steps", help="Sampler steps \\[default: the family's]; a list (4,8,16) sweeps (sample: a folder per count).")]
+Guidance = Annotated[float | None, typer.Option(
+    "--guidance", help="Classifier-free guidance scale s (1 = none, 0 = unconditional) \\[default: the family's].")]
+Truncation = Annotated[float | None, typer.Option(
+    "--truncation", help="VQ-Diffusion: top-r truncation, keep the codes within this mass (1 = off) \\[default: 1].")]
+Sampler = Annotated[str | None, typer.Option(
+    "--sampler", help="The family's sampler: VQ-Diffusion posterior | purity (Improved's high-quality sampler); "
+                      "Bit Diffusion and DiffiT ddpm | ddim | heun (EDM's second order, two calls per step).")]
+Bf16 = Annotated[bool, typer.Option("--bf16", help="Run the network under bfloat16 autocast (CPU or CUDA).")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the network first (pays off over many batches).")]
+CacheContext = Annotated[bool, typer.Option(
+    "--cache-context/--no-cache-context",
+    help="Compute the prompts' cross-attention keys and values once per run, not per step (same images).")]
 Seed = Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Same seed, same images.")]
 
 
@@ -119,7 +129,7 @@ def tokenize(
     shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Samples per shard.")] = 1000,
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Held-out share for sources without a val split.")] = 0.05,
     vq: Annotated[str | None, typer.Option("--vq", help="Tokenizer run: also store image tokens ({key}.vq.npy).")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="Where --vq encodes \\[default: cuda if present].")] = None,
+    device: Device = None,
 ) -> None:
     """Turn a captioned image dataset into train/val WebDataset shards (images + captions [+ image tokens])."""
     from imgen_cli.data.tokenize import tokenize as run_tokenize
@@ -201,7 +211,7 @@ def train(
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Total optimizer steps.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", min=0, max=SEED_MAX, help="Training seed.")] = None,
     sets: Annotated[list[str] | None, typer.Option("--set", help="Override any key: --set train.lr=1e-4.")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 \\[default: cuda if present].")] = None,
+    device: Device = None,
     compile_model: Annotated[bool | None, typer.Option("--compile", help="torch.compile the model (train.compile).")] = None,
     tensorboard: Annotated[bool | None, typer.Option("--tensorboard", help="Also log to RUN/tensorboard.")] = None,
 ) -> None:
@@ -345,20 +355,20 @@ def sample(
     prompts: Annotated[list[str], typer.Argument(help="One or more prompts.")],
     ckpt: Annotated[str | None, typer.Option("--ckpt", help="Run directory \\[default: newest under runs/].")] = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Images per prompt.")] = 4,
-    steps: Annotated[str | None, typer.Option("--steps", help="Sampler steps \\[default: the family's]; a list (4,8,16) sweeps, one folder per count under --out.")] = None,
-    guidance: Annotated[float | None, typer.Option("--guidance", help="Classifier-free guidance scale s (1 = none) \\[default: the family's].")] = None,
+    steps: SamplerSteps = None,
+    guidance: Guidance = None,
     guidance_ramp: Annotated[bool | None, typer.Option("--guidance-ramp/--no-guidance-ramp", help="Muse: grow the guidance from 1 over the steps.")] = None,
     negative: Annotated[str | None, typer.Option("--negative", help="Negative prompt: replaces the unconditional branch of guidance.")] = None,
     super_res: Annotated[str | None, typer.Option("--sr", help="Muse: a super-resolution run that refines the tokens of --ckpt.")] = None,
-    truncation: Annotated[float | None, typer.Option("--truncation", help=TRUNCATION_HELP)] = None,
-    sampler: Annotated[str | None, typer.Option("--sampler", help=SAMPLER_HELP)] = None,
+    truncation: Truncation = None,
+    sampler: Sampler = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images generated per forward batch.")] = 16,
     seed: Seed = 0,
     out_dir: Annotated[Path, typer.Option("--out", help="Where the PNGs, prompts.txt and grid.png go.")] = Path("samples"),
-    device: Annotated[str | None, typer.Option("--device")] = None,
-    bf16: Annotated[bool, typer.Option("--bf16", help=BF16_HELP)] = False,
-    compile_model: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
-    cache_context: Annotated[bool, typer.Option("--cache-context/--no-cache-context", help=CACHE_HELP)] = True,
+    device: Device = None,
+    bf16: Bf16 = False,
+    compile_model: Compile = False,
+    cache_context: CacheContext = True,
 ) -> None:
     """Generate images from text prompts with a trained run."""
     import time
@@ -410,15 +420,15 @@ def edit(
     keep_box: Annotated[str | None, typer.Option("--keep-box", help="x0,y0,x1,y1: keep this box, repaint around it (outpainting).")] = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Edited versions to make.")] = 4,
     steps: Annotated[int | None, typer.Option("--steps", help="Sampler steps \\[default: the family's].")] = None,
-    guidance: Annotated[float | None, typer.Option("--guidance", help="Classifier-free guidance scale s.")] = None,
+    guidance: Guidance = None,
     iterations: Annotated[int | None, typer.Option("--iterations", min=0, help="Mask-free editing: resampling rounds \\[default: 100].")] = None,
-    truncation: Annotated[float | None, typer.Option("--truncation", help=TRUNCATION_HELP)] = None,
-    sampler: Annotated[str | None, typer.Option("--sampler", help=SAMPLER_HELP)] = None,
+    truncation: Truncation = None,
+    sampler: Sampler = None,
     seed: Seed = 0,
     out_dir: Annotated[Path, typer.Option("--out", help="Where the PNGs, prompts.txt and grid.png go.")] = Path("edits"),
-    device: Annotated[str | None, typer.Option("--device")] = None,
-    bf16: Annotated[bool, typer.Option("--bf16", help=BF16_HELP)] = False,
-    cache_context: Annotated[bool, typer.Option("--cache-context/--no-cache-context", help=CACHE_HELP)] = True,
+    device: Device = None,
+    bf16: Bf16 = False,
+    cache_context: CacheContext = True,
 ) -> None:
     """Inpaint (--mask, --box), outpaint (--keep-box) or, without a region, edit mask-free (Muse) under a new prompt."""
     import torch
@@ -478,19 +488,19 @@ def evaluate(
     inception_weights: Annotated[str | None, typer.Option("--inception-weights", help="torch-fidelity's InceptionV3 state dict, weights-inception-2015-12-05-6726825d.pth (read as tensors only, never downloaded) \\[default: the torch hub cache].")] = None,
     clip_model: Annotated[str | None, typer.Option("--clip-model", help="imgen clip RUN | open_clip NAME:TAG (fetched into the Hugging Face cache the first time; HF_HUB_OFFLINE=1 reads only the cache) | NAME:/path/weights.pt \\[default: newest clip run].")] = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Images to generate (or to reconstruct with --recon).")] = 1000,
-    steps: Annotated[str | None, typer.Option("--steps", help="Sampler steps; a list (4,8,16,32) sweeps speed vs quality.")] = None,
-    guidance: Annotated[float | None, typer.Option("--guidance", help="Classifier-free guidance scale.")] = None,
-    truncation: Annotated[float | None, typer.Option("--truncation", help=TRUNCATION_HELP)] = None,
-    sampler: Annotated[str | None, typer.Option("--sampler", help=SAMPLER_HELP)] = None,
+    steps: SamplerSteps = None,
+    guidance: Guidance = None,
+    truncation: Truncation = None,
+    sampler: Sampler = None,
     r: Annotated[int, typer.Option("--r", min=2, help="R-precision: captions ranked per image.")] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 50,
     seed: Seed = 0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write every number to this file.")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="With several --steps: metric vs seconds per image, PNG \\[default: next to --json].")] = None,
-    device: Annotated[str | None, typer.Option("--device")] = None,
-    bf16: Annotated[bool, typer.Option("--bf16", help=BF16_HELP)] = False,
-    compile_model: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
-    cache_context: Annotated[bool, typer.Option("--cache-context/--no-cache-context", help=CACHE_HELP)] = True,
+    device: Device = None,
+    bf16: Bf16 = False,
+    compile_model: Compile = False,
+    cache_context: CacheContext = True,
 ) -> None:
     """Score a run: FID / KID / CLIP score / R-precision for generators, reconstruction metrics for tokenizers."""
     if recon:
