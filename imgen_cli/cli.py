@@ -448,20 +448,15 @@ def edit(
     region = pipeline.region_mask(size, mask, box, keep_box)
     if region is not None and iterations is not None:
         raise UserError("--iterations is for mask-free editing; with a mask, --steps sets the decoding steps.")
-    options = pipeline.check_options(model.edit, {"steps": pipeline.check_steps(steps), "guidance": guidance, "iterations": iterations,
-                                                  "truncation": truncation, "sampler": sampler},
-                                     trained.family.name)
+    options = pipeline.check_options(model.edit, {"steps": pipeline.check_steps(steps), "guidance": guidance,
+                                                  "iterations": iterations, "truncation": truncation,
+                                                  "sampler": sampler}, trained.family.name)
     speed = pipeline.Speed(cache_context=cache_context, bf16=bf16)
     with _progress("edit", n) as advance:
         edited = []
         for i in range(n):
-            generator = pipeline.batch_generator(seed, i, dev)
-            with speed.applied(model):
-                result = model.edit(source.to(dev), None if region is None else region.to(dev), [prompt],
-                                    generator=generator, **options).float().clamp(0, 1).cpu()
-            if region is not None:
-                result = pipeline.composite(source, result, region, cell=size // getattr(model, "grid", size))
-            edited.append(result)
+            edited.append(pipeline.edit(model, source, region, prompt, generator=pipeline.batch_generator(seed, i, dev),
+                                        options=options, speed=speed))
             advance(1)
     images = torch.cat([source] + edited)
     grid = pipeline.save_images(images, ["(source)"] + [prompt] * n, out_dir, per_row=n + 1)

@@ -251,6 +251,21 @@ def region_mask(size: int, mask_path: Path | None, box: str | None, keep_box: st
     return mask
 
 
+def edit(model: Any, source: Tensor, region: Tensor | None, prompt: str, *, generator: torch.Generator,
+         options: dict[str, Any], speed: Speed | None = None) -> Tensor:
+    """One edit of `source` [1, 3, H, W] under `prompt`: the family's `edit` (mask-free without a region), then,
+    with a region, the source's own pixels outside the cells it touches. Returns [1, 3, H, W] on the CPU."""
+    device = next(model.parameters()).device
+    with (speed or Speed()).applied(model):
+        result = model.edit(source.to(device), None if region is None else region.to(device), [prompt],
+                            generator=generator, **options).float().clamp(0, 1).cpu()
+    if region is None:
+        return result
+    # a token family repaints whole token cells (open, issue 18: the cell should be a declared capability)
+    cell = model.image_size // getattr(model, "grid", model.image_size)
+    return composite(source.cpu(), result, region.cpu(), cell=cell)
+
+
 def composite(source: Tensor, edited: Tensor, mask: Tensor, cell: int) -> Tensor:
     """The edit inside the repainted region, the source's own pixels everywhere else.
 

@@ -87,3 +87,18 @@ def register_open_clip(root: Path, name: str, text_layers: int = 1) -> str:
     open_clip.add_model_config(root / f"{name}.json")
     return name
 
+
+def tiny_model(name: str) -> torch.nn.Module:
+    """Any family's tiny preset, seeded, in eval mode, on a tiny untrained tokenizer where it models tokens or
+    latents."""
+    from imgen_cli import registry
+    from imgen_cli.models.vqgan import PRESETS as VQ_PRESETS
+    from imgen_cli.models.vqgan import VQGAN, VQGANConfig
+
+    family = registry.get(name)
+    torch.manual_seed(0)
+    cfg = family.config_cls()(**family.presets()["tiny"])
+    if name in ("muse", "vqdiffusion", "diffit-latent"):
+        return family.model_cls()(cfg, VQGAN(VQGANConfig(**VQ_PRESETS["tiny"])).eval()).eval()
+    return family.build(cfg).eval()
+

@@ -5,29 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 
-from imgen_cli import registry
 from imgen_cli.diffusion.gaussian import gamma, guided
 from imgen_cli.models.muse import guided_logits
 from imgen_cli.models.vq_diffusion import guided_log_probs
-from imgen_cli.models.vqgan import PRESETS as VQ_PRESETS
-from imgen_cli.models.vqgan import VQGAN, VQGANConfig
 from imgen_cli.nn.text import TextStates
 from imgen_cli.nn.transformer import Attention, cached_context
 from imgen_cli.sample import Speed
 
 GENERATORS = ["muse", "vqdiffusion", "bitdiff", "diffit", "diffit-latent"]
 PROMPTS = ["a red circle", "a blue square above a green cross"]
-
-
-def tiny(name: str) -> torch.nn.Module:
-    """The family's tiny preset, seeded, on a tiny untrained tokenizer where it needs one."""
-    family = registry.get(name)
-    torch.manual_seed(0)
-    cfg = family.config_cls()(**family.presets()["tiny"])
-    if name in ("muse", "vqdiffusion", "diffit-latent"):
-        return family.model_cls()(cfg, VQGAN(VQGANConfig(**VQ_PRESETS["tiny"])).eval()).eval()
-    return family.build(cfg).eval()
 
 
 def sample(model: torch.nn.Module, speed: Speed) -> torch.Tensor:
@@ -41,7 +29,7 @@ def cross_attention_layers(model: torch.nn.Module) -> list[Attention]:
 
 @pytest.mark.parametrize("name", GENERATORS)
 def test_cached_context_gives_the_same_images_and_projects_the_prompts_once(name: str) -> None:
-    model = tiny(name)
+    model = tiny_model(name)
     layer = cross_attention_layers(model)[0]
     calls = []
     layer.kv.register_forward_hook(lambda *_: calls.append(1))
@@ -96,7 +84,7 @@ def _one_forward_per_text(model: torch.nn.Module, name: str, x: torch.Tensor, te
 def test_one_batched_guidance_forward_equals_two_forwards(name: str) -> None:
     """Batch elements never interact, so the uncond + cond batch of one forward gives each half what a forward
     of its own gives, and the family's guided prediction is the guidance formula on two separate forwards."""
-    model = tiny(name)
+    model = tiny_model(name)
     b = len(PROMPTS)
     cond = model.encode_text(PROMPTS) if name == "vqdiffusion" else model.text_encoder(PROMPTS)
     null = model.text_encoder.null(b) if name == "muse" else model.null_condition(b)
@@ -120,7 +108,7 @@ def test_one_batched_guidance_forward_equals_two_forwards(name: str) -> None:
 
 @pytest.mark.parametrize("name", GENERATORS)
 def test_bf16_sampling_runs_on_the_cpu(name: str) -> None:
-    model = tiny(name)
+    model = tiny_model(name)
     dtypes = set()
     layer = cross_attention_layers(model)[0]
     layer.out.register_forward_hook(lambda _m, _i, output: dtypes.add(output.dtype))
