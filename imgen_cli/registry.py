@@ -24,6 +24,7 @@ class Family:
     config_class: str
     model_class: str
     needs_vq_tokens: bool = False
+    takes_tokenizer: bool = False  # models a tokenizer's tokens or latents: built with the `model.vq` run's network
     is_tokenizer: bool = False  # an image tokenizer (encode/decode): `tokenize --vq`, `--vq`, `eval --recon`
     generates_images: bool = False  # text-to-image generator (sample/edit/eval --fid apply)
     supports_dual_output: bool = False  # a continuous diffusion family: model.dual_output is its head option
@@ -42,6 +43,10 @@ class Family:
         return getattr(self._module(), self.presets_name)
 
     def build(self, model_config: Any) -> Any:
+        """The network; a family that takes a tokenizer is handed the one `model.vq` names (families load
+        nothing themselves)."""
+        if self.takes_tokenizer and model_config.vq:
+            return self.model_cls()(model_config, load_tokenizer(model_config.vq))
         return self.model_cls()(model_config)
 
 
@@ -54,20 +59,20 @@ FAMILIES: dict[str, Family] = {
         ),
         Family("muse", "masked generative transformer", "Chang et al. 2023",
                module="imgen_cli.models.muse", config_class="MuseConfig", model_class="Muse",
-               needs_vq_tokens=True, generates_images=True),
+               needs_vq_tokens=True, takes_tokenizer=True, generates_images=True),
         Family("vqdiffusion", "mask-and-replace discrete diffusion", "Gu et al. 2021",
                module="imgen_cli.models.vq_diffusion", config_class="VQDiffusionConfig", model_class="VQDiffusion",
-               needs_vq_tokens=True, generates_images=True),
+               needs_vq_tokens=True, takes_tokenizer=True, generates_images=True),
         # pixel mode by default; token mode with --vq RUN (so needs_vq_tokens stays False)
         Family("bitdiff", "Bit Diffusion with analog bits", "Chen et al. 2022",
                module="imgen_cli.models.bit_diffusion", config_class="BitDiffusionConfig", model_class="BitDiffusion",
-               generates_images=True, supports_dual_output=True),
+               takes_tokenizer=True, generates_images=True, supports_dual_output=True),
         Family("diffit", "DiffiT vision-transformer diffusion in image space", "Hatamizadeh et al. 2023",
                module="imgen_cli.models.diffit", config_class="DiffiTConfig", model_class="DiffiT",
                generates_images=True, supports_dual_output=True),
         Family("diffit-latent", "DiffiT over a vqgan's continuous latents", "Hatamizadeh et al. 2023",
                module="imgen_cli.models.diffit", config_class="DiffiTLatentConfig", model_class="DiffiT",
-               generates_images=True, supports_dual_output=True, presets_name="LATENT_PRESETS"),
+               takes_tokenizer=True, generates_images=True, supports_dual_output=True, presets_name="LATENT_PRESETS"),
         Family("clip", "in-project CLIP evaluator", "Radford et al. 2021",
                module="imgen_cli.models.clip", config_class="CLIPConfig", model_class="CLIP"),
     ]
@@ -123,3 +128,12 @@ def load_trained(ckpt: str | None, device: Any = "cpu", ema: bool = True, runs_r
         raise UserError(f"{checkpoint.path} does not fit the {family.name} network of this imgen version "
                         f"({detail}).") from None
     return TrainedModel(run, checkpoint, config, family, model.to(device).eval())
+
+
+def load_tokenizer(run: str) -> Any:
+    """The frozen network of a trained tokenizer run (EMA weights), on the CPU."""
+    trained = load_trained(run, device="cpu", flag="--vq")
+    if not trained.family.is_tokenizer:
+        raise UserError(f"--vq {run} is a {trained.family.name} run, not a vqgan tokenizer.")
+    return trained.model
+

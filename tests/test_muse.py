@@ -398,6 +398,9 @@ def random_vq_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_tokenizer_from_a_vq_run(random_vq_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def tiny_model(**overrides) -> Muse:  # built as every command builds it: the registry loads model.vq
+        return registry.get("muse").build(MuseConfig(**{**PRESETS["tiny"], **overrides}))
+
     model = tiny_model(vq=str(random_vq_run), codebook_size=0, grid=0)
     assert (model.codebook_size, model.grid, model.mask_id) == (64, 4, 64)
     assert torch.equal(model.tokenizer.quantizer.weight, tiny_vq().quantizer.weight)

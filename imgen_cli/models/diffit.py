@@ -49,7 +49,7 @@ from imgen_cli.errors import UserError, require
 from imgen_cli.nn.embeddings import NoiseLevelEmbedding, sinusoidal_embedding
 from imgen_cli.nn.pixels import keep_mask, resize_images
 from imgen_cli.nn.text import TextEncoder, TextEncoderConfig, TextStates, drop_condition, learned_null, unconditional
-from imgen_cli.nn.tokens import TokenFamily, load_tokenizer, pixel_to_token_mask
+from imgen_cli.nn.tokens import TokenFamily, pixel_to_token_mask
 from imgen_cli.nn.transformer import MLP, Attention
 
 SPACES = ("image", "latent")
@@ -422,8 +422,6 @@ class DiffiT(TokenFamily):
         sqrt(channels): a cosine tokenizer's latents are projected to the unit sphere, so that factor gives
         them unit mean square exactly; a Euclidean tokenizer needs its scale measured and set."""
         cfg = self.cfg
-        if tokenizer is None and cfg.vq:
-            tokenizer = load_tokenizer(cfg.vq)
         self._tokenizer = [] if tokenizer is None else [tokenizer.eval().requires_grad_(False)]
         self.grid = cfg.grid or (tokenizer.grid_shape()[0] if tokenizer is not None else 0)
         self.channels = cfg.latent_channels or (tokenizer.cfg.code_dim if tokenizer is not None else 0)

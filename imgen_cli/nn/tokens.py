@@ -3,7 +3,7 @@ of its token ids, Gumbel noise, guidance on logits and the pixel-to-token mask o
 
 `TokenFamily` holds the tokenizer outside the module tree: frozen, and no part of the family's state dict,
 parameters, optimizer or EMA; `_apply` still takes it along on `.to(device)`. The tokenizer is a trained
-`vqgan` run, which the registry loads from the config's `vq` path.
+`vqgan` run, which the registry loads from the config's `vq` path and hands to the family's constructor.
 """
 
 from __future__ import annotations
@@ -56,16 +56,6 @@ def pixel_to_token_mask(mask: Tensor, factor: int) -> Tensor:
     return F.max_pool2d(mask.float(), factor).squeeze(1) > 0
 
 
-def load_tokenizer(run: str) -> nn.Module:
-    """The frozen `vqgan` network of a trained run (EMA weights), on the CPU."""
-    from imgen_cli import registry
-
-    trained = registry.load_trained(run, device="cpu", flag="--vq")
-    if not trained.family.is_tokenizer:
-        raise UserError(f"--vq {run} is a {trained.family.name} run, not a vqgan tokenizer.")
-    return trained.model
-
-
 class TokenFamily(nn.Module):
     """Base of a network over the token grid of a frozen VQ tokenizer.
 
@@ -78,8 +68,6 @@ class TokenFamily(nn.Module):
 
     def attach_tokenizer(self, vq: str, tokenizer: nn.Module | None, codebook_size: int,
                          grid: int) -> tuple[int, int]:
-        if tokenizer is None and vq:
-            tokenizer = load_tokenizer(vq)
         self._tokenizer = [] if tokenizer is None else [tokenizer.eval().requires_grad_(False)]
         k = codebook_size
         if tokenizer is not None:
