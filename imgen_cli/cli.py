@@ -229,10 +229,10 @@ def train(
                             f"{', '.join(registry.FAMILIES)} (see `imgen models`).")
         model = existing.read_config()["family"]
     family = registry.get(model)
-    from dataclasses import fields
-
-    if vq is not None and "vq" not in {f.name for f in fields(family.config_cls())}:
-        raise UserError(f"--vq is for the token families; {model} does not train on image tokens.")
+    if vq is not None and not family.takes_tokenizer:
+        with_it = [f.name for f in registry.FAMILIES.values() if f.takes_tokenizer]
+        raise UserError(f"--vq is for the families that stand on a tokenizer ({', '.join(with_it)}); {model} "
+                        "does not.")
     if not family.supports_dual_output and any(s.split("=")[0].strip() == "model.dual_output" for s in sets or []):
         with_it = [f.name for f in registry.FAMILIES.values() if f.supports_dual_output]
         raise UserError(f"Dynamic Dual-Output is a head option of the continuous diffusion families "
@@ -247,8 +247,8 @@ def train(
                           sets=sets or [], flags={"data.shards": data, "train.steps": steps, "train.seed": seed,
                                  "model.vq": pin_tokenizer(vq, existing) if vq else None,
                                  "train.compile": compile_model, "train.tensorboard": tensorboard})
-    # bitdiff models tokens when given --vq; latent DiffiT encodes images itself (`reads_tokens` False)
-    if family.needs_vq_tokens or (getattr(cfg.model, "vq", "") and getattr(cfg.model, "reads_tokens", True)):
+    # bitdiff models tokens when given --vq; latent DiffiT encodes images itself (it does not read tokens)
+    if family.needs_vq_tokens or (family.reads_tokens and cfg.model.vq):
         _check_token_data(model, cfg)
 
     from imgen_cli.train import distributed
@@ -383,8 +383,9 @@ def sample(
     trained = _generator(ckpt, "sampling", dev)
     model, refiner = trained.model, None
     if super_res is not None:
-        refiner = _generator(super_res, "super-resolution", dev, flag="--sr").model
-        pipeline.check_cascade(model, refiner)
+        refining = _generator(super_res, "super-resolution", dev, flag="--sr")
+        pipeline.check_cascade(trained, refining)
+        refiner = refining.model
     all_prompts = [p for p in prompts for _ in range(n)]
     speed = pipeline.Speed(cache_context=cache_context, bf16=bf16, compile=compile_model)
     for network in (model, refiner):

@@ -25,6 +25,10 @@ class Family:
     model_class: str
     needs_vq_tokens: bool = False
     takes_tokenizer: bool = False  # models a tokenizer's tokens or latents: built with the `model.vq` run's network
+    reads_tokens: bool = False  # given a tokenizer, trains on token grids (pre-encoded in the shards, or encoded)
+    trains_at_image_size: bool = False  # the shards' images must have model.image_size (no resizing in the family)
+    generates_tokens: bool = False  # `generate_tokens`: a token grid a super-resolution Muse can refine
+    refines_tokens: bool = False  # a run with model.lowres_grid > 0 is a super-resolution stage (`sample --sr`)
     is_tokenizer: bool = False  # an image tokenizer (encode/decode): `tokenize --vq`, `--vq`, `eval --recon`
     generates_images: bool = False  # text-to-image generator (sample/edit/eval --fid apply)
     supports_dual_output: bool = False  # a continuous diffusion family: model.dual_output is its head option
@@ -56,17 +60,20 @@ FAMILIES: dict[str, Family] = {
         Family(
             "vqgan", "VQGAN image tokenizer", "Esser et al. 2021",
             module="imgen_cli.models.vqgan", config_class="VQGANConfig", model_class="VQGAN", is_tokenizer=True,
+            trains_at_image_size=True,
         ),
         Family("muse", "masked generative transformer", "Chang et al. 2023",
                module="imgen_cli.models.muse", config_class="MuseConfig", model_class="Muse",
-               needs_vq_tokens=True, takes_tokenizer=True, generates_images=True),
+               needs_vq_tokens=True, takes_tokenizer=True, reads_tokens=True, generates_tokens=True,
+               refines_tokens=True, generates_images=True),
         Family("vqdiffusion", "mask-and-replace discrete diffusion", "Gu et al. 2021",
                module="imgen_cli.models.vq_diffusion", config_class="VQDiffusionConfig", model_class="VQDiffusion",
-               needs_vq_tokens=True, takes_tokenizer=True, generates_images=True),
+               needs_vq_tokens=True, takes_tokenizer=True, reads_tokens=True, generates_tokens=True,
+               generates_images=True),
         # pixel mode by default; token mode with --vq RUN (so needs_vq_tokens stays False)
         Family("bitdiff", "Bit Diffusion with analog bits", "Chen et al. 2022",
                module="imgen_cli.models.bit_diffusion", config_class="BitDiffusionConfig", model_class="BitDiffusion",
-               takes_tokenizer=True, generates_images=True, supports_dual_output=True),
+               takes_tokenizer=True, reads_tokens=True, generates_images=True, supports_dual_output=True),
         Family("diffit", "DiffiT vision-transformer diffusion in image space", "Hatamizadeh et al. 2023",
                module="imgen_cli.models.diffit", config_class="DiffiTConfig", model_class="DiffiT",
                generates_images=True, supports_dual_output=True),
@@ -74,7 +81,8 @@ FAMILIES: dict[str, Family] = {
                module="imgen_cli.models.diffit", config_class="DiffiTLatentConfig", model_class="DiffiT",
                takes_tokenizer=True, generates_images=True, supports_dual_output=True, presets_name="LATENT_PRESETS"),
         Family("clip", "in-project CLIP evaluator", "Radford et al. 2021",
-               module="imgen_cli.models.clip", config_class="CLIPConfig", model_class="CLIP"),
+               module="imgen_cli.models.clip", config_class="CLIPConfig", model_class="CLIP",
+               trains_at_image_size=True),
     ]
 }
 

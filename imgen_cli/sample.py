@@ -177,12 +177,16 @@ def generate(model: Any, prompts: list[str], *, batch_size: int, seed: int, opti
 
 
 def check_cascade(base: Any, super_res: Any) -> None:
-    lowres = getattr(getattr(super_res, "cfg", None), "lowres_grid", 0)
+    """`sample --ckpt BASE --sr SUPER_RES` (two registry.TrainedModel): the base makes the token grid the
+    super-resolution stage refines."""
+    lowres = super_res.config.model.lowres_grid if super_res.family.refines_tokens else 0
     if not lowres:
         raise UserError("--sr must be a super-resolution Muse run (trained with model.lowres_grid > 0).")
-    if not hasattr(base, "generate_tokens") or base.grid != lowres:
+    if not base.family.generates_tokens:
+        raise UserError(f"the --ckpt run is a {base.family.name} run, which makes no token grid to refine.")
+    if base.model.grid != lowres:
         raise UserError(f"the --sr run refines a {lowres}x{lowres} token grid, but the --ckpt run makes "
-                        f"{getattr(base, 'grid', '?')}x{getattr(base, 'grid', '?')} tokens.")
+                        f"{base.model.grid}x{base.model.grid} tokens.")
 
 
 def save_images(images: Tensor, prompts: list[str], out_dir: Path, per_row: int) -> Path:
@@ -261,9 +265,7 @@ def edit(model: Any, source: Tensor, region: Tensor | None, prompt: str, *, gene
                             generator=generator, **options).float().clamp(0, 1).cpu()
     if region is None:
         return result
-    # a token family repaints whole token cells (open, issue 18: the cell should be a declared capability)
-    cell = model.image_size // getattr(model, "grid", model.image_size)
-    return composite(source.cpu(), result, region.cpu(), cell=cell)
+    return composite(source.cpu(), result, region.cpu(), cell=model.edit_cell)
 
 
 def composite(source: Tensor, edited: Tensor, mask: Tensor, cell: int) -> Tensor:

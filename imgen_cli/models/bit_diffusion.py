@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -64,7 +63,6 @@ PREVIEW_GUIDANCE = 3.0
 class BitDiffusionConfig(TextEncoderConfig):
     """Bit Diffusion's hyperparameters; the text encoder's (text_*) come with TextEncoderConfig."""
 
-    resizes_images: ClassVar[bool] = True  # pixel mode area-downsamples any shards to image_size (no size check)
 
     # token mode: the vqgan run whose tokens are modelled (the CLI fills it from --vq); "" = pixel mode
     vq: str = ""

@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -64,8 +63,6 @@ class DiffiTConfig(TextEncoderConfig):
     """DiffiT's hyperparameters; the text encoder's (text_*) come with TextEncoderConfig. Fields marked
     "image" shape the U-shaped network, "latent" the ViT; the others serve both."""
 
-    resizes_images: ClassVar[bool] = True  # image space area-downsamples any shards to image_size
-    reads_tokens: ClassVar[bool] = False  # latent space encodes the images itself: pre-encoded tokens do not help
 
     space: str = "image"  # image | latent
     vq: str = ""  # latent: the vqgan run whose continuous latents are modelled (the CLI fills it from --vq)

@@ -101,6 +101,11 @@ class TokenFamily(nn.Module):
         return self.grid * self.require_tokenizer("tell its image size").downsample_factor
 
     @property
+    def edit_cell(self) -> int:
+        """The side in pixels of what an edit regenerates as a unit: a token's cell, or one pixel (no tokenizer)."""
+        return self.image_size // self.grid if self.tokenizer is not None else 1
+
+    @property
     def tokens_per_sample(self) -> int:
         return self.grid * self.grid
 

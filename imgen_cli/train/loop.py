@@ -156,11 +156,10 @@ def train(cfg: RunConfig, run: RunDir, env: DistEnv, console: Console,
         raise UserError(f"train.batch_size {cfg.train.batch_size} must be a multiple of ranks x grad_accum "
                         f"({env.world_size} x {accum}).")
     train_shards = shard_io.open_shards(cfg.data.shards, "train")
-    model_size = getattr(cfg.model, "image_size", None)
-    resizes = getattr(cfg.model, "resizes_images", False)  # a family that resizes each batch to its size itself
-    if train_shards.image_size and model_size and train_shards.image_size != model_size and not resizes:
-        raise UserError(f"model.image_size is {model_size} but {cfg.data.shards} holds "
-                        f"{train_shards.image_size}px images; re-tokenize with --size {model_size} "
+    fixed = registry.get(cfg.family).trains_at_image_size  # the others resize each batch, or encode it
+    if fixed and train_shards.image_size and train_shards.image_size != cfg.model.image_size:
+        raise UserError(f"model.image_size is {cfg.model.image_size} but {cfg.data.shards} holds "
+                        f"{train_shards.image_size}px images; re-tokenize with --size {cfg.model.image_size} "
                         f"or --set model.image_size={train_shards.image_size}.")
     if train_shards.count and cfg.train.batch_size > train_shards.count:
         raise UserError(f"train.batch_size {cfg.train.batch_size} is larger than the {train_shards.count} training "
