@@ -160,31 +160,19 @@ def tokenize(
     out.print(f"{total / max(manifest['seconds'], 1e-9):.0f} images/s", highlight=False)
 
 
-def _tokenizer(vq: str, device: Any) -> tuple[Any, dict[str, Any]]:
-    """A trained tokenizer run (EMA weights) and its record, the identity stored in token shards."""
-    from imgen_cli import registry
-    from imgen_cli.data.shards import tokenizer_record
-
-    trained = registry.load_trained(vq, device, flag="--vq")
-    if not trained.family.is_tokenizer:
-        raise UserError(f"--vq {vq} is a {trained.family.name} run, not an image tokenizer (vqgan).")
-    model = trained.model
-    record = tokenizer_record(trained.run.path, trained.checkpoint.step, model.codebook_size, model.grid_shape(),
-                              trained.checkpoint.path / "ema.safetensors")
-    record["image_size"] = trained.config.model.image_size
-    return model, record
-
-
 def _token_encoder(vq: str, device: str | None) -> Any:
     """A trained tokenizer run as tokenize's TokenEncoder (EMA weights, no grad)."""
     import numpy as np
     import torch
 
+    from imgen_cli import registry
+    from imgen_cli.data.shards import tokenizer_record
     from imgen_cli.data.tokenize import TokenEncoder
     from imgen_cli.train.distributed import pick_device
 
     dev = pick_device(device)
-    model, record = _tokenizer(vq, dev)
+    trained = registry.load_tokenizer(vq, dev)
+    model, record = trained.model, tokenizer_record(trained)
 
     @torch.no_grad()
     def encode(images: np.ndarray) -> np.ndarray:
@@ -216,116 +204,32 @@ def train(
     tensorboard: Annotated[bool | None, typer.Option("--tensorboard", help="Also log to RUN/tensorboard.")] = None,
 ) -> None:
     """Train a model (one process, or every rank under torchrun). Re-running on an existing --out resumes it."""
-    from imgen_cli import config as cfg_mod
-    from imgen_cli import registry
-    from imgen_cli.runs import RunDir, pin_tokenizer
-
-    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} is a file, not a run directory.")
-    existing = RunDir(out_dir) if out_dir is not None and RunDir(out_dir).exists() else None
-    if model is None:
-        if existing is None:
-            raise UserError("--model is required for a new run; choose one of: "
-                            f"{', '.join(registry.FAMILIES)} (see `imgen models`).")
-        model = existing.read_config()["family"]
-    family = registry.get(model)
-    if vq is not None and not family.takes_tokenizer:
-        with_it = [f.name for f in registry.FAMILIES.values() if f.takes_tokenizer]
-        raise UserError(f"--vq is for the families that stand on a tokenizer ({', '.join(with_it)}); {model} "
-                        "does not.")
-    if not family.supports_dual_output and any(s.split("=")[0].strip() == "model.dual_output" for s in sets or []):
-        with_it = [f.name for f in registry.FAMILIES.values() if f.supports_dual_output]
-        raise UserError(f"Dynamic Dual-Output is a head option of the continuous diffusion families "
-                        f"({', '.join(with_it)}); {model} has no such head.")
-    run = RunDir(out_dir if out_dir is not None else RUNS_ROOT / model)
-    if recipe is None and (recipes_dir() / "shapes" / f"{model}.toml").is_file():
-        recipe = recipes_dir() / "shapes" / f"{model}.toml"
-    recipe_values = cfg_mod.load_recipe(recipe) if recipe else {}
-    if recipe_values.get("family", model) != model:
-        raise UserError(f"recipe {recipe} is for {recipe_values['family']}, not {model}.")
-    cfg = cfg_mod.resolve(model, family.config_cls(), family.presets(), recipe=recipe_values, preset=preset,
-                          sets=sets or [], flags={"data.shards": data, "train.steps": steps, "train.seed": seed,
-                                 "model.vq": pin_tokenizer(vq, existing) if vq else None,
-                                 "train.compile": compile_model, "train.tensorboard": tensorboard})
-    # bitdiff models tokens when given --vq; latent DiffiT encodes images itself (it does not read tokens)
-    if family.needs_vq_tokens or (family.reads_tokens and cfg.model.vq):
-        _check_token_data(model, cfg)
-
     from imgen_cli.train import distributed
     from imgen_cli.train.loop import train as run_train
+    from imgen_cli.train.setup import TrainRequest, prepare
 
-    fresh_config = _checked_config(run, cfg)
-    latest = run.latest_checkpoint()
-    if latest is not None and latest.step >= cfg.train.steps:  # before anything is written: the run stays as it is
-        err.print(f"{run.path} is already at step {latest.step} of train.steps {cfg.train.steps}: nothing to train "
-                  "(raise --steps to train on).", highlight=False)
+    main_rank = os.environ.get("RANK", "0") == "0"
+    request = TrainRequest(model=model, out=out_dir, recipe=recipe, preset=preset, vq=vq, sets=sets or [],
+                           flags={"data.shards": data, "train.steps": steps, "train.seed": seed,
+                                  "train.compile": compile_model, "train.tensorboard": tensorboard})
+    prepared = prepare(request, RUNS_ROOT, recipes_dir(),
+                       note=lambda m: err.print(m, highlight=False) if main_rank else None)
+    run, cfg = prepared.run, prepared.cfg
+    if prepared.done_at is not None:  # said before anything is written: the run stays as it is
+        err.print(f"{run.path} is already at step {prepared.done_at.step} of train.steps {cfg.train.steps}: nothing "
+                  "to train (raise --steps to train on).", highlight=False)
         return
     env = distributed.setup(device)
     try:
         # rank 0 holds the run's lock (torchrun stops the other ranks if it cannot have it)
         with run.lock() if env.is_main else contextlib.nullcontext():
             if env.is_main:
-                run.write_config(fresh_config)
+                run.write_config(prepared.config)
             result = run_train(cfg, run, env, err)
     finally:
         distributed.teardown()
     if env.is_main and result.stopped_early:
         raise typer.Exit(0)
-
-
-def _check_token_data(model: str, cfg: Any) -> None:
-    """A token family needs its tokenizer; shards with pre-encoded tokens must come from that same tokenizer
-    (shards without tokens are encoded on the fly)."""
-    from imgen_cli.data.shards import check_tokenizer, open_shards
-
-    if not cfg.model.vq:
-        raise UserError(f"{model} trains on image tokens: pass --vq RUN (a trained vqgan run).")
-    shards = open_shards(cfg.data.shards, "train")
-    if (shards.manifest or {}).get("tokenizer") is not None:
-        check_tokenizer(shards, _tokenizer(cfg.model.vq, "cpu")[1], cfg.data.shards)
-    elif os.environ.get("RANK", "0") == "0":
-        err.print(f"{cfg.data.shards} holds no pre-encoded tokens: the tokenizer encodes every batch on the fly "
-                  f"(`imgen tokenize {cfg.data.shards} --vq {cfg.model.vq} --out SHARDS_VQ` makes training faster).",
-                  highlight=False)
-
-
-# keys a resumed run may change: how long, how often, from where, not what is trained
-RESUMABLE_KEYS = {"train.steps", "train.log_every", "train.ckpt_every", "train.sample_every", "train.keep_last",
-                  "train.val_every", "train.val_max_batches", "train.compile", "train.tensorboard",
-                  "train.activation_checkpointing", "train.nan_policy", "data.shards", "data.num_workers",
-                  "data.resume"}
-
-
-def _run_config(cfg: Any) -> dict[str, Any]:
-    """config.json: the configuration, imgen's version and, for a run on a pinned tokenizer checkpoint, that
-    checkpoint's weights hash (checked whenever the run is loaded)."""
-    import imgen_cli
-    from imgen_cli.runs import weights_hash
-
-    config = {**cfg.to_dict(), "imgen_version": imgen_cli.__version__}
-    vq = Path(config["model"].get("vq") or "")
-    if (vq / "ema.safetensors").is_file():
-        config["tokenizer_hash"] = weights_hash(vq)
-    return config
-
-
-def _checked_config(run: Any, cfg: Any) -> dict[str, Any]:
-    """The config.json to write; for a run with a checkpoint, refuse changes to what is being trained. A run
-    without one is new: a first start that failed before its first checkpoint must not block the corrected
-    command."""
-    from imgen_cli.config import differences
-    from imgen_cli.runs import check_pinned_tokenizer
-
-    fresh = json.loads(json.dumps(_run_config(cfg)))
-    if run.exists() and run.latest_checkpoint() is not None:
-        saved = run.read_config()
-        check_pinned_tokenizer(saved)
-        changed = [d for d in differences(fresh, saved)
-                   if d.split(":")[0] not in RESUMABLE_KEYS | {"imgen_version", "tokenizer_hash"}]
-        if changed:
-            raise UserError(f"{run.path} was trained with other settings ({'; '.join(changed[:3])}); "
-                            "resume it with its own settings or choose a new --out.")
-    return fresh
 
 
 # --- sample / edit / eval -------------------------------------------------------------------------------------

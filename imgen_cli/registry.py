@@ -50,7 +50,7 @@ class Family:
         """The network; a family that takes a tokenizer is handed the one `model.vq` names (families load
         nothing themselves)."""
         if self.takes_tokenizer and model_config.vq:
-            return self.model_cls()(model_config, load_tokenizer(model_config.vq))
+            return self.model_cls()(model_config, load_tokenizer(model_config.vq).model)
         return self.model_cls()(model_config)
 
 
@@ -138,10 +138,10 @@ def load_trained(ckpt: str | None, device: Any = "cpu", ema: bool = True, runs_r
     return TrainedModel(run, checkpoint, config, family, model.to(device).eval())
 
 
-def load_tokenizer(run: str) -> Any:
-    """The frozen network of a trained tokenizer run (EMA weights), on the CPU."""
-    trained = load_trained(run, device="cpu", flag="--vq")
+def load_tokenizer(run: str, device: Any = "cpu") -> TrainedModel:
+    """A trained tokenizer run (`--vq`, `model.vq`) with its network (EMA weights, eval mode)."""
+    trained = load_trained(run, device=device, flag="--vq")
     if not trained.family.is_tokenizer:
-        raise UserError(f"--vq {run} is a {trained.family.name} run, not a vqgan tokenizer.")
-    return trained.model
+        raise UserError(f"--vq {run} is a {trained.family.name} run, not an image tokenizer (vqgan).")
+    return trained
 

@@ -409,5 +409,5 @@ def test_tokenizer_from_a_vq_run(random_vq_run: Path, monkeypatch: pytest.Monkey
     trained = registry.load_trained(str(random_vq_run), flag="--vq")
     monkeypatch.setattr(registry, "load_trained", lambda *a, **kw: registry.TrainedModel(
         trained.run, trained.checkpoint, trained.config, registry.get("muse"), trained.model))
-    with pytest.raises(UserError, match="is a muse run, not a vqgan tokenizer"):
+    with pytest.raises(UserError, match=r"is a muse run, not an image tokenizer \(vqgan\)"):
         tiny_model(vq=str(random_vq_run))

@@ -110,12 +110,13 @@ def open_shards(spec: str, split: str) -> ShardSet:
 # --- pre-encoded image tokens ----------------------------------------------------------------------
 
 
-def tokenizer_record(run: str | Path, step: int, codebook_size: int, grid: tuple[int, int],
-                     weights: str | Path) -> dict[str, Any]:
-    """What identifies a tokenizer: shards made with it can only serve a model trained on the same."""
-    digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
-    return {"run": str(Path(run).resolve()), "step": step, "codebook_size": codebook_size,
-            "grid": list(grid), "hash": digest}
+def tokenizer_record(trained: Any) -> dict[str, Any]:
+    """What identifies a tokenizer (a registry.TrainedModel): shards made with it can only serve a model trained on
+    the same."""
+    digest = hashlib.sha256((trained.checkpoint.path / "ema.safetensors").read_bytes()).hexdigest()[:16]
+    return {"run": str(Path(trained.run.path).resolve()), "step": trained.checkpoint.step,
+            "codebook_size": trained.model.codebook_size, "grid": list(trained.model.grid_shape()), "hash": digest,
+            "image_size": trained.config.model.image_size}
 
 
 def check_tokenizer(shards: ShardSet, expected: dict[str, Any], spec: str) -> None:

@@ -1,0 +1,131 @@
+"""Before the loop: from what `imgen train` was given to a run directory and its configuration.
+
+A new run or a resumed one: the run's family, the recipe (the shapes recipe of the family by default), the
+layered configuration, the tokenizer a token family stands on (pinned to its checkpoint), the data checks a
+token family needs, and the config.json to write. A run with a checkpoint resumes and refuses changes to what
+it trains; a run without one is new, so a first start that failed never blocks the corrected command.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import imgen_cli
+from imgen_cli import config as cfg_mod
+from imgen_cli import registry
+from imgen_cli.config import RunConfig
+from imgen_cli.errors import UserError
+from imgen_cli.runs import Checkpoint, RunDir, check_pinned_tokenizer, pin_tokenizer, weights_hash
+
+# keys a resumed run may change: how long, how often, from where, not what is trained
+RESUMABLE_KEYS = {"train.steps", "train.log_every", "train.ckpt_every", "train.sample_every", "train.keep_last",
+                  "train.val_every", "train.val_max_batches", "train.compile", "train.tensorboard",
+                  "train.activation_checkpointing", "train.nan_policy", "data.shards", "data.num_workers",
+                  "data.resume"}
+PROVENANCE_KEYS = {"imgen_version", "tokenizer_hash"}  # recorded in config.json, never compared on resume
+
+
+@dataclass
+class TrainRequest:
+    """What `imgen train` was given; None means "not given" (the recipe's or the saved run's value)."""
+
+    model: str | None = None
+    out: Path | None = None
+    recipe: Path | None = None
+    preset: str | None = None
+    vq: str | None = None
+    sets: list[str] = field(default_factory=list)
+    flags: dict[str, Any] = field(default_factory=dict)  # dotted config keys set by their own flags
+
+
+@dataclass
+class PreparedRun:
+    run: RunDir
+    cfg: RunConfig
+    config: dict[str, Any]  # what config.json gets once training starts
+    done_at: Checkpoint | None  # the run's checkpoint when it is already at train.steps: nothing to train
+
+
+def prepare(req: TrainRequest, runs_root: Path, recipes: Path, note: Callable[[str], None]) -> PreparedRun:
+    """The run and its checked configuration; nothing is written."""
+    if req.out is not None and req.out.exists() and not req.out.is_dir():
+        raise UserError(f"--out {req.out} is a file, not a run directory.")
+    existing = RunDir(req.out) if req.out is not None and RunDir(req.out).exists() else None
+    name = req.model
+    if name is None:
+        if existing is None:
+            raise UserError("--model is required for a new run; choose one of: "
+                            f"{', '.join(registry.FAMILIES)} (see `imgen models`).")
+        name = existing.read_config()["family"]
+    family = registry.get(name)
+    _check_family_options(family, req)
+    recipe = req.recipe
+    if recipe is None and (recipes / "shapes" / f"{name}.toml").is_file():
+        recipe = recipes / "shapes" / f"{name}.toml"
+    recipe_values = cfg_mod.load_recipe(recipe) if recipe else {}
+    if recipe_values.get("family", name) != name:
+        raise UserError(f"recipe {recipe} is for {recipe_values['family']}, not {name}.")
+    flags = {**req.flags, "model.vq": pin_tokenizer(req.vq, existing) if req.vq else None}
+    cfg = cfg_mod.resolve(name, family.config_cls(), family.presets(), recipe=recipe_values, preset=req.preset,
+                          sets=req.sets, flags=flags)
+    # bitdiff models tokens when given --vq; latent DiffiT encodes images itself (it does not read tokens)
+    if family.needs_vq_tokens or (family.reads_tokens and cfg.model.vq):
+        check_token_data(name, cfg, note)
+    run = RunDir(req.out if req.out is not None else runs_root / name)
+    config = checked_config(run, cfg)
+    latest = run.latest_checkpoint()
+    return PreparedRun(run, cfg, config, latest if latest is not None and latest.step >= cfg.train.steps else None)
+
+
+def _check_family_options(family: registry.Family, req: TrainRequest) -> None:
+    if req.vq is not None and not family.takes_tokenizer:
+        with_it = [f.name for f in registry.FAMILIES.values() if f.takes_tokenizer]
+        raise UserError(f"--vq is for the families that stand on a tokenizer ({', '.join(with_it)}); {family.name} "
+                        "does not.")
+    if not family.supports_dual_output and any(s.split("=")[0].strip() == "model.dual_output" for s in req.sets):
+        with_it = [f.name for f in registry.FAMILIES.values() if f.supports_dual_output]
+        raise UserError(f"Dynamic Dual-Output is a head option of the continuous diffusion families "
+                        f"({', '.join(with_it)}); {family.name} has no such head.")
+
+
+def check_token_data(name: str, cfg: RunConfig, note: Callable[[str], None]) -> None:
+    """A token family needs its tokenizer; shards with pre-encoded tokens must come from that same tokenizer
+    (shards without tokens are encoded on the fly)."""
+    from imgen_cli.data.shards import check_tokenizer, open_shards, tokenizer_record
+
+    if not cfg.model.vq:
+        raise UserError(f"{name} trains on image tokens: pass --vq RUN (a trained vqgan run).")
+    shards = open_shards(cfg.data.shards, "train")
+    if (shards.manifest or {}).get("tokenizer") is not None:
+        check_tokenizer(shards, tokenizer_record(registry.load_tokenizer(cfg.model.vq)), cfg.data.shards)
+    else:
+        note(f"{cfg.data.shards} holds no pre-encoded tokens: the tokenizer encodes every batch on the fly "
+             f"(`imgen tokenize {cfg.data.shards} --vq {cfg.model.vq} --out SHARDS_VQ` makes training faster).")
+
+
+def run_config(cfg: RunConfig) -> dict[str, Any]:
+    """config.json: the configuration, imgen's version and, for a run on a pinned tokenizer checkpoint, that
+    checkpoint's weights hash (checked whenever the run is loaded)."""
+    config = {**cfg.to_dict(), "imgen_version": imgen_cli.__version__}
+    vq = Path(config["model"].get("vq") or "")
+    if (vq / "ema.safetensors").is_file():
+        config["tokenizer_hash"] = weights_hash(vq)
+    return json.loads(json.dumps(config))  # as it reads back: tuples become lists
+
+
+def checked_config(run: RunDir, cfg: RunConfig) -> dict[str, Any]:
+    """The config.json to write; for a run with a checkpoint, refuse changes to what is being trained."""
+    fresh = run_config(cfg)
+    if run.exists() and run.latest_checkpoint() is not None:
+        saved = run.read_config()
+        check_pinned_tokenizer(saved)
+        changed = [d for d in cfg_mod.differences(fresh, saved)
+                   if d.split(":")[0] not in RESUMABLE_KEYS | PROVENANCE_KEYS]
+        if changed:
+            raise UserError(f"{run.path} was trained with other settings ({'; '.join(changed[:3])}); "
+                            "resume it with its own settings or choose a new --out.")
+    return fresh
