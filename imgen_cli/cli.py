@@ -474,35 +474,20 @@ def _print_eval(report: dict[str, Any]) -> None:
 
 
 def _evaluate_recon(ckpt: str | None, data: str, n: int, json_path: Path | None, device: str | None) -> None:
-    import time
-
-    from imgen_cli import registry
-    from imgen_cli.data.shards import open_shards
-    from imgen_cli.eval.recon import json_safe, reconstruction_metrics
+    from imgen_cli.eval.recon import evaluate_recon
     from imgen_cli.train.distributed import pick_device
 
-    started = time.time()
-    dev = pick_device(device)
-    trained = registry.load_trained(ckpt, dev, runs_root=str(RUNS_ROOT),
-                                    families=[f.name for f in registry.FAMILIES.values() if f.is_tokenizer])
-    if not trained.family.is_tokenizer:
-        raise UserError(f"--recon scores image tokenizers; {trained.run.path} is a {trained.family.name} run.")
-    shards = open_shards(data, "val")
-    total = min(n, shards.count) if shards.count else n
-    with _progress("recon", total) as advance:
-        metrics = reconstruction_metrics(trained.model, shards, dev, limit=n, on_batch=advance)
-    table = Table(title=f"{trained.run.path} step {trained.checkpoint.step} on {data} val ({metrics['images']} images)")
+    report = evaluate_recon(ckpt, data, n, pick_device(device), str(RUNS_ROOT), _progress)
+    metrics = report["metrics"]
+    table = Table(title=f"{report['run']} step {report['step']} on {data} val ({metrics['images']} images)")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    table.add_row("PSNR (dB)", f"{metrics['psnr']:.2f}")
+    table.add_row("PSNR (dB)", f"{float(metrics['psnr']):.2f}")  # "inf" in the JSON for an exact one
     table.add_row("SSIM", f"{metrics['ssim']:.4f}")
     table.add_row("codebook usage", f"{100 * metrics['codebook_usage']:.1f}% of {metrics['codebook_size']}")
     table.add_row("codebook perplexity", f"{metrics['codebook_perplexity']:.1f}")
     out.print(table)
     if json_path is not None:
-        report = {"run": str(trained.run.path), "step": trained.checkpoint.step, "weights": "ema", "data": data,
-                  "split": "val", "metrics": {k: json_safe(v) for k, v in metrics.items()},
-                  "seconds": round(time.time() - started, 2)}
         json_path.write_text(json.dumps(report, indent=2) + "\n")
 
 

@@ -7,7 +7,9 @@ has MSE 0 and PSNR +inf, reported as such rather than as an error.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +17,7 @@ import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from imgen_cli.data import shards as shard_io
+from imgen_cli.errors import UserError
 
 
 @torch.no_grad()
@@ -52,3 +55,23 @@ def reconstruction_metrics(model: Any, shards: shard_io.ShardSet, device: torch.
 def json_safe(value: float) -> float | str:
     """JSON has no infinity: an exact reconstruction's PSNR is written as the string "inf"."""
     return "inf" if isinstance(value, float) and math.isinf(value) else value
+
+
+def evaluate_recon(ckpt: str | None, data: str, n: int, device: torch.device, runs_root: str,
+                   progress: Callable[[str, int], contextlib.AbstractContextManager]) -> dict[str, Any]:
+    """`imgen eval --recon`: a tokenizer run (without `ckpt`, the newest under runs_root) on up to `n` images of
+    the val split; the report (run, step, metrics) that the table and the JSON show."""
+    from imgen_cli import registry
+
+    started = time.time()
+    trained = registry.load_trained(ckpt, device, runs_root=runs_root,
+                                    families=[f.name for f in registry.FAMILIES.values() if f.is_tokenizer])
+    if not trained.family.is_tokenizer:
+        raise UserError(f"--recon scores image tokenizers; {trained.run.path} is a {trained.family.name} run.")
+    shards = shard_io.open_shards(data, "val")
+    with progress("recon", min(n, shards.count) if shards.count else n) as advance:
+        metrics = reconstruction_metrics(trained.model, shards, device, limit=n, on_batch=advance)
+    return {"run": str(trained.run.path), "step": trained.checkpoint.step, "weights": "ema", "data": data,
+            "split": "val", "metrics": {k: json_safe(v) for k, v in metrics.items()},
+            "seconds": round(time.time() - started, 2)}
+
