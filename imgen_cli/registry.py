@@ -115,7 +115,7 @@ def load_trained(ckpt: str | None, device: Any = "cpu", ema: bool = True, runs_r
     from safetensors import SafetensorError
 
     from imgen_cli.config import from_dict
-    from imgen_cli.runs import check_pinned_tokenizer, resolve_run
+    from imgen_cli.runs import check_pinned_tokenizer, resolve_run, weights_file
 
     run, checkpoint = resolve_run(ckpt, runs_root, flag, families)
     saved = run.read_config()
@@ -126,8 +126,7 @@ def load_trained(ckpt: str | None, device: Any = "cpu", ema: bool = True, runs_r
     try:
         weights = checkpoint.load_weights(ema=ema)
     except (SafetensorError, OSError) as err:  # a garbage header, data cut short, an unreadable file
-        name = "ema.safetensors" if ema else "model.safetensors"
-        raise UserError(f"{checkpoint.path / name} is damaged: {err}.",
+        raise UserError(f"{weights_file(checkpoint.path, ema)} is damaged: {err}.",
                         hint=f"An earlier checkpoint may be intact: --ckpt {run.path}/checkpoints/step-N.") from None
     try:
         model.load_state_dict(weights)

@@ -35,6 +35,11 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TEMPORARY = ".tmp-"  # prefix of checkpoint directories being written or discarded; never a checkpoint
 
 
+def weights_file(checkpoint_dir: Path, ema: bool = True) -> Path:
+    """A checkpoint's EMA weights (what every command loads) or its raw training weights."""
+    return checkpoint_dir / ("ema.safetensors" if ema else "model.safetensors")
+
+
 def _file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
@@ -63,7 +68,7 @@ class Checkpoint:
     def load_weights(self, ema: bool = True) -> dict[str, Any]:
         from safetensors.torch import load_file
 
-        return load_file(self.path / ("ema.safetensors" if ema else "model.safetensors"))
+        return load_file(weights_file(self.path, ema))
 
     def load_train_state(self, map_location: str = "cpu") -> dict[str, Any]:
         import torch
@@ -142,8 +147,8 @@ class RunDir:
         try:
             tmp.mkdir()
             meta = {"step": str(step)}
-            save_file(_contiguous(model_state), tmp / "model.safetensors", metadata=meta)
-            save_file(_contiguous(ema_state), tmp / "ema.safetensors", metadata=meta)
+            save_file(_contiguous(model_state), weights_file(tmp, ema=False), metadata=meta)
+            save_file(_contiguous(ema_state), weights_file(tmp), metadata=meta)
             torch.save(train_state, tmp / "train_state.pt")
             mode = _file_mode()  # safetensors writes 0600 and torch.save follows the umask: one rule for all three
             for name in CHECKPOINT_FILES:
@@ -305,14 +310,14 @@ def pin_tokenizer(vq: str, resuming: RunDir | None) -> str:
 
 def weights_hash(checkpoint_dir: Path) -> str:
     """The identity of a checkpoint's EMA weights (what every command loads), by content."""
-    return hashlib.sha256((checkpoint_dir / "ema.safetensors").read_bytes()).hexdigest()[:16]
+    return hashlib.sha256(weights_file(checkpoint_dir).read_bytes()).hexdigest()[:16]
 
 
 def check_pinned_tokenizer(config: dict[str, Any]) -> None:
     """Refuse a run whose pinned tokenizer checkpoint no longer holds the weights it was trained with (the
     tokenizer run deleted and trained again to the same step, say): its tokens would decode to other images."""
     expected, vq = config.get("tokenizer_hash"), (config.get("model") or {}).get("vq")
-    if expected and vq and (Path(vq) / "ema.safetensors").is_file():
+    if expected and vq and weights_file(Path(vq)).is_file():
         found = weights_hash(Path(vq))
         if found != expected:
             raise UserError(f"the tokenizer checkpoint {vq} holds other weights ({found}) than this run was "

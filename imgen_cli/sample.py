@@ -189,6 +189,9 @@ def check_cascade(base: Any, super_res: Any) -> None:
                         f"{base.model.grid}x{base.model.grid} tokens.")
 
 
+GRID_NAME = "grid.png"  # the contact sheet beside the images; `eval --images` knows it is not one of them
+
+
 def save_images(images: Tensor, prompts: list[str], out_dir: Path, per_row: int) -> Path:
     """`out_dir/0000.png ...`, `prompts.txt` (one line per file) and `grid.png`; returns the grid's path."""
     from torchvision.utils import save_image
@@ -197,7 +200,7 @@ def save_images(images: Tensor, prompts: list[str], out_dir: Path, per_row: int)
     for i, image in enumerate(images):
         save_image(image, out_dir / f"{i:04d}.png")
     (out_dir / "prompts.txt").write_text("".join(p + "\n" for p in prompts), encoding="utf-8")
-    grid = out_dir / "grid.png"
+    grid = out_dir / GRID_NAME
     save_image(images, grid, nrow=per_row, padding=2, pad_value=1.0)
     return grid
 

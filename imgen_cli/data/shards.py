@@ -17,7 +17,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import glob
-import hashlib
 import io
 import itertools
 import json
@@ -38,6 +37,7 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from imgen_cli.errors import RunError, UserError
+from imgen_cli.runs import weights_hash
 
 MANIFEST = "manifest.json"
 FORMAT = "imgen-shards"
@@ -113,9 +113,9 @@ def open_shards(spec: str, split: str) -> ShardSet:
 def tokenizer_record(trained: Any) -> dict[str, Any]:
     """What identifies a tokenizer (a registry.TrainedModel): shards made with it can only serve a model trained on
     the same."""
-    digest = hashlib.sha256((trained.checkpoint.path / "ema.safetensors").read_bytes()).hexdigest()[:16]
     return {"run": str(Path(trained.run.path).resolve()), "step": trained.checkpoint.step,
-            "codebook_size": trained.model.codebook_size, "grid": list(trained.model.grid_shape()), "hash": digest,
+            "codebook_size": trained.model.codebook_size, "grid": list(trained.model.grid_shape()),
+            "hash": weights_hash(trained.checkpoint.path),
             "image_size": trained.config.model.image_size}
 
 

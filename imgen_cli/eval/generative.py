@@ -41,11 +41,10 @@ from imgen_cli import pretrained
 from imgen_cli.data import shards as shard_io
 from imgen_cli.errors import UserError
 from imgen_cli.eval import features as feats
-from imgen_cli.sample import Speed, generated_batches, load_image
+from imgen_cli.sample import GRID_NAME, Speed, generated_batches, load_image
 from imgen_cli.train.distributed import DistEnv, gather_objects
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-SAMPLE_GRID = "grid.png"  # the contact sheet `imgen sample` writes beside its images (sample.save_images): not one
 Progress = Callable[[str, int], contextlib.AbstractContextManager]
 
 
@@ -96,7 +95,7 @@ class ImageFolder:
         directory = Path(directory)
         if not directory.is_dir():
             raise UserError(f"--images {directory} is not a directory.")
-        paths = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.name != SAMPLE_GRID)
+        paths = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.name != GRID_NAME)
         if not paths:
             raise UserError(f"--images {directory} holds no {'/'.join(IMAGE_SUFFIXES)} files.")
         if prompts_file is None:

@@ -19,7 +19,7 @@ from imgen_cli import config as cfg_mod
 from imgen_cli import registry
 from imgen_cli.config import RunConfig
 from imgen_cli.errors import UserError
-from imgen_cli.runs import Checkpoint, RunDir, check_pinned_tokenizer, pin_tokenizer, weights_hash
+from imgen_cli.runs import Checkpoint, RunDir, check_pinned_tokenizer, pin_tokenizer, weights_file, weights_hash
 
 # keys a resumed run may change: how long, how often, from where, not what is trained
 RESUMABLE_KEYS = {"train.steps", "train.log_every", "train.ckpt_every", "train.sample_every", "train.keep_last",
@@ -112,7 +112,7 @@ def run_config(cfg: RunConfig) -> dict[str, Any]:
     checkpoint's weights hash (checked whenever the run is loaded)."""
     config = {**cfg.to_dict(), "imgen_version": imgen_cli.__version__}
     vq = Path(config["model"].get("vq") or "")
-    if (vq / "ema.safetensors").is_file():
+    if weights_file(vq).is_file():
         config["tokenizer_hash"] = weights_hash(vq)
     return json.loads(json.dumps(config))  # as it reads back: tuples become lists
 
