@@ -214,8 +214,7 @@ def build_dataclass(cls: type, values: dict[str, Any], section: str) -> Any:
             raise UserError(f"unknown key {section}.{key}; valid keys in [{section}]: {', '.join(names)}.")
         kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
     obj = cls(**kwargs)
-    if hasattr(obj, "validate"):
-        obj.validate()
+    obj.validate()  # every section's dataclass checks its own values (the model configs, TrainConfig, DataConfig)
     return obj
 
 

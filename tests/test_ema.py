@@ -1,10 +1,11 @@
 import torch
 from torch import nn
 
+from imgen_cli.nn.family import FamilyNetwork
 from imgen_cli.train.ema import EMA
 
 
-class _Net(nn.Module):
+class _Net(FamilyNetwork):
     ema_copied = ("codebook",)
 
     def __init__(self) -> None:

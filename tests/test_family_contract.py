@@ -12,6 +12,7 @@ from conftest import tiny_model
 from imgen_cli import registry
 from imgen_cli import sample as pipeline
 from imgen_cli.data.shards import exact_loader, open_shards, to_device
+from imgen_cli.nn.family import FamilyNetwork
 
 GENERATORS = registry.generators()
 
@@ -28,6 +29,17 @@ def test_the_loss_is_finite_and_trains_the_network(name: str, batch: dict) -> No
     assert "loss" in out and all(torch.isfinite(v).all() for v in out.values())
     out["loss"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", list(registry.FAMILIES))
+def test_the_network_declares_what_the_training_engine_reads(name: str) -> None:
+    model = tiny_model(name)
+    assert isinstance(model, FamilyNetwork)  # block_types, ema_copied, tokens_per_sample: declared, never probed
+    token_model = registry.get(name).is_tokenizer or registry.get(name).needs_vq_tokens or name == "diffit-latent"
+    assert (model.tokens_per_sample is not None) == token_model
+    names = dict(model.named_parameters())
+    assert all(param in names for param in model.ema_copied)
+    assert all(isinstance(t, type) and issubclass(t, torch.nn.Module) for t in model.block_types)
 
 
 def test_the_registry_declares_what_each_family_is() -> None:

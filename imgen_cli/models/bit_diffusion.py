@@ -362,6 +362,10 @@ class BitDiffusion(TokenFamily):
         self.unet = TransUNet(2 * self.channels, out, side, cfg, cond_dim, self.text_encoder.width)
 
     @property
+    def tokens_per_sample(self) -> int | None:
+        return self.side * self.side if self.token_mode else None
+
+    @property
     def device(self) -> torch.device:
         return self.unet.output.weight.device
 

@@ -20,9 +20,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from torch import Tensor, nn
+from torch import Tensor
 
 from imgen_cli.errors import UserError
+from imgen_cli.nn.family import FamilyNetwork
 
 MAX_LOGIT_SCALE = 100.0
 
@@ -68,7 +69,7 @@ def preprocess(images: Tensor, size: int, mean: Tensor, std: Tensor) -> Tensor:
     return (images.clamp(0, 1) - mean) / std
 
 
-class CLIP(nn.Module):
+class CLIP(FamilyNetwork):
     def __init__(self, config: CLIPConfig):
         super().__init__()
         config.validate()

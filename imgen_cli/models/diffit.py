@@ -436,6 +436,10 @@ class DiffiT(TokenFamily):
         self.latent_factor = cfg.latent_scale or math.sqrt(self.channels)
 
     @property
+    def tokens_per_sample(self) -> int | None:
+        return self.side * self.side if self.latent else None
+
+    @property
     def block_types(self) -> tuple[type, ...]:
         """The units the training engine may shard and recompute."""
         return (DiffiTBlock,) if self.latent else (DiffiTResBlock,)

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from imgen_cli import pretrained
 from imgen_cli.errors import UserError, require
+from imgen_cli.nn.family import FamilyNetwork
 
 QUANTIZERS = ("cosine", "ema")
 DOWNSAMPLE_FACTORS = (4, 8, 16)
@@ -389,7 +390,7 @@ class _PerceptualDistance(nn.Module):
         return total
 
 
-class VQGAN(nn.Module):
+class VQGAN(FamilyNetwork):
     """Image tokenizer: images in [0, 1] <-> [B, H/f, W/f] grids of code indices in [0, K)."""
 
     # the units the training engine shards (FSDP2) and recomputes (activation checkpointing)

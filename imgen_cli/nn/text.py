@@ -177,7 +177,7 @@ def _pretrained_tower(cfg: TextEncoderConfig) -> nn.Module:
                         "Give a local checkpoint file, or a published open_clip tag (fetched into the Hugging Face "
                         "cache the first time; with HF_HUB_OFFLINE=1 only the cache is read).") from None
     # CLIP keeps the text modules at its top level under the tower's own names; CustomTextCLIP nests them
-    state = (clip.text if isinstance(getattr(clip, "text", None), nn.Module) else clip).state_dict()
+    state = (clip.text if isinstance(clip, open_clip.CustomTextCLIP) else clip).state_dict()
     state["positional_embedding"] = state["positional_embedding"][: cfg.text_context]
     tower.load_state_dict({key: state[key] for key in tower.state_dict()})
     return tower

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imgen_cli.errors import UserError
+from imgen_cli.nn.family import FamilyNetwork
 
 
 class GridEmbedding(nn.Module):
@@ -56,7 +57,7 @@ def pixel_to_token_mask(mask: Tensor, factor: int) -> Tensor:
     return F.max_pool2d(mask.float(), factor).squeeze(1) > 0
 
 
-class TokenFamily(nn.Module):
+class TokenFamily(FamilyNetwork):
     """Base of a network over the token grid of a frozen VQ tokenizer.
 
     `attach_tokenizer` settles K and the grid side: the config's where it names them (K checked against the

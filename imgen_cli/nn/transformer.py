@@ -131,8 +131,8 @@ class TransformerStack(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.apply(_init_weights)
         for block in self.blocks:  # re-zero the adaptive norms the generic init just overwrote
-            for norm in (block.norm1, getattr(block, "norm2", None)):
-                if norm is not None and norm.modulation is not None:
+            for norm in block.modules():
+                if isinstance(norm, AdaptiveLayerNorm) and norm.modulation is not None:
                     nn.init.zeros_(norm.modulation.weight)
                     nn.init.zeros_(norm.modulation.bias)
 

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from imgen_cli.errors import UserError
+from imgen_cli.nn.family import FamilyNetwork
 
 
 @dataclass(frozen=True)
@@ -83,24 +84,24 @@ def gather_objects(obj: object, env: DistEnv) -> list[object]:
     return out
 
 
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    types = getattr(model, "block_types", ())
+def _blocks(model: FamilyNetwork) -> list[nn.Module]:
+    types = model.block_types
     return [m for m in model.modules() if types and isinstance(m, types)]
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
+def apply_activation_checkpointing(model: FamilyNetwork) -> None:
     """Recompute each of the family's blocks in backward instead of storing its activations."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
         apply_activation_checkpointing as wrap,
     )
 
-    types = getattr(model, "block_types", ())
+    types = model.block_types
     if not types:
         raise UserError(f"{type(model).__name__} declares no block_types, so it cannot use activation checkpointing.")
     wrap(model, check_fn=lambda m: isinstance(m, types))
 
 
-def shard_fsdp(model: nn.Module, bf16: bool, methods: tuple[str, ...] = ("loss", "preview")) -> None:
+def shard_fsdp(model: FamilyNetwork, bf16: bool, methods: tuple[str, ...] = ("loss", "preview")) -> None:
     """FSDP2: shard each block, then the root; entry points other than forward unshard too."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
+
+from imgen_cli.nn.family import FamilyNetwork
 
 
 class EMA:
@@ -18,18 +19,18 @@ class EMA:
     output is near.
     """
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: FamilyNetwork, decay: float):
         self.decay = decay
         self.updates = 0
         self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
-        copied = set(getattr(model, "ema_copied", ()))
+        copied = set(model.ema_copied)
         self.copied = [name in copied for name, _ in model.named_parameters()]
 
     def current_decay(self) -> float:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: FamilyNetwork) -> None:
         d = self.current_decay()
         self.updates += 1
         for ema_p, p, copied in zip(self.module.parameters(), model.parameters(), self.copied, strict=True):

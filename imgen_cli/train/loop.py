@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from imgen_cli import registry
 from imgen_cli.config import RunConfig
@@ -246,7 +247,7 @@ def train(cfg: RunConfig, run: RunDir, env: DistEnv, console: Console,
                 record = {"step": step, **{k: v / window_steps for k, v in sums.items()},
                           "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                           "samples_per_s": window_steps * cfg.train.batch_size / elapsed, "time": round(time.time(), 3)}
-                if hasattr(model, "tokens_per_sample"):
+                if model.tokens_per_sample:
                     record["tokens_per_s"] = record["samples_per_s"] * model.tokens_per_sample
                 if device.type == "cuda":
                     record["max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -308,7 +309,7 @@ def _out_of_memory(cfg: RunConfig, raw: dict[str, Any]) -> Any:
 def _clip(model: nn.Module, max_norm: float) -> float:
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
-    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+    if isinstance(norm, DTensor):  # FSDP2
         norm = norm.full_tensor()
     return float(norm)
 
