@@ -88,17 +88,26 @@ def register_open_clip(root: Path, name: str, text_layers: int = 1) -> str:
     return name
 
 
-def tiny_model(name: str) -> torch.nn.Module:
-    """Any family's tiny preset, seeded, in eval mode, on a tiny untrained tokenizer where it models tokens or
-    latents."""
-    from imgen_cli import registry
+def tiny_vq() -> torch.nn.Module:
+    """The tiny VQGAN preset, seeded and untrained: 16x16 images -> 4x4 grids of K=64 codes."""
     from imgen_cli.models.vqgan import PRESETS as VQ_PRESETS
     from imgen_cli.models.vqgan import VQGAN, VQGANConfig
 
+    torch.manual_seed(0)
+    return VQGAN(VQGANConfig(**VQ_PRESETS["tiny"])).eval()
+
+
+def tiny_family(name: str, tokenizer: torch.nn.Module | None = None, **overrides) -> torch.nn.Module:
+    """A family's tiny preset (with `overrides`) on `tokenizer`, seeded, in eval mode."""
+    from imgen_cli import registry
+
     family = registry.get(name)
     torch.manual_seed(0)
-    cfg = family.config_cls()(**family.presets()["tiny"])
-    if name in ("muse", "vqdiffusion", "diffit-latent"):
-        return family.model_cls()(cfg, VQGAN(VQGANConfig(**VQ_PRESETS["tiny"])).eval()).eval()
-    return family.build(cfg).eval()
+    cfg = family.config_cls()(**{**family.presets()["tiny"], **overrides})
+    return family.model_cls()(cfg, tokenizer).eval() if tokenizer is not None else family.build(cfg).eval()
 
+
+def tiny_model(name: str) -> torch.nn.Module:
+    """Any family's tiny preset, seeded, in eval mode, on a tiny untrained tokenizer where it models tokens or
+    latents."""
+    return tiny_family(name, tiny_vq() if name in ("muse", "vqdiffusion", "diffit-latent") else None)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_family, tiny_vq
 
 from imgen_cli import registry
 from imgen_cli.config import from_dict, resolve
@@ -35,13 +36,7 @@ K = 64  # the tiny preset's codebook: MASK = 64
 
 
 def tiny_model(tokenizer: VQGAN | None = None, **overrides) -> Muse:
-    torch.manual_seed(0)
-    return Muse(MuseConfig(**{**PRESETS["tiny"], **overrides}), tokenizer).eval()
-
-
-def tiny_vq() -> VQGAN:
-    torch.manual_seed(0)
-    return VQGAN(VQGANConfig(**VQ_PRESETS["tiny"])).eval()
+    return tiny_family("muse", tokenizer, **overrides)
 
 
 def fixed_logits(b: int, n: int, k: int = 8, seed: int = 0) -> muse.Predictor:

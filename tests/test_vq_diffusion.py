@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_family, tiny_vq
 from test_cli import check_box_edit_keeps_the_rest, invoke, one_line
 
 from imgen_cli.config import from_dict, resolve
@@ -35,15 +36,13 @@ from imgen_cli.models.vq_diffusion import (
     token_mask_start,
     truncate,
 )
-from imgen_cli.models.vqgan import PRESETS as VQ_PRESETS
-from imgen_cli.models.vqgan import VQGAN, VQGANConfig
+from imgen_cli.models.vqgan import VQGAN
 
 K = 64  # the tiny preset's codebook: MASK = 64
 
 
 def tiny_model(tokenizer: VQGAN | None = None, **overrides) -> VQDiffusion:
-    torch.manual_seed(0)
-    return VQDiffusion(VQDiffusionConfig(**{**PRESETS["tiny"], **overrides}), tokenizer).eval()
+    return tiny_family("vqdiffusion", tokenizer, **overrides)
 
 
 def matrix(kernel, k: int) -> torch.Tensor:
@@ -444,7 +443,7 @@ def test_overfits_one_batch() -> None:
 
 def test_images_through_the_tokenizer_and_clear_errors() -> None:
     torch.manual_seed(0)
-    vq = VQGAN(VQGANConfig(**VQ_PRESETS["tiny"])).eval()
+    vq = tiny_vq()
     model = tiny_model(vq)
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     generator = torch.Generator().manual_seed(0)
