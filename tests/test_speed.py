@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from imgen_cli.diffusion.gaussian import gamma, guided
+from imgen_cli.diffusion.gaussian import gamma
+from imgen_cli.diffusion.guidance import guided
 from imgen_cli.models.muse import guided_logits
 from imgen_cli.models.vq_diffusion import guided_log_probs
 from imgen_cli.nn.text import TextStates

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from imgen_cli.diffusion.gaussian import posterior_coefficients, x0_from_eps
+from imgen_cli.diffusion.gaussian import per_sample, posterior_coefficients, x0_from_eps
 from imgen_cli.errors import UserError
 
 GATE_LOSSES = ("posterior", "x0")
@@ -65,19 +65,14 @@ def losses(x_theta: Tensor, eps_theta: Tensor, logit: Tensor, x0: Tensor, eps: T
     r = torch.sigmoid(logit.float())
     from_eps = x0_from_eps(x_t, eps_theta.detach(), gamma_t)
     if gate_loss == "posterior":
-        c1, c2 = (_column(c, x_t) for c in posterior_coefficients(gamma_t, gamma_u)[:2])
+        c1, c2 = (per_sample(c, x_t) for c in posterior_coefficients(gamma_t, gamma_u)[:2])
         target = c1 * x0 + c2 * x_t
         mixed = r * (c1 * x_theta.detach() + c2 * x_t) + (1 - r) * (c1 * from_eps + c2 * x_t)
     else:
         target, mixed = x0, r * x_theta.detach() + (1 - r) * from_eps
-    w = 1.0 if weight is None else _column(weight, x_t)
+    w = 1.0 if weight is None else per_sample(weight, x_t)
     return {"eps": (eps - eps_theta).pow(2).mean(), "x0": (w * (x0 - x_theta).pow(2)).mean(),
             "gate": (w * (target - mixed).pow(2)).mean()}
-
-
-def _column(values: Tensor, like: Tensor) -> Tensor:
-    """Per-sample values [B] -> like's dtype, shaped [B, 1, ..., 1] to broadcast over like."""
-    return values.reshape(-1, *([1] * (like.dim() - 1))).to(like)
 
 
 def gate_times(t: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ The network is not in here (diffusers' split of networks from schedulers): a fam
 reference/bit_diffusion.md sections 3, 5 and 7 written as small functions: the schedules (with EDM's noise
 levels, `imgen_cli.diffusion.edm`), the conversions between the eps, x0 and v parameterisations, the DDIM and
 DDPM updates and EDM's Heun step, the grid of (t_now, t_next) pairs
-with the asymmetric time difference, classifier-free guidance, and RePaint-style inpainting with optional
+with the asymmetric time difference, and RePaint-style inpainting with optional
 resampling jumps. Noise levels travel as float64 gamma values; the conversions take their square roots in
 float64 and only then meet the float32 tensors, because sqrt(gamma(1)) is 7.9e-5 and 1 - gamma(0) is 1e-7.
 """
@@ -71,6 +71,11 @@ def _scales(gamma_t: Tensor | float, like: Tensor) -> tuple[Tensor, Tensor]:
     return g.sqrt().to(like.dtype), (1 - g).sqrt().to(like.dtype)
 
 
+def per_sample(values: Tensor, like: Tensor) -> Tensor:
+    """Per-sample coefficients [B] (float64) -> like's dtype and device, shaped [B, 1, ..., 1] to broadcast."""
+    return values.reshape(-1, *([1] * (like.dim() - 1))).to(like)
+
+
 def q_sample(x0: Tensor, gamma_t: Tensor | float, noise: Tensor) -> Tensor:
     """x_t = sqrt(gamma) x0 + sqrt(1 - gamma) eps."""
     a, s = _scales(gamma_t, x0)
@@ -122,6 +127,38 @@ def x0_from_output(output: Tensor, x_t: Tensor, gamma_t: Tensor | float, target:
     if target == "v":
         return x0_from_v(x_t, output, gamma_t)
     raise UserError(f"unknown prediction target {target!r}; choose one of {', '.join(TARGETS)}.")
+
+
+@dataclass(frozen=True)
+class VP:
+    """The plain process around a network F(x_t, t) whose output is the `target` parameterisation (ADM's and DiT's
+    training): t ~ U(0, 1) on `schedule`, the loss ||F - target||^2. Called on states, it returns the x0 estimate
+    of F's leading channels (float32); further channels (dual output's eps head and gate logit) pass through.
+    The same interface as `edm.EDM`."""
+
+    schedule: str = "cosine"
+    target: str = "eps"
+
+    def noise_levels(self, n: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
+        """Training times t ~ U(0, 1) and their gamma [n] (float64)."""
+        t = torch.rand(n, device=device, dtype=torch.float64)
+        return t, gamma(t, self.schedule).to(device)
+
+    def __call__(self, network: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor,
+                 gamma_t: Tensor) -> Tensor:
+        output, channels = network(x, t).float(), x.shape[1]
+        estimate = x0_from_output(output[:, :channels], x.float(), gamma_t, self.target)
+        return estimate if output.shape[1] == channels else torch.cat([estimate, output[:, channels:]], dim=1)
+
+    def loss(self, network: Callable[[Tensor, Tensor], Tensor], x0: Tensor, eps: Tensor, x_t: Tensor, t: Tensor,
+             gamma_t: Tensor) -> tuple[Tensor, None]:
+        """||F(x_t, t) - target||^2, the mean over elements; no x0 estimate, as an eps head's blows up by
+        1 / sqrt(gamma) near t = 1."""
+        return (network(x_t, t).float() - training_target(x0, eps, gamma_t, self.target)).pow(2).mean(), None
+
+    def x0_weight(self, gamma_t: Tensor) -> None:
+        """x0-space errors are unweighted."""
+        return None
 
 
 def posterior_coefficients(gamma_t: Tensor | float, gamma_u: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
@@ -206,12 +243,6 @@ def time_pairs(steps: int, td: float = 0.0, schedule: str = "cosine") -> list[tu
         levels = [1 - k / max(steps - 1, 1) for k in range(steps)]
         return list(zip(levels, [*levels[1:], None], strict=True))
     return [(1 - k / steps, max(1 - (k + 1 + td) / steps, 0.0)) for k in range(steps)]
-
-
-def guided(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
-    """Classifier-free guidance u + w (c - u), written as c + (w - 1)(c - u) so that w = 1 gives c exactly.
-    Applied to x0 estimates: as eps is affine in x0 for a fixed x_t, it equals guiding eps (before clipping)."""
-    return cond + (scale - 1) * (cond - uncond)
 
 
 # --- inpainting ---------------------------------------------------------------------------------------------------

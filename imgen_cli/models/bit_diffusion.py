@@ -10,7 +10,8 @@ also sees its own previous x0 estimate (self-conditioning: half of the training 
 first-pass estimate, the rest zeros). Samples are decoded by thresholding the last x0 estimate at 0; token
 values >= K are clamped to K - 1.
 
-The noise process, samplers, guidance and inpainting live in `imgen_cli.diffusion` (shared with DiffiT);
+The noise process, samplers, guidance and inpainting live in `imgen_cli.diffusion`, and what the family shares
+with DiffiT around its network (the learned null, generate, edit, preview) in `imgen_cli.models.continuous`;
 Dynamic Dual-Output (`model.dual_output=true`) swaps the single head for x0 and eps heads with a per-pixel
 gate. The bit codes are module-level functions so that each rule of reference/bit_diffusion.md can be
 checked on its own.
@@ -35,28 +36,21 @@ from imgen_cli.diffusion import dual_output
 from imgen_cli.diffusion.gaussian import (
     SCHEDULES,
     TARGETS,
-    Prediction,
-    Predictor,
-    edit_start,
-    final_estimate,
     gamma,
-    guided,
     q_sample,
-    sample_steps,
     time_pairs,
     training_target,
     x0_from_output,
 )
 from imgen_cli.errors import UserError, require
+from imgen_cli.models.continuous import ContinuousDiffusion
 from imgen_cli.nn.embeddings import NoiseLevelEmbedding
-from imgen_cli.nn.pixels import keep_mask, resize_images
-from imgen_cli.nn.text import TextEncoder, TextEncoderConfig, TextStates, drop_condition, learned_null, unconditional
-from imgen_cli.nn.tokens import TokenFamily, pixel_to_token_mask
+from imgen_cli.nn.pixels import resize_images
+from imgen_cli.nn.text import TextEncoderConfig, TextStates
 from imgen_cli.nn.transformer import Attention
 
 CODES = ("binary", "gray", "rand")
 SELF_CONDITIONING_RATE = 0.5  # share of training examples that get the first-pass estimate
-PREVIEW_GUIDANCE = 3.0
 
 
 @dataclass
@@ -325,36 +319,33 @@ class TransUNet(nn.Module):
         return self.output(F.silu(self.out_norm(h)))
 
 
-class BitDiffusion(TokenFamily):
+class BitDiffusion(ContinuousDiffusion):
     """Analog-bit diffusion over pixels or VQ tokens (see the module docstring). The network sees
     [x_t, previous x0 estimate] (2 C_b channels; zeros when self-conditioning is off or on the first pass);
     the noise level 1000 gamma(t) (model.noise_level_scale) through a sinusoidal embedding and MLP, plus the
     pooled caption, in every ResBlock's FiLM; and the caption's token states through cross-attention. In token
-    mode the VQ tokenizer is held as `TokenFamily` holds it: frozen, outside the state dict; pixel mode has none."""
+    mode the VQ tokenizer is carried frozen, outside the state dict; pixel mode has none."""
 
     family = "Bit Diffusion"
     block_types = (UNetLayer,)
+    preview_steps = 20  # the training grids: 20 DDIM steps
 
     def __init__(self, cfg: BitDiffusionConfig, tokenizer: nn.Module | None = None):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.token_mode = cfg.token_mode or tokenizer is not None
+        self.on_tokenizer_grid = self.token_mode = cfg.token_mode or tokenizer is not None
         if self.token_mode:
             k, side = self.attach_tokenizer(cfg.vq, tokenizer, cfg.codebook_size, cfg.grid)
             self.bits, self.channels = bits_for(k), bits_for(k)
         else:
-            self._tokenizer = []  # pixel mode: no tokenizer for TokenFamily to carry along
             side, self.bits, self.channels = cfg.image_size, 8, 3 * 8
         factor = 2 ** (len(cfg.multipliers) - 1)
         if side % factor:
             raise UserError(f"the {side}x{side} token grid does not halve {len(cfg.multipliers) - 1} times; "
                             f"use fewer model.multipliers.")
         self.side = side
-        self.text_encoder = TextEncoder(cfg)
-        # the null condition of guidance: a learned length-1 sequence and pooled vector
-        self.null_state = nn.Parameter(torch.randn(self.text_encoder.width) * 0.02)
-        self.null_pooled = nn.Parameter(torch.zeros(self.text_encoder.embed_dim))
+        self.build_condition(cfg)
         cond_dim = 4 * cfg.width
         self.noise_embed = NoiseLevelEmbedding(cond_dim)
         self.text_embed = nn.Linear(self.text_encoder.embed_dim, cond_dim)
@@ -362,32 +353,24 @@ class BitDiffusion(TokenFamily):
         self.unet = TransUNet(2 * self.channels, out, side, cfg, cond_dim, self.text_encoder.width)
 
     @property
-    def tokens_per_sample(self) -> int | None:
-        return self.side * self.side if self.token_mode else None
-
-    @property
     def device(self) -> torch.device:
         return self.unet.output.weight.device
 
     @property
-    def image_size(self) -> int:
-        return super().image_size if self.token_mode else self.cfg.image_size
+    def schedule(self) -> str:
+        return self.cfg.schedule
 
-    def null_condition(self, batch: int) -> TextStates:
-        return learned_null(self.null_state, self.null_pooled, batch, self.cfg.text_context)
+    @property
+    def clip(self) -> float:
+        return self.cfg.scale  # the bits are +-s
 
     def forward(self, x_t: Tensor, x0_prev: Tensor, level: Tensor, text: TextStates) -> Tensor:
         """The raw output [B, C_b (or 2 C_b + 1), h, w] for states x_t, estimates x0_prev, noise levels [B]."""
         cond = self.noise_embed(level) + self.text_embed(text.pooled)
         return self.unet(torch.cat([x_t, x0_prev], dim=1), cond, text)
 
-    def estimate(self, output: Tensor, x_t: Tensor, gamma_t: Tensor | float) -> tuple[Tensor, Tensor | None]:
-        """The unclipped x0 estimate (float32) an output stands for, and the dual-output gate (else None)."""
-        output, x_t = output.float(), x_t.float()
-        if self.cfg.dual_output:
-            x_theta, eps_theta, logit = dual_output.split_heads(output, self.channels)
-            return dual_output.mix(x_theta, eps_theta, logit, x_t, gamma_t)
-        return x0_from_output(output, x_t, gamma_t, self.cfg.prediction), None
+    def x0_head(self, output: Tensor, x: Tensor, gamma_t: Tensor | float) -> Tensor:
+        return x0_from_output(output, x, gamma_t, self.cfg.prediction)
 
     # --- bits in and out ---
 
@@ -400,6 +383,14 @@ class BitDiffusion(TokenFamily):
     def to_bits(self, symbols: Tensor) -> Tensor:
         return analog_bits(symbols.to(self.device), self.bits, self.cfg.encoding, self.cfg.scale)
 
+    def encode(self, images: Tensor) -> Tensor:
+        """Images [B, 3, H, W] in [0, 1] -> their analog bits: sub-pixel values, or the tokenizer's codes."""
+        if self.token_mode:
+            symbols = self.require_tokenizer("edit images").encode(images.to(self.device))[:, None]
+        else:
+            symbols = pixel_values(images, self.cfg.image_size)
+        return self.to_bits(symbols)
+
     def from_bits(self, x0: Tensor) -> Tensor:
         """Analog bits -> integers: sub-pixel values [B, 3, H, W], or token ids [B, g, g], where a thresholded
         value >= K (ceil(log2 K) bits reach past K unless K is a power of two) is clamped to K - 1."""
@@ -411,30 +402,27 @@ class BitDiffusion(TokenFamily):
         values = self.from_bits(x0)
         return self.decode(values) if self.token_mode else values.float() / 255
 
+    def preview_images(self, images: Tensor) -> Tensor:
+        return pixel_values(images, self.image_size).float() / 255
+
     # --- training ---
 
     def loss(self, batch: dict) -> dict[str, Tensor]:
         cfg = self.cfg
         x0 = self.to_bits(self.symbols(batch))
-        b = x0.shape[0]
-        t = torch.rand(b, device=x0.device, dtype=torch.float64)
+        t = torch.rand(x0.shape[0], device=x0.device, dtype=torch.float64)
         g = gamma(t, cfg.schedule).to(x0.device)
         eps = torch.randn_like(x0)
         x_t = q_sample(x0, g, eps)
         level = (cfg.noise_level_scale * g).float()
-        text = self.text_encoder(list(batch["caption"]))
-        if cfg.cond_dropout > 0:
-            text, _ = drop_condition(text, self.null_condition(b), cfg.cond_dropout)
+        text = self.training_condition(batch["caption"])
         x0_prev = self.self_condition(x_t, level, g, text) if cfg.self_conditioning else torch.zeros_like(x0)
         output = self(x_t, x0_prev, level, text).float()
         if cfg.dual_output:
-            x_theta, eps_theta, logit = dual_output.split_heads(output, self.channels)
-            g_u = gamma(dual_output.gate_times(t), cfg.schedule).to(x0.device)
-            total, estimate, logged = dual_output.objective(x_theta, eps_theta, logit, x0, eps, x_t, g, g_u,
-                                                            cfg.gate_loss)
+            total, estimate, logged = self.dual_output_loss(output, x0, eps, x_t, t, g)
         else:
             total = (output - training_target(x0, eps, g, cfg.prediction)).pow(2).mean()
-            estimate, logged = x0_from_output(output.detach(), x_t, g, cfg.prediction), {}
+            estimate, logged = self.x0_head(output.detach(), x_t, g), {}
         bit_accuracy = ((estimate > 0) == (x0 > 0)).float().mean()
         return {"loss": total, "bit_acc": bit_accuracy, **logged}
 
@@ -453,42 +441,17 @@ class BitDiffusion(TokenFamily):
 
     # --- sampling ---
 
-    def _predictor(self, prompts: Sequence[str], guidance: float,
-                   negative_prompts: Sequence[str] | None) -> Predictor:
-        """The guided x0 estimate for a state. The prompts are encoded once; with guidance the unconditional
-        branch (the null, or negative prompts) runs in the same forward and both branches get the same
-        previous estimate. Dual output: each branch mixes with its own gate before guidance."""
-        b = len(prompts)
-        text = self.text_encoder(list(prompts))
-        if guidance != 1:
-            text = TextStates.cat([text, unconditional(self.text_encoder, self.null_condition(b), negative_prompts, b)])
-        copies = len(text) // b
+    def predict_batch(self, x: Tensor, x0_prev: Tensor, t_now: float,
+                      text: TextStates) -> tuple[Tensor, Tensor | None]:
+        """One forward at time t_now, told the noise level 1000 gamma(t_now) and (self-conditioning) the previous
+        estimate."""
+        g = float(gamma(t_now, self.cfg.schedule))
+        prev = x0_prev if self.cfg.self_conditioning else torch.zeros_like(x0_prev)
+        level = torch.full((len(x),), self.cfg.noise_level_scale * g, device=x.device)
+        return self.estimate(self(x, prev, level, text), x, g)
 
-        def predict(x: Tensor, t_now: float, x0_prev: Tensor) -> Prediction:
-            g = float(gamma(t_now, self.cfg.schedule))
-            prev = x0_prev if self.cfg.self_conditioning else torch.zeros_like(x0_prev)
-            xs = x.repeat(copies, 1, 1, 1)
-            level = torch.full((len(xs),), self.cfg.noise_level_scale * g, device=x.device)
-            estimate, r = self.estimate(self(xs, prev.repeat(copies, 1, 1, 1), level, text), xs, g)
-            gate = None if r is None else r[:b]
-            if copies == 1:
-                return Prediction(estimate, gate)
-            return Prediction(guided(estimate[:b], estimate[b:], guidance), gate)
-
-        return predict
-
-    def _sample(self, predict: Predictor, x: Tensor, pairs: list[tuple[float, float]], sampler: str, eta: float,
-                variance: str, known: Tensor | None, keep: Tensor | None, jump_length: int, resamplings: int,
-                generator: torch.Generator | None, gate_log: list[float] | None) -> Tensor:
-        """The last x0 estimate of the reverse process; the mean gate of every call appended to gate_log. An
-        unknown sampler is refused by the core before the first network call."""
-        return final_estimate(sample_steps(predict, x, pairs, schedule=self.cfg.schedule, sampler=sampler, eta=eta,
-                                           variance=variance, clip=self.cfg.scale, known=known, keep=keep,
-                                           jump_length=jump_length, resamplings=resamplings, generator=generator),
-                              gate_log)
-
-    def _noise(self, batch: int, generator: torch.Generator | None) -> Tensor:
-        return torch.randn((batch, self.channels, self.side, self.side), generator=generator, device=self.device)
+    def time_grid(self, steps: int, td: float | None) -> list[tuple[float, float]]:
+        return time_pairs(steps, self.cfg.td if td is None else td)
 
     @torch.no_grad()
     def generate_bits(self, prompts: Sequence[str], *, steps: int = 250, guidance: float = 3.0, sampler: str = "ddpm",
@@ -496,10 +459,8 @@ class BitDiffusion(TokenFamily):
                       negative_prompts: Sequence[str] | None = None, generator: torch.Generator | None = None,
                       gate_log: list[float] | None = None) -> Tensor:
         """Analog bits [B, C_b, h, w] (the last x0 estimate, clipped) for B prompts, from Gaussian noise."""
-        pairs = time_pairs(steps, self.cfg.td if td is None else td)
-        predict = self._predictor(prompts, guidance, negative_prompts)
-        return self._sample(predict, self._noise(len(prompts), generator), pairs, sampler, eta, variance, None, None,
-                            1, 1, generator, gate_log)
+        return self.sample_x0(prompts, self.time_grid(steps, td), guidance=guidance, negative_prompts=negative_prompts,
+                              generator=generator, gate_log=gate_log, sampler=sampler, eta=eta, variance=variance)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], *, steps: int = 250, guidance: float = 3.0, sampler: str = "ddpm",
@@ -519,13 +480,6 @@ class BitDiffusion(TokenFamily):
 
     # --- editing ---
 
-    def _keep_mask(self, mask: Tensor) -> Tensor:
-        """The pixel mask [B, 1, H, W] (True = regenerate) -> keep [B, 1, h, w] (True = known) on the bit grid."""
-        mask = mask.to(self.device)
-        if self.token_mode:
-            return ~pixel_to_token_mask(mask, self.require_tokenizer("edit images").downsample_factor)[:, None]
-        return keep_mask(mask, self.side)
-
     @torch.no_grad()
     def edit(self, images: Tensor, mask: Tensor | None, prompts: Sequence[str], *, steps: int = 250,
              guidance: float = 3.0, strength: float | None = None, sampler: str = "ddpm", td: float | None = None,
@@ -534,36 +488,13 @@ class BitDiffusion(TokenFamily):
              gate_log: list[float] | None = None) -> Tensor:
         """Edit images [B, 3, H, W] in [0, 1] towards the prompts; returns images in [0, 1].
 
-        The image is encoded to analog bits and noised to the first grid time at or below `strength` (1 = pure
-        noise), and the reverse process runs from there. With a mask [B, 1, H, W] (True = regenerate) it
-        inpaints: the known region is re-noised to every step's level (RePaint-style; resamplings > 1 adds
-        resampling jumps of jump_length steps) and comes out exactly as the source (its bits are copied at the
-        end); strength defaults to 1. Without a mask it is SDEdit, strength defaults to 0.6. Noise hits MSB and
-        LSB channels alike, so a low strength is not a small change of pixel values (Gray code softens this).
-        The other options are `generate`'s."""
-        strength = (1.0 if mask is not None else 0.6) if strength is None else strength
-        if self.token_mode:
-            symbols = self.require_tokenizer("edit images").encode(images.to(self.device))[:, None]
-        else:
-            symbols = pixel_values(images, self.cfg.image_size)
-        known = self.to_bits(symbols)
-        keep = None if mask is None else self._keep_mask(mask)
-        x, pairs = edit_start(known, time_pairs(steps, self.cfg.td if td is None else td), strength, self.cfg.schedule,
-                              generator)
-        predict = self._predictor(prompts, guidance, negative_prompts)
-        x0 = self._sample(predict, x, pairs, sampler, eta, variance, None if keep is None else known, keep,
-                          jump_length, resamplings, generator, gate_log)
+        Inpainting with a mask, SDEdit without (`ContinuousDiffusion.edit_x0`), on the image's analog bits. Noise
+        hits MSB and LSB channels alike, so a low strength is not a small change of pixel values (Gray code
+        softens this). The other options are `generate`'s."""
+        x0 = self.edit_x0(images, mask, prompts, self.time_grid(steps, td), strength=strength, guidance=guidance,
+                          negative_prompts=negative_prompts, generator=generator, gate_log=gate_log, sampler=sampler,
+                          eta=eta, variance=variance, jump_length=jump_length, resamplings=resamplings)
         return self.to_images(x0)
-
-    @torch.no_grad()
-    def preview(self, batch: dict, n: int = 8, steps: int = 20) -> Tensor:
-        """For the training loop's sample grids: n real images (at the model's size), then n samples for their
-        captions (a fixed seed, DDIM with few steps): [2n, 3, H, W] in [0, 1]."""
-        real = pixel_values(batch["image"][:n], self.image_size).float() / 255
-        generator = torch.Generator(self.device).manual_seed(0)
-        samples = self.generate(batch["caption"][:n], steps=steps, guidance=PREVIEW_GUIDANCE, sampler="ddim",
-                                generator=generator)
-        return torch.cat([real.float(), samples.float()])
 
 
 PRESETS: dict[str, dict] = {

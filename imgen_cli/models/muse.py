@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from imgen_cli.diffusion.guidance import guided as guided_logits
 from imgen_cli.errors import UserError, require
 from imgen_cli.nn.text import TextEncoder, TextEncoderConfig, TextStates, drop_condition, unconditional
-from imgen_cli.nn.tokens import GridEmbedding, TokenFamily, guided_logits, gumbel, pixel_to_token_mask
+from imgen_cli.nn.tokens import GridEmbedding, TokenFamily, gumbel, pixel_to_token_mask
 from imgen_cli.nn.transformer import TransformerStack
 
 SCHEDULES = ("cosine", "linear", "power")

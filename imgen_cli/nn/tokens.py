@@ -1,9 +1,10 @@
-"""What the token families (Muse, VQ-Diffusion) share: the frozen VQ tokenizer they model, the grid embedding
-of its token ids, Gumbel noise, guidance on logits and the pixel-to-token mask of editing.
+"""What the networks on a frozen tokenizer share, and the token families (Muse, VQ-Diffusion) besides: the grid
+embedding of token ids, Gumbel noise and the pixel-to-token mask of editing.
 
-`TokenFamily` holds the tokenizer outside the module tree: frozen, and no part of the family's state dict,
+`CarriesTokenizer` holds the tokenizer outside the module tree: frozen, and no part of the network's state dict,
 parameters, optimizer or EMA; `_apply` still takes it along on `.to(device)`. The tokenizer is a trained
-`vqgan` run, which the registry loads from the config's `vq` path and hands to the family's constructor.
+`vqgan` run, which the registry loads from the config's `vq` path and hands to the family's constructor; a
+network without one (bitdiff's pixel mode, image-space DiffiT) simply never carries it.
 """
 
 from __future__ import annotations
@@ -42,12 +43,6 @@ def gumbel(shape: torch.Size, generator: torch.Generator | None, device: torch.d
     return -torch.log(-torch.log(u.clamp_min(torch.finfo(dtype).tiny)))
 
 
-def guided_logits(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
-    """Classifier-free guidance on logits: l_u + s (l_c - l_u), written from l_c as l_c + (s - 1)(l_c - l_u)
-    so that scale 1 returns the conditional logits exactly."""
-    return cond + (scale - 1) * (cond - uncond)
-
-
 def pixel_to_token_mask(mask: Tensor, factor: int) -> Tensor:
     """A pixel mask [B, 1, H, W] (True = regenerate) -> the token mask [B, H/f, W/f]: a token is regenerated
     if any pixel of its f x f cell is (max-pooling)."""
@@ -57,19 +52,23 @@ def pixel_to_token_mask(mask: Tensor, factor: int) -> Tensor:
     return F.max_pool2d(mask.float(), factor).squeeze(1) > 0
 
 
-class TokenFamily(FamilyNetwork):
-    """Base of a network over the token grid of a frozen VQ tokenizer.
+class CarriesTokenizer(FamilyNetwork):
+    """Base of a network standing on a frozen tokenizer it does not own: over its token ids (`attach_tokenizer`,
+    which also settles K and the grid side) or its continuous latents (`carry_tokenizer`)."""
 
-    `attach_tokenizer` settles K and the grid side: the config's where it names them (K checked against the
-    tokenizer's), else the tokenizer's. The grid may differ from the tokenizer's own: the tokenizer is fully
-    convolutional, and a cascade's base model works on downsampled images. Subclasses define `device`.
-    """
+    family = "model"  # for messages
+    _carried: tuple[nn.Module, ...] = ()  # the tokenizer, once carried; a network without one keeps this default
 
-    family = "token model"  # for messages
+    def carry_tokenizer(self, tokenizer: nn.Module | None) -> None:
+        if tokenizer is not None:
+            self._carried = (tokenizer.eval().requires_grad_(False),)
 
     def attach_tokenizer(self, vq: str, tokenizer: nn.Module | None, codebook_size: int,
                          grid: int) -> tuple[int, int]:
-        self._tokenizer = [] if tokenizer is None else [tokenizer.eval().requires_grad_(False)]
+        """Carry the tokenizer of token ids and settle K and the grid side: the config's where it names them (K
+        checked against the tokenizer's), else the tokenizer's. The grid may differ from the tokenizer's own: the
+        tokenizer is fully convolutional, and a cascade's base model works on downsampled images."""
+        self.carry_tokenizer(tokenizer)
         k = codebook_size
         if tokenizer is not None:
             if k and k != tokenizer.codebook_size:
@@ -82,33 +81,19 @@ class TokenFamily(FamilyNetwork):
         self.codebook_size, self.grid = k, grid
         return k, grid
 
-    def _apply(self, fn: Callable, recurse: bool = True) -> TokenFamily:
-        for tokenizer in self._tokenizer:  # not a submodule, yet it must follow devices and dtypes
+    def _apply(self, fn: Callable, recurse: bool = True) -> CarriesTokenizer:
+        for tokenizer in self._carried:  # not a submodule, yet it must follow devices and dtypes
             tokenizer._apply(fn, recurse)
         return super()._apply(fn, recurse)
 
     @property
     def tokenizer(self) -> nn.Module | None:
-        return self._tokenizer[0] if self._tokenizer else None
+        return self._carried[0] if self._carried else None
 
     def require_tokenizer(self, action: str) -> nn.Module:
         if self.tokenizer is None:
             raise UserError(f"this {self.family} model has no tokenizer (model.vq is empty), so it cannot {action}.")
         return self.tokenizer
-
-    @property
-    def image_size(self) -> int:
-        """The side of the images this model makes (and edits): its token grid times the tokenizer's factor."""
-        return self.grid * self.require_tokenizer("tell its image size").downsample_factor
-
-    @property
-    def edit_cell(self) -> int:
-        """The side in pixels of what an edit regenerates as a unit: a token's cell, or one pixel (no tokenizer)."""
-        return self.image_size // self.grid if self.tokenizer is not None else 1
-
-    @property
-    def tokens_per_sample(self) -> int:
-        return self.grid * self.grid
 
     def batch_tokens(self, batch: dict) -> Tensor:
         """The token grids [B, g, g] of a training batch: pre-encoded, or encoded from its images now."""
@@ -123,6 +108,27 @@ class TokenFamily(FamilyNetwork):
 
     def decode(self, tokens: Tensor) -> Tensor:
         return self.require_tokenizer("decode generated tokens into images").decode(tokens)
+
+
+class TokenFamily(CarriesTokenizer):
+    """Base of a network over the token grid of a frozen VQ tokenizer (Muse, VQ-Diffusion): what the grid makes
+    of image size, edit cell and tokens, and the training loop's previews. Subclasses define `device`."""
+
+    family = "token model"
+
+    @property
+    def image_size(self) -> int:
+        """The side of the images this model makes (and edits): its token grid times the tokenizer's factor."""
+        return self.grid * self.require_tokenizer("tell its image size").downsample_factor
+
+    @property
+    def edit_cell(self) -> int:
+        """The side in pixels of what an edit regenerates as a unit: a token's cell, or one pixel (no tokenizer)."""
+        return self.image_size // self.grid if self.tokenizer is not None else 1
+
+    @property
+    def tokens_per_sample(self) -> int:
+        return self.grid * self.grid
 
     preview_steps = 8  # sampler steps of the training loop's sample grids
     preview_guidance = 3.0  # moderate: the previews of an early checkpoint should not be all saturated
