@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from imgen_cli.diffusion.gaussian import time_pairs
 from imgen_cli.models.bit_diffusion import BitDiffusion, BitDiffusionConfig
-from imgen_cli.models.diffit import DiffiT, DiffiTLatentConfig
+from imgen_cli.models.diffit_latent import LatentDiffiT, LatentDiffiTConfig
 from imgen_cli.nn.text import TextEncoder, TextStates
 
 SEED = 0
@@ -73,7 +73,7 @@ class FixedText(nn.Module):
         return self.text
 
 
-def _encode_captions_once(model: BitDiffusion | DiffiT) -> list[str]:
+def _encode_captions_once(model: BitDiffusion | LatentDiffiT) -> list[str]:
     captions = [CAPTION] * BATCH
     model.text_encoder = FixedText(model.text_encoder, captions)
     return captions
@@ -191,10 +191,10 @@ BITDIFF_CONFIG = (
 def imgen_diffit_latent(device: torch.device, dtype: torch.dtype) -> Side:
     torch.manual_seed(SEED)
     # no tokenizer: channels and grid come from the config, and the batch carries latents ready made
-    cfg = DiffiTLatentConfig(latent_channels=LATENT_CHANNELS, grid=LATENT_SIDE, patch=PATCH, width=VIT_WIDTH,
+    cfg = LatentDiffiTConfig(latent_channels=LATENT_CHANNELS, grid=LATENT_SIDE, patch=PATCH, width=VIT_WIDTH,
                              depth=VIT_DEPTH, heads=VIT_HEADS, cross_attention=False, cond_dropout=COND_DROPOUT,
                              **TEXT)
-    model = DiffiT(cfg).to(device)
+    model = LatentDiffiT(cfg).to(device)
     batch = {"latents": _latents(device), "caption": _encode_captions_once(model)}
     with torch.no_grad():
         predict = model._predictor(batch["caption"], GUIDANCE, None)
@@ -202,8 +202,8 @@ def imgen_diffit_latent(device: torch.device, dtype: torch.dtype) -> Side:
     pairs = time_pairs(SAMPLE_STEPS)[SAMPLE_AT:SAMPLE_AT + 1]
 
     def sample() -> Tensor:
-        return model._run(predict, x, pairs, sampler="ddim", eta=0.0, known=None, keep=None, jump_length=1,
-                          resamplings=1, generator=None, gate_log=None)
+        return model._sample(predict, x, pairs, sampler="ddim", eta=0.0, known=None, keep=None, jump_length=1,
+                             resamplings=1, generator=None, gate_log=None)
 
     params = trainable(model)
     return side("imgen DiffiT-latent", params, lambda: model.loss(batch)["loss"], sample, device, dtype, lr=LR,

@@ -14,24 +14,13 @@ from conftest import pinned_tokenizer
 from PIL import Image
 from test_cli import TINY_TRAIN, check_pixel_generator_commands, invoke, one_line
 
-from imgen_cli.config import from_dict, load_recipe, resolve
+from imgen_cli.config import build_dataclass, from_dict, load_recipe, resolve
 from imgen_cli.diffusion import edm
 from imgen_cli.errors import UserError
-from imgen_cli.models.diffit import (
-    LATENT_PRESETS,
-    PRESETS,
-    TMSA,
-    DiffiT,
-    DiffiTConfig,
-    DiffiTLatentConfig,
-    DiffiTUNet,
-    DiffiTViT,
-    patchify,
-    relative_position_index,
-    unpatchify,
-    window_merge,
-    window_partition,
-)
+from imgen_cli.models.diffit import TMSA, DiffiT, relative_position_index, window_merge, window_partition
+from imgen_cli.models.diffit_image import PRESETS, DiffiTUNet, ImageDiffiT, ImageDiffiTConfig
+from imgen_cli.models.diffit_latent import PRESETS as LATENT_PRESETS
+from imgen_cli.models.diffit_latent import DiffiTViT, LatentDiffiT, LatentDiffiTConfig, patchify, unpatchify
 from imgen_cli.models.vqgan import PRESETS as VQ_PRESETS
 from imgen_cli.models.vqgan import VQGAN, VQGANConfig
 from imgen_cli.nn.embeddings import NoiseLevelEmbedding
@@ -40,14 +29,14 @@ from imgen_cli.nn.text import TextStates
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "shapes" / "diffit.toml"
 
 
-def tiny_model(tokenizer: VQGAN | None = None, **overrides) -> DiffiT:
+def tiny_model(**overrides) -> ImageDiffiT:
     torch.manual_seed(0)
-    return DiffiT(DiffiTConfig(**{**PRESETS["tiny"], **overrides}), tokenizer).eval()
+    return ImageDiffiT(ImageDiffiTConfig(**{**PRESETS["tiny"], **overrides})).eval()
 
 
-def tiny_latent_model(tokenizer: VQGAN | None = None, **overrides) -> DiffiT:
+def tiny_latent_model(tokenizer: VQGAN | None = None, **overrides) -> LatentDiffiT:
     torch.manual_seed(0)
-    return DiffiT(DiffiTLatentConfig(**{**LATENT_PRESETS["tiny"], **overrides}), tokenizer).eval()
+    return LatentDiffiT(LatentDiffiTConfig(**{**LATENT_PRESETS["tiny"], **overrides}), tokenizer).eval()
 
 
 def images(seed: int = 0, size: int = 16, batch: int = 2) -> torch.Tensor:
@@ -154,7 +143,7 @@ def text_states(batch: int, width: int, length: int = 5) -> TextStates:
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_the_u_shape_returns_the_input_resolution(preset: str) -> None:
     with torch.device("meta"):  # shapes only: the 256x256 preset would take seconds on real memory
-        cfg = DiffiTConfig(**PRESETS[preset])
+        cfg = ImageDiffiTConfig(**PRESETS[preset])
         for out_channels in (3, 7):
             net = DiffiTUNet(3, out_channels, cfg, cfg.text_width)
             x = torch.empty(2, 3, cfg.image_size, cfg.image_size)
@@ -168,10 +157,10 @@ def test_zero_initialised_outputs_and_patchify_round_trip() -> None:
     tokens = patchify(x, 2)
     assert tokens.shape == (2, 256, 16) and torch.equal(tokens[0, 1, :4], x[0, :, 0, 2])
     assert torch.equal(unpatchify(tokens, 2, 4), x)
-    cfg = DiffiTLatentConfig(**LATENT_PRESETS["tiny"])
+    cfg = LatentDiffiTConfig(**LATENT_PRESETS["tiny"])
     vit = DiffiTViT(4, 4, 16, cfg, None)
     assert torch.equal(vit(torch.randn(2, 4, 16, 16), torch.randn(2, cfg.width), None), torch.zeros(2, 4, 16, 16))
-    unet = DiffiTUNet(3, 3, DiffiTConfig(**PRESETS["tiny"]), None)
+    unet = DiffiTUNet(3, 3, ImageDiffiTConfig(**PRESETS["tiny"]), None)
     assert torch.equal(unet(torch.randn(2, 3, 16, 16), torch.randn(2, 64), None), torch.zeros(2, 3, 16, 16))
 
 
@@ -179,7 +168,7 @@ def latent_count(depth: int = 28, grid: int = 32) -> tuple[int, int]:
     """DiffiT-XL/2 as the paper counts it: the network with an 8-channel head (eps and variance), the time MLP,
     a 1001-row label table (imgen's text path replaces it) and the frozen position embedding."""
     with torch.device("meta"):
-        cfg = DiffiTLatentConfig(**{**LATENT_PRESETS["XL-2"], "depth": depth}, cross_attention=False)
+        cfg = LatentDiffiTConfig(**{**LATENT_PRESETS["XL-2"], "depth": depth}, cross_attention=False)
         vit, time = DiffiTViT(4, 8, grid, cfg, None), NoiseLevelEmbedding(cfg.width)
     params = sum(p.numel() for module in (vit, time) for p in module.parameters())
     return params + 1001 * cfg.width + vit.position.numel(), sum(p.numel() for p in vit.blocks[0].parameters())
@@ -190,9 +179,9 @@ def test_parameter_counts_match_the_paper() -> None:
     assert latent_count(grid=64)[0] == 563_562_464
     assert latent_count(depth=30)[0] == 601_201_664
     with torch.device("meta"):
-        tiny = DiffiTViT(4, 4, 16, DiffiTLatentConfig(**LATENT_PRESETS["tiny"]), None)
-        cifar = DiffiTUNet(3, 3, DiffiTConfig(**PRESETS["cifar"]), None)
-        small = DiffiTUNet(3, 3, DiffiTConfig(**PRESETS["small"]), 64)
+        tiny = DiffiTViT(4, 4, 16, LatentDiffiTConfig(**LATENT_PRESETS["tiny"]), None)
+        cifar = DiffiTUNet(3, 3, ImageDiffiTConfig(**PRESETS["cifar"]), None)
+        small = DiffiTUNet(3, 3, ImageDiffiTConfig(**PRESETS["small"]), 64)
     assert abs(sum(p.numel() for p in tiny.parameters()) + 49_408 - 1.05e6) / 1.05e6 < 0.01  # with its time MLP
     assert 27.5e6 <= sum(p.numel() for p in cifar.parameters()) < 28.5e6  # "about 28M"
     assert 1.5e6 <= sum(p.numel() for p in small.parameters()) < 2.5e6  # "about 2M", cross-attention to width 64
@@ -209,20 +198,22 @@ def test_power_cosine_guidance_ramp() -> None:
 
 
 def test_edm_frame_of_the_denoiser() -> None:
-    """At init the network outputs zeros, so EDM's denoiser is c_skip y: D = 0.5 y at sigma = 0.5."""
+    """At init the network outputs zeros, so EDM's denoiser is c_skip y: D = 0.5 y at sigma = 0.5, y = x / sqrt(g)."""
     model = tiny_model()
     g = edm.gamma_from_sigma(torch.tensor([0.5, 0.5]))
     x = randn(2, 3, 16, 16).float()
     text = model.text_encoder(["a", "b"])
-    output = model(x, edm.karras_time(0.5).expand(2), g, text)
-    assert torch.equal(output, torch.zeros_like(output))
-    torch.testing.assert_close(model.estimate(output, x, g)[0], 0.5 * x / g.sqrt().float().view(-1, 1, 1, 1))
+    raw = raw_outputs(model)
+    denoised = model(x, edm.karras_time(0.5).expand(2), g, text)
+    assert torch.equal(raw[0], torch.zeros_like(raw[0]))
+    torch.testing.assert_close(denoised, 0.5 * x / g.sqrt().float().view(-1, 1, 1, 1))
+    assert torch.equal(model.estimate(denoised, x, g)[0], denoised)
 
 
 def test_training_noise_levels_follow_the_configured_log_normal() -> None:
     """EDM: ln sigma ~ N(p_mean, p_std^2), t its place on the sampler's grid, g = 1 / (1 + sigma^2)."""
     torch.manual_seed(0)
-    t, g = tiny_model(p_mean=-0.4, p_std=0.8).noise_levels(20_000)
+    t, g = tiny_model(p_mean=-0.4, p_std=0.8).process.noise_levels(20_000, "cpu")
     sigma = edm.sigma_from_gamma(g)
     assert float(sigma.log().mean()) == pytest.approx(-0.4, abs=0.03)
     assert float(sigma.log().std()) == pytest.approx(0.8, abs=0.03)
@@ -300,10 +291,17 @@ def test_latent_space_through_a_tokenizer() -> None:
 
 
 def network_calls(model: DiffiT) -> list[tuple[tuple, torch.Tensor]]:
-    """Every forward of the model from now on: its arguments (x, t, g, text) and raw output."""
+    """Every call of the model's denoiser from now on: its arguments (x, t, g, text) and its output."""
     calls: list[tuple[tuple, torch.Tensor]] = []
     model.register_forward_hook(lambda module, args, output: calls.append((args, output.detach())))
     return calls
+
+
+def raw_outputs(model: DiffiT) -> list[torch.Tensor]:
+    """Every raw output of the network F inside the noise process's wrapper, from now on."""
+    outputs: list[torch.Tensor] = []
+    model.net.register_forward_hook(lambda module, args, output: outputs.append(output.detach()))
+    return outputs
 
 
 def test_edm_sampling_visits_edm_grid_in_2n_minus_1_calls() -> None:
@@ -333,18 +331,17 @@ def test_latent_loss_regresses_the_added_noise_on_the_linear_schedule() -> None:
     model = tiny_latent_model(latent_channels=4, grid=8)
     with torch.no_grad():  # an output that is not zero
         model.net.out.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
-    calls = network_calls(model)
+    inputs: list[torch.Tensor] = []
+    model.net.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach()))
+    raw = raw_outputs(model)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(0)
     t, eps = torch.rand(2, dtype=torch.float64), torch.randn(2, 4, 8, 8)  # the loss's first two draws
     torch.manual_seed(0)
     loss = model.loss({"latents": latents, "caption": ["a", "b"]})["loss"]
-    (x_t, t_seen, g, _), output = calls[0]
-    torch.testing.assert_close(t_seen, t)
-    torch.testing.assert_close(g, torch.exp(-(0.1 * t + 9.95 * t**2)))
-    col = g.view(-1, 1, 1, 1).float()
-    torch.testing.assert_close(x_t, col.sqrt() * 2 * latents + (1 - col).sqrt() * eps)  # x0: latents * sqrt(4)
-    assert float(loss) == pytest.approx(float((output - eps).pow(2).mean()), rel=1e-5)
+    col = torch.exp(-(0.1 * t + 9.95 * t**2)).view(-1, 1, 1, 1).float()
+    torch.testing.assert_close(inputs[0], col.sqrt() * 2 * latents + (1 - col).sqrt() * eps)  # x0: latents * sqrt(4)
+    assert float(loss) == pytest.approx(float((raw[0] - eps).pow(2).mean()), rel=1e-5)
 
 
 def test_dual_output_losses_carry_edm_weight() -> None:
@@ -354,11 +351,11 @@ def test_dual_output_losses_carry_edm_weight() -> None:
     model = tiny_model(dual_output=True, gate_loss="x0")
     with torch.no_grad():  # heads and gate away from their zero start
         model.net.out.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
-    calls = network_calls(model)
+    calls, raw = network_calls(model), raw_outputs(model)
     batch = {"image": images(), "caption": ["a", "b"]}
     torch.manual_seed(0)
     out = model.loss(batch)
-    (x_t, _, g, _), output = calls[0]
+    (x_t, _, g, _), output = calls[0][0], raw[0]
     x0 = batch["image"] * 2 - 1
     col = lambda v: v.view(-1, 1, 1, 1).float()  # noqa: E731 - per-sample [B] -> [B, 1, 1, 1]
     sigma = ((1 - g) / g).sqrt()
@@ -379,7 +376,7 @@ def test_dual_output_losses_carry_edm_weight() -> None:
 
 def test_dual_output_on_the_model() -> None:
     for model in (tiny_model(dual_output=True), tiny_latent_model(dual_output=True, latent_channels=4, grid=8)):
-        batch = {"caption": ["a", "b"], **({"latents": torch.randn(2, 4, 8, 8)} if model.latent else
+        batch = {"caption": ["a", "b"], **({"latents": torch.randn(2, 4, 8, 8)} if isinstance(model, LatentDiffiT) else
                                           {"image": images()})}
         out = model.loss(batch)
         assert float(out["loss"]) == pytest.approx(float(out["loss_x0"] + out["loss_eps"] + out["loss_gate"]),
@@ -393,32 +390,61 @@ def test_dual_output_on_the_model() -> None:
 
 def test_clear_errors_for_bad_configs() -> None:
     cases = [(dict(space="pixels"), "unknown model.space"),
+             (dict(space="latent"), "model.space=latent is its own family now: use --model diffit-latent"),
              (dict(process="flow"), "unknown model.process"),
              (dict(prediction="eps"), "model.prediction is for model.process=vp"),
              (dict(process="vp", prediction="eps", dual_output=True), "leave model.prediction unset"),
              (dict(image_size=20), "halve 1 times into sides divisible by model.window"),
              (dict(widths=(30, 64)), "multiple of model.head_dim"),
              (dict(depths=(1,)), "one entry per level"),
-             (dict(vq="runs/vq"), "use --model diffit-latent"),
              (dict(guidance_schedule="linear"), "unknown model.guidance_schedule"),
              (dict(gate_loss="l1"), "unknown model.gate_loss"),
              (dict(p_std=0.0), "model.p_std must be > 0")]
     for overrides, message in cases:
         with pytest.raises(UserError, match=message):
-            DiffiTConfig(**{**PRESETS["tiny"], **overrides}).validate()
+            ImageDiffiTConfig(**{**PRESETS["tiny"], **overrides}).validate()
     with pytest.raises(UserError, match="divisible by model.heads"):
-        DiffiTLatentConfig(**{**LATENT_PRESETS["tiny"], "heads": 3}).validate()
+        LatentDiffiTConfig(**{**LATENT_PRESETS["tiny"], "heads": 3}).validate()
+    with pytest.raises(UserError, match="model.space=image is its own family now: use --model diffit"):
+        LatentDiffiTConfig(space="image").validate()
+
+
+def test_image_and_latent_configs_refuse_each_others_fields() -> None:
+    """Each space's config has only its own network's fields: the other's are unknown keys, in one sentence."""
+    for cls, key in ((ImageDiffiTConfig, "vq"), (ImageDiffiTConfig, "patch"), (LatentDiffiTConfig, "image_size"),
+                     (LatentDiffiTConfig, "widths")):
+        with pytest.raises(UserError, match=rf"^unknown key model\.{key}; valid keys in \[model\]: ") as err:
+            build_dataclass(cls, {key: 1}, "model")
+        assert "\n" not in str(err.value) and key in cls.RETIRED_KEYS
 
 
 def test_recipe_and_config_round_trip() -> None:
     recipe = load_recipe(RECIPE)
-    cfg = resolve("diffit", DiffiTConfig, PRESETS, recipe=recipe, sets=["model.dual_output=true"])
+    cfg = resolve("diffit", ImageDiffiTConfig, PRESETS, recipe=recipe, sets=["model.dual_output=true"])
     assert recipe["family"] == "diffit" and cfg.preset == "small" and cfg.model.image_size == 32
     assert cfg.model.dual_output and cfg.model.diffusion_process == "edm" and cfg.data.shards == "shards"
     assert cfg.model.p_mean == -0.4 and cfg.model.p_std == 1.2
-    assert from_dict(json.loads(json.dumps(cfg.to_dict())), DiffiTConfig).model == cfg.model
-    latent = resolve("diffit-latent", DiffiTLatentConfig, LATENT_PRESETS)
+    assert from_dict(json.loads(json.dumps(cfg.to_dict())), ImageDiffiTConfig).model == cfg.model
+    latent = resolve("diffit-latent", LatentDiffiTConfig, LATENT_PRESETS)
     assert latent.model.space == "latent" and latent.model.diffusion_process == "vp" and latent.model.patch == 1
+
+
+# the model section an older imgen wrote for every DiffiT run, when one config held both spaces' fields
+OLD_FIELDS = dict(vq="", latent_channels=0, grid=0, latent_scale=0.0, image_size=32, time_dim=128,
+                  widths=[64, 128, 128], depths=[1, 1, 1], window=4, head_dim=32, cross_attention_resolution=16,
+                  patch=2, width=128, depth=4, heads=4)
+
+
+@pytest.mark.parametrize(("family", "cls", "presets"), [("diffit", ImageDiffiTConfig, PRESETS),
+                                                         ("diffit-latent", LatentDiffiTConfig, LATENT_PRESETS)])
+def test_config_json_of_an_older_version_still_loads(family: str, cls: type, presets: dict) -> None:
+    """A run saved by the single-config DiffiT keeps loading (and resuming): the other space's keys are dropped,
+    its own keep their saved values."""
+    cfg = resolve(family, cls, presets, sets=["model.p_mean=-0.4"])
+    saved = json.loads(json.dumps(cfg.to_dict()))
+    old = {**saved, "model": {**OLD_FIELDS, **saved["model"]}}
+    assert set(old["model"]) - set(saved["model"]) == set(cls.RETIRED_KEYS)
+    assert from_dict(old, cls).model == cfg.model
 
 
 # --- the commands ----------------------------------------------------------------------------------------------------

@@ -11,13 +11,13 @@ import torch
 
 from imgen_cli.diffusion import dual_output, edm
 from imgen_cli.diffusion.gaussian import (
+    VP,
     Prediction,
     ddim_step,
     ddpm_step,
     diffuse,
     eps_from_x0,
     gamma,
-    guided,
     posterior_coefficients,
     q_sample,
     repaint_walk,
@@ -30,6 +30,7 @@ from imgen_cli.diffusion.gaussian import (
     x0_from_output,
     x0_from_v,
 )
+from imgen_cli.diffusion.guidance import guided
 from imgen_cli.errors import UserError
 from imgen_cli.nn.embeddings import NoiseLevelEmbedding, sinusoidal_embedding
 
@@ -377,6 +378,67 @@ def test_edm_preconditioning_grid_and_weight() -> None:
     shifted = edm.sample_sigma(20_000, p_mean=-0.4, p_std=0.8).log()
     assert float(shifted.mean()) == pytest.approx(-0.4, abs=0.03)
     assert float(shifted.std()) == pytest.approx(0.8, abs=0.03)
+
+
+def test_edm_wrapper_is_karras_table_1_in_one_forward() -> None:
+    """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise): F sees c_in x and c_noise = ln(sigma) / 4, and D is the
+    blend; as sigma -> 0, c_skip -> 1 and c_out -> 0, so D(x) = x whatever F says. On the core's VP state
+    s x (s = sqrt(gamma)) the same D comes out; further heads pass through untouched."""
+    wrapper, x = edm.EDM(), randn(2, 3, 4, 4)
+    seen = {}
+
+    def network(inputs: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        seen.update(inputs=inputs, c_noise=c_noise)
+        return torch.cat([inputs.flip(-1) + 1, torch.full((2, 4, 4, 4), 7.0)], dim=1)  # any F, plus 4 more channels
+
+    sigma = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    out = wrapper.denoise(network, x, sigma)
+    s2, sd2 = sigma.view(-1, 1, 1, 1).float() ** 2, 0.25
+    c_in, c_skip, c_out = 1 / (s2 + sd2).sqrt(), sd2 / (s2 + sd2), s2.sqrt() * 0.5 / (s2 + sd2).sqrt()
+    torch.testing.assert_close(seen["inputs"], c_in * x)
+    torch.testing.assert_close(seen["c_noise"], sigma.log() / 4)
+    torch.testing.assert_close(out[:, :3], c_skip * x + c_out * ((c_in * x).flip(-1) + 1))
+    assert torch.equal(out[:, 3:], torch.full((2, 4, 4, 4), 7.0))
+    tiny = wrapper.denoise(network, x, torch.tensor([1e-8, 1e-8], dtype=torch.float64))
+    torch.testing.assert_close(tiny[:, :3], x)
+    g = edm.gamma_from_sigma(sigma)
+    on_vp = wrapper(network, g.sqrt().float().view(-1, 1, 1, 1) * x, edm.karras_time(sigma), g)
+    torch.testing.assert_close(on_vp, out)
+
+
+def test_edm_loss_is_lambda_weighted_x0_error() -> None:
+    """EDM's loss.py: lambda(sigma) ||D - x0||^2 with lambda = (sigma^2 + sd^2) / (sigma sd)^2, per sample; the
+    weight makes F's regression target unit-variance: lambda c_out^2 = 1."""
+    wrapper, x0, eps = edm.EDM(), randn(2, 3, 4, 4), randn(2, 3, 4, 4, seed=1)
+    sigma = torch.tensor([0.1, 3.0], dtype=torch.float64)
+    g = edm.gamma_from_sigma(sigma)
+    x_t = q_sample(x0, g, eps)
+
+    def network(inputs: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        return 0.3 * inputs
+
+    loss, denoised = wrapper.loss(network, x0, eps, x_t, edm.karras_time(sigma), g)
+    weight = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+    assert weight.tolist() == pytest.approx([104.0, 4.111111], rel=1e-6)
+    expected = (weight.view(-1, 1, 1, 1).float() * (denoised - x0) ** 2).mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    c_out = edm.preconditioning(sigma)[1]
+    torch.testing.assert_close(wrapper.loss_weight(sigma) * c_out**2, torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(wrapper.x0_weight(g), weight)
+    assert VP().x0_weight(g) is None
+
+
+def test_vp_wrapper_converts_its_target_and_regresses_it() -> None:
+    """The VP wrapper: F(x_t, t) is read as its target (eps here) for the x0 estimate, and trained on it."""
+    x0, eps = randn(2, 3, 4, 4), randn(2, 3, 4, 4, seed=1)
+    t = torch.tensor([0.3, 0.8], dtype=torch.float64)
+    g = gamma(t, "linear")
+    x_t = q_sample(x0, g, eps)
+    wrapper = VP("linear", "eps")
+    perfect = wrapper(lambda x, t_seen: eps, x_t, t, g)
+    torch.testing.assert_close(perfect, x0, atol=1e-5, rtol=1e-5)
+    loss, estimate = wrapper.loss(lambda x, t_seen: eps + 0.5, x0, eps, x_t, t, g)
+    assert float(loss) == pytest.approx(0.25) and estimate is None
 
 
 def gaussian_denoiser(spread: float):
