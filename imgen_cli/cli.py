@@ -282,7 +282,10 @@ def sample(
 
     pipeline.check_prompts(prompts)
     pipeline.check_out_dir(out_dir)
-    step_counts = pipeline.parse_steps(steps)
+    sampling = pipeline.SamplingOptions(
+        steps=pipeline.parse_steps(steps), guidance=guidance, guidance_ramp=guidance_ramp, negative=negative,
+        truncation=truncation, sampler=sampler, seed=seed, batch_size=batch_size,
+        speed=pipeline.Speed(cache_context=cache_context, bf16=bf16, compile=compile_model))
     dev = pick_device(device)
     trained = _generator(ckpt, "sampling", dev)
     model, refiner = trained.model, None
@@ -290,22 +293,16 @@ def sample(
         refining = _generator(super_res, "super-resolution", dev, flag="--sr")
         pipeline.check_cascade(trained, refining)
         refiner = refining.model
+    sampling.check(model.generate_tokens if refiner is not None else model.generate, trained.family.name)
     all_prompts = [p for p in prompts for _ in range(n)]
-    speed = pipeline.Speed(cache_context=cache_context, bf16=bf16, compile=compile_model)
     for network in (model, refiner):
         if network is not None:
-            speed.prepare(network)
-    for count in step_counts:
-        options = pipeline.check_options(
-            model.generate_tokens if refiner is not None else model.generate,
-            {"steps": count, "guidance": guidance, "guidance_ramp": guidance_ramp, "negative_prompts": negative,
-             "truncation": truncation, "sampler": sampler},
-            trained.family.name)
-        folder = out_dir / f"steps-{count}" if len(step_counts) > 1 else out_dir
+            sampling.speed.prepare(network)
+    for count in sampling.steps:
+        folder = out_dir / f"steps-{count}" if len(sampling.steps) > 1 else out_dir
         started = time.perf_counter()
         with _progress("sample" if count is None else f"sample ({count} steps)", len(all_prompts)) as advance:
-            images = pipeline.generate(model, all_prompts, batch_size=batch_size, seed=seed, options=options,
-                                       advance=advance, super_res=refiner, speed=speed)
+            images = pipeline.generate(model, all_prompts, sampling, count, advance=advance, super_res=refiner)
         seconds = time.perf_counter() - started
         grid = pipeline.save_images(images, all_prompts, folder, per_row=n)
         out.print(f"{len(images)} images ({seconds / len(images):.3f} s each on {dev.type}) in {folder}/, "
@@ -353,17 +350,13 @@ def edit(
     region = pipeline.region_mask(size, mask, box, keep_box)
     if region is not None and iterations is not None:
         raise UserError("--iterations is for mask-free editing; with a mask, --steps sets the decoding steps.")
-    options = pipeline.check_options(model.edit, {"steps": pipeline.check_steps(steps), "guidance": guidance,
-                                                  "iterations": iterations, "truncation": truncation,
-                                                  "sampler": sampler}, trained.family.name)
-    speed = pipeline.Speed(cache_context=cache_context, bf16=bf16)
+    sampling = pipeline.SamplingOptions(steps=(steps,), guidance=guidance, iterations=iterations,
+                                        truncation=truncation, sampler=sampler, seed=seed,
+                                        speed=pipeline.Speed(cache_context=cache_context, bf16=bf16))
+    sampling.check(model.edit, trained.family.name)
     with _progress("edit", n) as advance:
-        edited = []
-        for i in range(n):
-            edited.append(pipeline.edit(model, source, region, prompt, generator=pipeline.batch_generator(seed, i, dev),
-                                        options=options, speed=speed))
-            advance(1)
-    images = torch.cat([source] + edited)
+        edited = pipeline.edits(model, source, region, prompt, n, sampling, advance)
+    images = torch.cat([source, edited])
     grid = pipeline.save_images(images, ["(source)"] + [prompt] * n, out_dir, per_row=n + 1)
     how = "mask-free" if region is None else f"{int(region.sum())} of {size * size} pixels repainted"
     out.print(f"{n} edits ({how}) in {out_dir}/ (0000.png is the source), grid: {grid}", highlight=False)
@@ -411,11 +404,11 @@ def evaluate(
     from imgen_cli.eval.generative import EvalRequest, ImageFolder, evaluate, write_plot
     from imgen_cli.train import distributed
 
+    sampling = pipeline.SamplingOptions(
+        steps=pipeline.parse_steps(steps), guidance=guidance, truncation=truncation, sampler=sampler, seed=seed,
+        batch_size=batch_size, speed=pipeline.Speed(cache_context=cache_context, bf16=bf16, compile=compile_model))
     req = EvalRequest(fid=fid, kid=kid, clip_score=clip_score, r_precision=r_precision, features=features,
-                      inception_weights=inception_weights, clip_model=clip_model, n=n, batch_size=batch_size,
-                      steps=pipeline.parse_steps(steps), guidance=guidance, seed=seed, r=r,
-                      options={"truncation": truncation, "sampler": sampler},
-                      speed=pipeline.Speed(cache_context=cache_context, bf16=bf16, compile=compile_model))
+                      inception_weights=inception_weights, clip_model=clip_model, n=n, r=r, sampling=sampling)
     req.validate()
     if images is not None and ckpt is not None:
         raise UserError("give either --ckpt (generate, then score) or --images (score a folder), not both.")
@@ -426,8 +419,8 @@ def evaluate(
             folder = ImageFolder.open(images, prompts)
         else:
             trained = _generator(ckpt, "evaluation", env.device, say=env.is_main)
-            model, subject = req.speed.prepare(trained.model), f"{trained.run.path} step {trained.checkpoint.step}"
-            req.options = pipeline.check_options(model.generate, req.options, trained.family.name)
+            sampling.check(trained.model.generate, trained.family.name)
+            model, subject = sampling.speed.prepare(trained.model), f"{trained.run.path} step {trained.checkpoint.step}"
         note = (lambda m: err.print(m, highlight=False)) if env.is_main else (lambda m: None)
         progress = _progress if env.is_main else _silent_progress
         report = evaluate(req, data, env, progress, note, model=model, folder=folder, runs_root=str(RUNS_ROOT))

@@ -6,9 +6,10 @@ Seeds follow the image, not the batch layout: batch b of a call draws from a gen
 a `prompts.txt` with one line per image in file order, which is exactly what `imgen eval --images`
 reads back.
 
-Speed options (`Speed`) apply to every generating command alike: cross-attention keys and values computed
-once per sampling run (on by default; the images are the same either way), bf16 autocast, and torch.compile
-of the network.
+`sample`, `edit` and `eval` each gather their flags into one `SamplingOptions`, which checks them against the
+family's method and gives that method its keyword arguments. Its speed options (`Speed`) apply to every
+generating command alike: cross-attention keys and values computed once per sampling run (on by default; the
+images are the same either way), bf16 autocast, and torch.compile of the network.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import inspect
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,42 +69,63 @@ def batch_generator(seed: int, batch: int, device: torch.device) -> torch.Genera
 MAX_STEPS = 10_000  # sampler steps; beyond any schedule's use, and a typo of 1e20 must not hang the sampler
 
 
-def parse_steps(text: str | None) -> list[int | None]:
-    """`--steps 4,8,16` -> [4, 8, 16]; None -> [None] (the family's default)."""
+def parse_steps(text: str | None) -> tuple[int | None, ...]:
+    """`--steps 4,8,16` -> (4, 8, 16); None -> (None,) (the family's default)."""
     if text is None:
-        return [None]
+        return (None,)
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise UserError(f"--steps takes step counts separated by commas (4,8,16), got {text!r}.") from None
     if not values:
         raise UserError(f"--steps takes step counts separated by commas (4,8,16), got {text!r}.")
-    return [check_steps(v) for v in values]
+    return values
 
 
-def check_steps(steps: int | None) -> int | None:
-    if steps is not None and not 1 <= steps <= MAX_STEPS:
-        raise UserError(f"--steps must be from 1 to {MAX_STEPS}, got {steps}.")
-    return steps
+@dataclass(frozen=True)
+class SamplingOptions:
+    """What `sample`, `edit` and `eval` ask of a family's `generate` (or `edit`), one field per flag; None leaves the
+    family's default. The step counts are checked when built, as the flags are read; the rest by `check`, once the
+    run, and so the method, is known."""
 
+    steps: tuple[int | None, ...] = (None,)  # sample and eval make a pass per count; edit takes one
+    guidance: float | None = None
+    guidance_ramp: bool | None = None
+    negative: str | None = None  # one negative prompt for every image
+    truncation: float | None = None
+    sampler: str | None = None
+    iterations: int | None = None  # mask-free editing's resampling rounds
+    seed: int = 0
+    batch_size: int = 16  # images per forward batch (part of the seeding: batch b draws from (seed, b))
+    speed: Speed = field(default_factory=Speed)
 
-def check_options(method: Callable, options: dict[str, Any], family: str) -> dict[str, Any]:
-    """Drop unset options; refuse, naming the flag, options the family's method does not take and values no
-    sampler can use (a NaN guidance scale gives black images, not an error)."""
-    given = {k: v for k, v in options.items() if v is not None}
-    accepted = inspect.signature(method).parameters
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
-    for name in given:
-        if name not in accepted and not takes_any:
-            raise UserError(f"the {family} family does not take --{name.replace('_', '-')}.")
-    guidance = given.get("guidance")
-    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
-        raise UserError(f"--guidance must be a finite scale >= 0 (1 = no guidance, 0 = unconditional), "
-                        f"got {guidance}.")
-    truncation = given.get("truncation")
-    if truncation is not None and not 0 < truncation <= 1:
-        raise UserError(f"--truncation is the probability mass kept, in (0, 1], got {truncation}.")
-    return given
+    def __post_init__(self) -> None:
+        for steps in self.steps:
+            if steps is not None and not 1 <= steps <= MAX_STEPS:
+                raise UserError(f"--steps must be from 1 to {MAX_STEPS}, got {steps}.")
+
+    def keywords(self, steps: int | None, images: int = 1) -> dict[str, Any]:
+        """The keyword arguments of one call of the family's method on `images` prompts at `steps`: the options
+        set, under the method's names."""
+        given = {"steps": steps, "guidance": self.guidance, "guidance_ramp": self.guidance_ramp,
+                 "negative_prompts": None if self.negative is None else [self.negative] * images,
+                 "iterations": self.iterations, "truncation": self.truncation, "sampler": self.sampler}
+        return {name: value for name, value in given.items() if value is not None}
+
+    def check(self, method: Callable, family: str) -> None:
+        """Refuse, naming the flag, an option the family's method does not take, and values no sampler can use (a
+        NaN guidance scale gives black images, not an error)."""
+        accepted = inspect.signature(method).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+            for name in self.keywords(self.steps[0]):  # every step count sets the same names
+                if name not in accepted:
+                    flag = "--negative" if name == "negative_prompts" else f"--{name.replace('_', '-')}"
+                    raise UserError(f"the {family} family does not take {flag}.")
+        if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise UserError(f"--guidance must be a finite scale >= 0 (1 = no guidance, 0 = unconditional), "
+                            f"got {self.guidance}.")
+        if self.truncation is not None and not 0 < self.truncation <= 1:
+            raise UserError(f"--truncation is the probability mass kept, in (0, 1], got {self.truncation}.")
 
 
 def check_prompts(prompts: list[str]) -> list[str]:
@@ -132,45 +154,40 @@ class GeneratedBatch:
     seconds: float  # spent in the network (synchronised on CUDA), not in saving or scoring
 
 
-def generated_batches(model: Any, prompts: list[str], *, batch_size: int, seed: int, options: dict[str, Any],
-                      speed: Speed | None = None, super_res: Any = None, rank: int = 0,
-                      world_size: int = 1) -> Iterator[GeneratedBatch]:
+def generated_batches(model: Any, prompts: list[str], sampling: SamplingOptions, steps: int | None, *,
+                      super_res: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[GeneratedBatch]:
     """The one seeded loop of `sample` and `eval`: batch b of `prompts` draws from a generator seeded by (seed, b)
     and belongs to rank b mod world_size, so the images depend neither on the number of ranks nor on which command
     made them. With `super_res` (a Muse super-resolution model), `model` generates the low-resolution token grid
-    and `super_res` the high-resolution one conditioned on it. A `negative_prompts` option is one negative
-    prompt, repeated for every prompt of the batch."""
+    and `super_res` the high-resolution one conditioned on it."""
     device = next(model.parameters()).device
-    speed = speed or Speed()
-    for b, start in enumerate(range(0, len(prompts), batch_size)):
+    speed = sampling.speed
+    for b, start in enumerate(range(0, len(prompts), sampling.batch_size)):
         if b % world_size != rank:
             continue
-        chunk = prompts[start:start + batch_size]
-        generator = batch_generator(seed, b, device)
-        chunk_options = dict(options)
-        if "negative_prompts" in options:
-            chunk_options["negative_prompts"] = [options["negative_prompts"]] * len(chunk)
+        chunk = prompts[start:start + sampling.batch_size]
+        generator = batch_generator(sampling.seed, b, device)
+        options = sampling.keywords(steps, len(chunk))
         started = time.perf_counter()
         if super_res is None:
             with speed.applied(model):
-                images = model.generate(chunk, generator=generator, **chunk_options)
+                images = model.generate(chunk, generator=generator, **options)
         else:
             with speed.applied(model):
-                lowres = model.generate_tokens(chunk, generator=generator, **chunk_options)
+                lowres = model.generate_tokens(chunk, generator=generator, **options)
             with speed.applied(super_res):
-                images = super_res.generate(chunk, generator=generator, lowres_tokens=lowres, **chunk_options)
+                images = super_res.generate(chunk, generator=generator, lowres_tokens=lowres, **options)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - started
         yield GeneratedBatch(list(range(start, start + len(chunk))), images.float().clamp(0, 1).cpu(), seconds)
 
 
-def generate(model: Any, prompts: list[str], *, batch_size: int, seed: int, options: dict[str, Any],
-             advance: Callable[[int], None], super_res: Any = None, speed: Speed | None = None) -> Tensor:
+def generate(model: Any, prompts: list[str], sampling: SamplingOptions, steps: int | None, *,
+             advance: Callable[[int], None], super_res: Any = None) -> Tensor:
     """Images [len(prompts), 3, H, W] in [0, 1], in one process (see `generated_batches`)."""
     out = []
-    for batch in generated_batches(model, prompts, batch_size=batch_size, seed=seed, options=options, speed=speed,
-                                   super_res=super_res):
+    for batch in generated_batches(model, prompts, sampling, steps, super_res=super_res):
         out.append(batch.images)
         advance(len(batch.indices))
     return torch.cat(out)
@@ -256,6 +273,19 @@ def region_mask(size: int, mask_path: Path | None, box: str | None, keep_box: st
     if not mask.any():
         raise UserError("the mask selects no pixel to repaint (white = repaint).")
     return mask
+
+
+def edits(model: Any, source: Tensor, region: Tensor | None, prompt: str, n: int, sampling: SamplingOptions,
+          advance: Callable[[int], None]) -> Tensor:
+    """`n` edits of `source` [1, 3, H, W], edit i seeded by (seed, i): [n, 3, H, W] on the CPU."""
+    device = next(model.parameters()).device
+    (steps,) = sampling.steps
+    out = []
+    for i in range(n):
+        out.append(edit(model, source, region, prompt, generator=batch_generator(sampling.seed, i, device),
+                        options=sampling.keywords(steps), speed=sampling.speed))
+        advance(1)
+    return torch.cat(out)
 
 
 def edit(model: Any, source: Tensor, region: Tensor | None, prompt: str, *, generator: torch.Generator,

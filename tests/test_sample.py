@@ -221,3 +221,9 @@ def test_eval_under_torchrun_matches_one_process(muse_run: Path, vq_shards: Path
         assert two["rows"][0][key] == pytest.approx(one["rows"][0][key], rel=1e-4, abs=1e-6), key
         if key in one["real"]:
             assert two["real"][key] == pytest.approx(one["real"][key], rel=1e-4, abs=1e-6), key
+
+
+def test_eval_checks_its_sampling_options_as_sample_does(muse_run: Path, vq_shards: Path) -> None:
+    """One `SamplingOptions` for sample, edit and eval: eval refuses the guidance sample refuses."""
+    result = invoke("eval", "--ckpt", str(muse_run), "--data", str(vq_shards), "--fid", "--guidance", "nan")
+    assert result.exit_code == 2 and "--guidance must be a finite scale >= 0" in one_line(result)

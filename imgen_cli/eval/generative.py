@@ -41,7 +41,7 @@ from imgen_cli import pretrained
 from imgen_cli.data import shards as shard_io
 from imgen_cli.errors import UserError
 from imgen_cli.eval import features as feats
-from imgen_cli.sample import GRID_NAME, Speed, generated_batches, load_image
+from imgen_cli.sample import GRID_NAME, SamplingOptions, generated_batches, load_image
 from imgen_cli.train.distributed import DistEnv, gather_objects
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -58,14 +58,11 @@ class EvalRequest:
     inception_weights: str | None = None
     clip_model: str | None = None  # imgen clip run | NAME:TAG | NAME:FILE; None = newest clip run
     n: int = 1000  # generated images per step count
-    batch_size: int = 50
-    steps: list[int | None] = field(default_factory=lambda: [None])  # None: the family's default
-    guidance: float | None = None
-    seed: int = 0
     r: int = 10
     kid_subset_size: int = 1000
-    options: dict[str, Any] = field(default_factory=dict)  # further sampler options of the family (truncation, ...)
-    speed: Speed = field(default_factory=Speed)
+    # the generation's step counts, options, seed and speed; its batch size and seed also batch the scoring and
+    # draw the R-precision distractors
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
 
     def validate(self) -> None:
         if not (self.fid or self.kid or self.clip_score or self.r_precision):
@@ -78,6 +75,17 @@ class EvalRequest:
     @property
     def uses_clip(self) -> bool:
         return self.clip_score or self.r_precision or (self.features == "clip" and (self.fid or self.kid))
+
+    def settings(self) -> dict[str, Any]:
+        """The report's record of the request, in the keys and order reports have always had (bench/run.py
+        reads them)."""
+        s = self.sampling
+        return {"fid": self.fid, "kid": self.kid, "clip_score": self.clip_score, "r_precision": self.r_precision,
+                "features": self.features, "inception_weights": self.inception_weights, "n": self.n,
+                "batch_size": s.batch_size, "steps": list(s.steps), "guidance": s.guidance, "seed": s.seed,
+                "r": self.r, "kid_subset_size": self.kid_subset_size,
+                "options": {k: v for k, v in (("truncation", s.truncation), ("sampler", s.sampler)) if v is not None},
+                "speed": asdict(s.speed)}
 
 
 # --- images ---------------------------------------------------------------------------------------------------
@@ -123,9 +131,7 @@ def generate(model: Any, prompts: list[str], steps: int | None, req: EvalRequest
     """This rank's share of the images for `prompts`: (indices, uint8 images, seconds spent generating), the
     images `imgen sample` makes for the same prompts and seed."""
     indices, images, seconds = [], [], 0.0
-    options = {k: v for k, v in (("steps", steps), ("guidance", req.guidance), *req.options.items()) if v is not None}
-    for batch in generated_batches(model, prompts, batch_size=req.batch_size, seed=req.seed, options=options,
-                                   speed=req.speed, rank=env.rank, world_size=env.world_size):
+    for batch in generated_batches(model, prompts, req.sampling, steps, rank=env.rank, world_size=env.world_size):
         indices += batch.indices
         images.append((batch.images * 255).round().to(torch.uint8))
         seconds += batch.seconds
@@ -328,15 +334,16 @@ def evaluate(req: EvalRequest, shards_spec: str, env: DistEnv, progress: Progres
                      else feats.InceptionFeatures(feats.inception_weights_path(req.inception_weights)))
         extractor = extractor.to(device).eval()
     prompts = folder.prompts if folder is not None else [captions[i % len(captions)] for i in range(req.n)]
-    if model is not None and math.ceil(len(prompts) / req.batch_size) < env.world_size:
-        raise UserError(f"--n {len(prompts)} in batches of {req.batch_size} gives some of the {env.world_size} ranks "
+    batch_size = req.sampling.batch_size
+    if model is not None and math.ceil(len(prompts) / batch_size) < env.world_size:
+        raise UserError(f"--n {len(prompts)} in batches of {batch_size} gives some of the {env.world_size} ranks "
                         f"no batch; raise --n or lower --batch-size.")
     metrics = Metrics(req, extractor, clip, len(captions), len(prompts), device)
-    rprec = RPrecision(clip, captions, req.r, req.seed, req.batch_size) if req.r_precision else None
+    rprec = RPrecision(clip, captions, req.r, req.sampling.seed, batch_size) if req.r_precision else None
 
     real = _score_real(req, shards, env, progress, note, metrics, extractor, rprec, clip)
     rows = []
-    for steps in (req.steps if model is not None else [None]):
+    for steps in (req.sampling.steps if model is not None else [None]):
         label = f"generate ({steps} steps)" if steps else "generate" if model is not None else "score images"
         if model is not None:
             with progress(label, len(prompts)) as advance:
@@ -345,7 +352,7 @@ def evaluate(req: EvalRequest, shards_spec: str, env: DistEnv, progress: Progres
             indices = list(range(env.rank, len(prompts), env.world_size))
             images, seconds = None, 0.0
         hits = 0
-        for batch in _batches(list(range(len(indices))), req.batch_size):
+        for batch in _batches(list(range(len(indices))), batch_size):
             chunk = ((images[batch].float() / 255) if images is not None
                      else folder.load([indices[i] for i in batch], size)).to(device)
             batch_prompts = [prompts[indices[i]] for i in batch]
@@ -367,7 +374,7 @@ def evaluate(req: EvalRequest, shards_spec: str, env: DistEnv, progress: Progres
         "data": shards_spec, "split": "val", "real_images": len(captions),
         "feature_extractor": extractor.id if extractor is not None else None,
         "clip_model": clip.id if clip is not None else None,
-        "settings": {k: v for k, v in asdict(req).items() if k not in ("clip_model",)},
+        "settings": req.settings(),
         "real": real, "rows": rows, "world_size": env.world_size,
         "seconds": round(time.time() - started, 2),
     }
@@ -391,7 +398,7 @@ def _score_real(req: EvalRequest, shards: shard_io.ShardSet, env: DistEnv, progr
     local_features, hits, count = [], 0, 0
     real_clip_score = clip_score_metric(clip).to(env.device) if req.clip_score else None
     with progress("real val images", shards.count or 0) as advance:
-        for raw in shard_io.exact_loader(shards, req.batch_size, rank=env.rank, world_size=env.world_size):
+        for raw in shard_io.exact_loader(shards, req.sampling.batch_size, rank=env.rank, world_size=env.world_size):
             images = shard_io.to_device(raw, env.device)["image"]
             with torch.no_grad():
                 if extractor is not None and cached is None:
