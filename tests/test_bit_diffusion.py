@@ -214,6 +214,29 @@ def test_token_mode_through_a_tokenizer() -> None:
         tiny_model(codebook_size=64, grid=4).generate(["a"], steps=1)
 
 
+def test_the_tokenizer_is_carried_outside_the_state_dict_and_only_in_token_mode() -> None:
+    """Token mode carries the frozen tokenizer (it follows the model's dtype, yet is no parameter of it); pixel
+    mode carries none, and its edit cell is a pixel."""
+    torch.manual_seed(0)
+    vq = VQGAN(VQGANConfig(**VQ_PRESETS["tiny"])).eval()
+    token, pixel = tiny_model(vq), tiny_model()
+    assert token.tokenizer is vq and not any(k.startswith(("vq", "tokenizer")) for k in token.state_dict())
+    assert (token.edit_cell, token.tokens_per_sample) == (4, 16)
+    token.double()
+    assert next(vq.parameters()).dtype == torch.float64 and not next(vq.parameters()).requires_grad
+    assert pixel.tokenizer is None and (pixel.edit_cell, pixel.tokens_per_sample, pixel.image_size) == (1, None, 16)
+
+
+def test_one_guidance_formula_serves_every_family() -> None:
+    from imgen_cli.diffusion.guidance import guided
+    from imgen_cli.models import continuous, muse, vq_diffusion
+
+    assert muse.guided_logits is guided and vq_diffusion.guided_logits is guided and continuous.guided is guided
+    cond, uncond = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 3.0])
+    assert torch.equal(guided(cond, uncond, 1.0), cond)
+    assert guided(cond, uncond, 3.0).tolist() == [2.0, 0.0]  # u + 3 (c - u)
+
+
 def test_dual_output_on_the_model() -> None:
     model = tiny_model(dual_output=True)
     assert model.unet.output.out_channels == 49
