@@ -518,7 +518,7 @@ def _preset_size(family: Any, preset: str) -> str:
     if family.needs_vq_tokens and not values.get("codebook_size"):
         values.update(codebook_size=NOMINAL_TOKENS[0], grid=NOMINAL_TOKENS[1])
         mark = "*"
-    if values.get("space") == "latent" and not values.get("latent_channels"):
+    if family.reads_latents and not values.get("latent_channels"):
         values.update(latent_channels=NOMINAL_LATENTS[0], grid=NOMINAL_LATENTS[1])
         mark = "*"
     cfg = build_dataclass(family.config_cls(), values, "model")

@@ -259,17 +259,16 @@ def resolve(
     )
 
 
-def current(saved: dict[str, Any], model_class: type) -> dict[str, Any]:
+def current(saved: dict[str, Any], retired: tuple[str, ...]) -> dict[str, Any]:
     """A run directory's config.json as this version writes it: the model keys an older version wrote and the
-    family's config class has retired since (its RETIRED_KEYS, read by nothing) are dropped, so that old runs
-    load and resume unchanged."""
-    retired = getattr(model_class, "RETIRED_KEYS", ())  # declared by the few configs that retired a key
+    family has retired since (its registry entry's `retired_keys`, read by nothing) are dropped, so that old
+    runs load and resume unchanged."""
     return {**saved, "model": {k: v for k, v in saved["model"].items() if k not in retired}}
 
 
-def from_dict(saved: dict[str, Any], model_class: type) -> RunConfig:
-    """Rebuild a RunConfig from a run directory's config.json."""
-    saved = current(saved, model_class)
+def from_dict(saved: dict[str, Any], model_class: type, retired: tuple[str, ...] = ()) -> RunConfig:
+    """Rebuild a RunConfig from a run directory's config.json (less the `retired` model keys)."""
+    saved = current(saved, retired)
     return RunConfig(
         family=saved["family"],
         preset=saved["preset"],

@@ -26,6 +26,7 @@ class Family:
     needs_vq_tokens: bool = False
     takes_tokenizer: bool = False  # models a tokenizer's tokens or latents: built with the `model.vq` run's network
     reads_tokens: bool = False  # given a tokenizer, trains on token grids (pre-encoded in the shards, or encoded)
+    reads_latents: bool = False  # models a tokenizer's continuous latents (their channels and grid come from it)
     trains_at_image_size: bool = False  # the shards' images must have model.image_size (no resizing in the family)
     generates_tokens: bool = False  # `generate_tokens`: a token grid a super-resolution Muse can refine
     refines_tokens: bool = False  # a run with model.lowres_grid > 0 is a super-resolution stage (`sample --sr`)
@@ -33,6 +34,8 @@ class Family:
     generates_images: bool = False  # text-to-image generator (sample/edit/eval --fid apply)
     supports_dual_output: bool = False  # a continuous diffusion family: model.dual_output is its head option
     presets_name: str = "PRESETS"  # the module's dict of size presets
+    # model keys an older imgen wrote into config.json and this one no longer has: dropped when a run loads
+    retired_keys: tuple[str, ...] = ()
 
     def _module(self) -> Any:
         return importlib.import_module(self.module)
@@ -76,10 +79,13 @@ FAMILIES: dict[str, Family] = {
                takes_tokenizer=True, reads_tokens=True, generates_images=True, supports_dual_output=True),
         Family("diffit", "DiffiT vision-transformer diffusion in image space", "Hatamizadeh et al. 2023",
                module="imgen_cli.models.diffit_image", config_class="ImageDiffiTConfig", model_class="ImageDiffiT",
-               generates_images=True, supports_dual_output=True),
+               generates_images=True, supports_dual_output=True,
+               retired_keys=("vq", "latent_channels", "grid", "latent_scale", "patch", "width", "depth", "heads")),
         Family("diffit-latent", "DiffiT over a vqgan's continuous latents", "Hatamizadeh et al. 2023",
                module="imgen_cli.models.diffit_latent", config_class="LatentDiffiTConfig", model_class="LatentDiffiT",
-               takes_tokenizer=True, generates_images=True, supports_dual_output=True),
+               takes_tokenizer=True, reads_latents=True, generates_images=True, supports_dual_output=True,
+               retired_keys=("image_size", "time_dim", "widths", "depths", "window", "head_dim",
+                             "cross_attention_resolution")),
         Family("clip", "in-project CLIP evaluator", "Radford et al. 2021",
                module="imgen_cli.models.clip", config_class="CLIPConfig", model_class="CLIP",
                trains_at_image_size=True),
@@ -121,7 +127,7 @@ def load_trained(ckpt: str | None, device: Any = "cpu", ema: bool = True, runs_r
     saved = run.read_config()
     check_pinned_tokenizer(saved)
     family = get(saved["family"])
-    config = from_dict(saved, family.config_cls())
+    config = from_dict(saved, family.config_cls(), family.retired_keys)
     model = family.build(config.model)
     try:
         weights = checkpoint.load_weights(ema=ema)

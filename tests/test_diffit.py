@@ -14,10 +14,18 @@ from conftest import pinned_tokenizer
 from PIL import Image
 from test_cli import TINY_TRAIN, check_pixel_generator_commands, invoke, one_line
 
+from imgen_cli import registry
 from imgen_cli.config import build_dataclass, from_dict, load_recipe, resolve
 from imgen_cli.diffusion import edm
 from imgen_cli.errors import UserError
-from imgen_cli.models.diffit import TMSA, DiffiT, relative_position_index, window_merge, window_partition
+from imgen_cli.models.diffit import (
+    SPACE_FAMILIES,
+    TMSA,
+    DiffiT,
+    relative_position_index,
+    window_merge,
+    window_partition,
+)
 from imgen_cli.models.diffit_image import PRESETS, DiffiTUNet, ImageDiffiT, ImageDiffiTConfig
 from imgen_cli.models.diffit_latent import PRESETS as LATENT_PRESETS
 from imgen_cli.models.diffit_latent import DiffiTViT, LatentDiffiT, LatentDiffiTConfig, patchify, unpatchify
@@ -415,7 +423,7 @@ def test_image_and_latent_configs_refuse_each_others_fields() -> None:
                      (LatentDiffiTConfig, "widths")):
         with pytest.raises(UserError, match=rf"^unknown key model\.{key}; valid keys in \[model\]: ") as err:
             build_dataclass(cls, {key: 1}, "model")
-        assert "\n" not in str(err.value) and key in cls.RETIRED_KEYS
+        assert "\n" not in str(err.value) and key in registry.get(SPACE_FAMILIES[cls.SPACE]).retired_keys
 
 
 def test_recipe_and_config_round_trip() -> None:
@@ -443,8 +451,9 @@ def test_config_json_of_an_older_version_still_loads(family: str, cls: type, pre
     cfg = resolve(family, cls, presets, sets=["model.p_mean=-0.4"])
     saved = json.loads(json.dumps(cfg.to_dict()))
     old = {**saved, "model": {**OLD_FIELDS, **saved["model"]}}
-    assert set(old["model"]) - set(saved["model"]) == set(cls.RETIRED_KEYS)
-    assert from_dict(old, cls).model == cfg.model
+    retired = registry.get(family).retired_keys
+    assert set(old["model"]) - set(saved["model"]) == set(retired)
+    assert from_dict(old, cls, retired).model == cfg.model
 
 
 # --- the commands ----------------------------------------------------------------------------------------------------

@@ -54,14 +54,12 @@ NORM_EPS = 1e-6  # the DiffiT block's LayerNorm eps
 class DiffiTConfig(TextEncoderConfig):
     """The hyperparameters of both DiffiT families; the text encoder's (text_*) come with TextEncoderConfig, the
     network's with `ImageDiffiTConfig` or `LatentDiffiTConfig`.
-
-    RETIRED_KEYS: the other space's fields, which an older imgen wrote into every DiffiT run's config.json when
-    one config served both spaces; a saved config drops them (`imgen_cli.config.current`), a new one refuses
-    them as unknown keys."""
+    The other space's fields, which an older imgen wrote into every DiffiT run's config.json when one config
+    served both spaces, are the registry entry's `retired_keys`: a saved config drops them
+    (`imgen_cli.config.current`), a new one refuses them as unknown keys."""
 
     SPACE: ClassVar[str]
     DEFAULT_PROCESS: ClassVar[str]  # the paper's choice for this space
-    RETIRED_KEYS: ClassVar[tuple[str, ...]]
 
     space: str = ""  # the family's space, image | latent; a key of the single config of older versions
     process: str = ""  # edm | vp; "" = edm in image space, vp in latent space (the paper's choices)

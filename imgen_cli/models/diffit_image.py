@@ -25,8 +25,6 @@ class ImageDiffiTConfig(DiffiTConfig):
 
     SPACE: ClassVar[str] = "image"
     DEFAULT_PROCESS: ClassVar[str] = "edm"
-    RETIRED_KEYS: ClassVar[tuple[str, ...]] = ("vq", "latent_channels", "grid", "latent_scale", "patch", "width",
-                                               "depth", "heads")
 
     space: str = "image"
     image_size: int = 32  # the side of the images (the shards are resized to it)

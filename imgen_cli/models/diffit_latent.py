@@ -27,8 +27,6 @@ class LatentDiffiTConfig(DiffiTConfig):
 
     SPACE: ClassVar[str] = "latent"
     DEFAULT_PROCESS: ClassVar[str] = "vp"
-    RETIRED_KEYS: ClassVar[tuple[str, ...]] = ("image_size", "time_dim", "widths", "depths", "window", "head_dim",
-                                               "cross_attention_resolution")
 
     space: str = "latent"
     vq: str = ""  # the vqgan run whose continuous latents are modelled (the CLI fills it from --vq)
