@@ -115,12 +115,11 @@ class SamplingOptions:
     def check(self, method: Callable, family: str) -> None:
         """Refuse, naming the flag, an option the family's method does not take, and values no sampler can use (a
         NaN guidance scale gives black images, not an error)."""
-        accepted = inspect.signature(method).parameters
-        if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
-            for name in self.keywords(self.steps[0]):  # every step count sets the same names
-                if name not in accepted:
-                    flag = "--negative" if name == "negative_prompts" else f"--{name.replace('_', '-')}"
-                    raise UserError(f"the {family} family does not take {flag}.")
+        accepted = inspect.signature(method).parameters  # a family's methods list every option they take
+        for name in self.keywords(self.steps[0]):  # every step count sets the same names
+            if name not in accepted:
+                flag = "--negative" if name == "negative_prompts" else f"--{name.replace('_', '-')}"
+                raise UserError(f"the {family} family does not take {flag}.")
         if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
             raise UserError(f"--guidance must be a finite scale >= 0 (1 = no guidance, 0 = unconditional), "
                             f"got {self.guidance}.")

@@ -34,6 +34,15 @@ def test_a_flag_the_familys_method_does_not_take_is_refused_by_its_name() -> Non
     SamplingOptions(steps=(4,), guidance=2.0, negative="a cat", sampler="ddim").check(model.generate, "bitdiff")
 
 
+def test_muse_lists_its_options_so_a_flag_it_lacks_is_one_sentence() -> None:
+    """Muse's methods once took **options: --truncation then reached its decoder as a TypeError traceback."""
+    muse = tiny_model("muse")
+    for method in (muse.generate, muse.edit):
+        assert refusal(SamplingOptions(truncation=0.5), method, "muse") == "the muse family does not take --truncation."
+    SamplingOptions(guidance_ramp=True, negative="a cat").check(muse.generate, "muse")
+    SamplingOptions(guidance_ramp=True, negative="a cat", iterations=2).check(muse.edit, "muse")
+
+
 def test_values_no_sampler_can_use_are_refused() -> None:
     method = tiny_model("vqdiffusion").generate
     for guidance in (math.nan, math.inf, -1.0):

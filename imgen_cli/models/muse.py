@@ -432,9 +432,12 @@ class Muse(TokenFamily):
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], *, steps: int = 12, guidance: float = 4.0,
-                 generator: torch.Generator | None = None, **options) -> Tensor:
+                 guidance_ramp: bool = False, negative_prompts: Sequence[str] | None = None,
+                 generator: torch.Generator | None = None, lowres_tokens: Tensor | None = None) -> Tensor:
         """Images [B, 3, H, W] in [0, 1] for B prompts: `generate_tokens` (same options), decoded."""
-        tokens = self.generate_tokens(prompts, steps=steps, guidance=guidance, generator=generator, **options)
+        tokens = self.generate_tokens(prompts, steps=steps, guidance=guidance, guidance_ramp=guidance_ramp,
+                                      negative_prompts=negative_prompts, generator=generator,
+                                      lowres_tokens=lowres_tokens)
         return self.decode(tokens)
 
     # --- editing ---
@@ -442,19 +445,19 @@ class Muse(TokenFamily):
     @torch.no_grad()
     def edit_tokens(self, tokens: Tensor, token_mask: Tensor | None, prompts: Sequence[str], *, steps: int = 12,
                     guidance: float = 4.0, generator: torch.Generator | None = None, iterations: int = 100,
-                    edit_fraction: float = 0.08, top_k: int = 3, negative_prompts: Sequence[str] | None = None,
-                    lowres_tokens: Tensor | None = None, **options) -> Tensor:
+                    edit_fraction: float = 0.08, top_k: int = 3, guidance_ramp: bool = False,
+                    negative_prompts: Sequence[str] | None = None, lowres_tokens: Tensor | None = None) -> Tensor:
         """Edit token grids [B, g, g] towards the prompts.
 
         With token_mask [B, g, g] (True = regenerate): inpainting. The masked tokens are decoded in `steps`
-        steps with U0 = their count, the others stay bit-identical; `options` go to `generate_tokens`.
+        steps with U0 = their count (guided as `generate_tokens` is), the others stay bit-identical.
         Without: mask-free editing, `iterations` rounds of resampling round(edit_fraction N) random tokens
         from their top_k logits at guidance s; zero iterations return the tokens unchanged.
         """
         if token_mask is not None:
-            return self.generate_tokens(prompts, steps=steps, guidance=guidance, generator=generator,
-                                        negative_prompts=negative_prompts, lowres_tokens=lowres_tokens,
-                                        init_tokens=tokens, known_mask=~token_mask, **options)
+            return self.generate_tokens(prompts, steps=steps, guidance=guidance, guidance_ramp=guidance_ramp,
+                                        generator=generator, negative_prompts=negative_prompts,
+                                        lowres_tokens=lowres_tokens, init_tokens=tokens, known_mask=~token_mask)
         n_edit = max(1, round(edit_fraction * self.grid * self.grid))
         predict = self._predictor(prompts, [guidance] * iterations, negative_prompts, lowres_tokens)
         flat = tokens.flatten(1).to(self.device)
@@ -464,8 +467,9 @@ class Muse(TokenFamily):
 
     @torch.no_grad()
     def edit(self, images: Tensor, mask: Tensor | None, prompts: Sequence[str], *, steps: int = 12,
-             guidance: float = 4.0, generator: torch.Generator | None = None, iterations: int = 100,
-             **options) -> Tensor:
+             guidance: float = 4.0, guidance_ramp: bool = False, negative_prompts: Sequence[str] | None = None,
+             generator: torch.Generator | None = None, iterations: int = 100,
+             lowres_tokens: Tensor | None = None) -> Tensor:
         """Edit images [B, 3, H, W] in [0, 1]: inpaint where the pixel mask [B, 1, H, W] is True (a token is
         regenerated if any pixel of its cell is), or edit mask-free without a mask. Returns images in [0, 1],
         all decoded from tokens (compositing the unmasked source pixels back is the caller's choice).
@@ -473,10 +477,11 @@ class Muse(TokenFamily):
         tokenizer = self.require_tokenizer("edit images")
         images = images.to(self.device)
         token_mask = None if mask is None else pixel_to_token_mask(mask.to(self.device), tokenizer.downsample_factor)
-        if self.lowres is not None and options.get("lowres_tokens") is None:
-            options["lowres_tokens"] = self._lowres_tokens(images)
+        if self.lowres is not None and lowres_tokens is None:
+            lowres_tokens = self._lowres_tokens(images)
         tokens = self.edit_tokens(tokenizer.encode(images), token_mask, prompts, steps=steps, guidance=guidance,
-                                  generator=generator, iterations=iterations, **options)
+                                  guidance_ramp=guidance_ramp, negative_prompts=negative_prompts,
+                                  generator=generator, iterations=iterations, lowres_tokens=lowres_tokens)
         return tokenizer.decode(tokens)
 
     def preview_options(self, images: Tensor) -> dict:
