@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from imgen_cli.diffusion.guidance import guided as guided_logits
 from imgen_cli.errors import UserError, require
-from imgen_cli.nn.text import TextEncoder, TextEncoderConfig, TextStates, drop_condition, unconditional
-from imgen_cli.nn.tokens import GridEmbedding, TokenFamily, gumbel, pixel_to_token_mask
+from imgen_cli.nn.text import TextEncoder, TextStates, drop_condition, unconditional
+from imgen_cli.nn.tokens import GridEmbedding, TokenFamily, TokenTransformerConfig, gumbel, pixel_to_token_mask
 from imgen_cli.nn.transformer import TransformerStack
 
 SCHEDULES = ("cosine", "linear", "power")
@@ -46,16 +46,9 @@ T = TypeVar("T")
 
 
 @dataclass
-class MuseConfig(TextEncoderConfig):
-    """Muse's hyperparameters; the text encoder's (text_*) come with TextEncoderConfig."""
+class MuseConfig(TokenTransformerConfig):
+    """Muse's hyperparameters; the transformer's and the text encoder's come with TokenTransformerConfig."""
 
-    vq: str = ""  # the vqgan run whose tokens are modelled (the CLI fills it from --vq); "" = none (unit tests)
-    codebook_size: int = 0  # K; 0 = the tokenizer's
-    grid: int = 0  # token grid side; 0 = the tokenizer's at the size it was trained at
-    width: int = 256
-    depth: int = 6
-    heads: int = 4
-    mlp_ratio: float = 4.0
     schedule: str = "cosine"  # gamma(r), the masked fraction: cosine | linear | power
     schedule_exponent: float = 2.0  # power schedule: gamma(r) = 1 - r**exponent
     min_mask_rate: float = 0.0  # floor on the training masking rate (MaskGIT lists 0.5)
@@ -70,10 +63,6 @@ class MuseConfig(TextEncoderConfig):
 
     def validate(self) -> None:
         super().validate()
-        require(self.codebook_size >= 0 and self.grid >= 0, "model.codebook_size and model.grid must be >= 0.")
-        require(self.width >= 1 and self.depth >= 1 and self.heads >= 1 and self.mlp_ratio > 0,
-                "model.width, depth, heads and mlp_ratio must be positive.")
-        require(self.width % self.heads == 0, f"model.width {self.width} is not divisible by model.heads {self.heads}.")
         require(self.schedule in SCHEDULES,
                 f"unknown model.schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
         require(self.schedule_exponent > 0, f"model.schedule_exponent must be > 0, got {self.schedule_exponent}.")

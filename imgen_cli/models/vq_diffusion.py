@@ -29,8 +29,8 @@ from torch import Tensor, nn
 
 from imgen_cli.diffusion.guidance import guided as guided_logits
 from imgen_cli.errors import UserError, require
-from imgen_cli.nn.text import TextEncoder, TextEncoderConfig, TextStates, drop_condition, unconditional
-from imgen_cli.nn.tokens import GridEmbedding, TokenFamily, gumbel, pixel_to_token_mask
+from imgen_cli.nn.text import TextEncoder, TextStates, drop_condition, unconditional
+from imgen_cli.nn.tokens import GridEmbedding, TokenFamily, TokenTransformerConfig, gumbel, pixel_to_token_mask
 from imgen_cli.nn.transformer import TransformerStack
 
 LOG_ZERO = -70.0
@@ -46,16 +46,9 @@ Predictor = Callable[[Tensor, int], Tensor]
 
 
 @dataclass
-class VQDiffusionConfig(TextEncoderConfig):
-    """VQ-Diffusion's hyperparameters; the text encoder's (text_*) come with TextEncoderConfig."""
+class VQDiffusionConfig(TokenTransformerConfig):
+    """VQ-Diffusion's hyperparameters; the transformer's and the text encoder's come with TokenTransformerConfig."""
 
-    vq: str = ""  # the vqgan run whose tokens are modelled (the CLI fills it from --vq); "" = none (unit tests)
-    codebook_size: int = 0  # K; 0 = the tokenizer's
-    grid: int = 0  # token grid side; 0 = the tokenizer's
-    width: int = 256
-    depth: int = 6
-    heads: int = 4
-    mlp_ratio: float = 4.0
     timesteps: int = 100  # T
     schedule: str = "released"  # released | paper (see SCHEDULES)
     final_mask_rate: float = 0.0  # gamma_bar at t = T-1; 0 = the schedule's (0.99999 released, 0.9 paper)
@@ -66,10 +59,6 @@ class VQDiffusionConfig(TextEncoderConfig):
 
     def validate(self) -> None:
         super().validate()
-        require(self.codebook_size >= 0 and self.grid >= 0, "model.codebook_size and model.grid must be >= 0.")
-        require(self.width >= 1 and self.depth >= 1 and self.heads >= 1 and self.mlp_ratio > 0,
-                "model.width, depth, heads and mlp_ratio must be positive.")
-        require(self.width % self.heads == 0, f"model.width {self.width} is not divisible by model.heads {self.heads}.")
         require(self.timesteps >= 2, f"model.timesteps must be at least 2, got {self.timesteps}.")
         require(self.schedule in SCHEDULES,
                 f"unknown model.schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}.")

@@ -10,13 +10,36 @@ network without one (bitdiff's pixel mode, image-space DiffiT) simply never carr
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from imgen_cli.errors import UserError
+from imgen_cli.errors import UserError, require
 from imgen_cli.nn.family import FamilyNetwork
+from imgen_cli.nn.text import TextEncoderConfig
+
+
+@dataclass
+class TokenTransformerConfig(TextEncoderConfig):
+    """What every text-conditioned transformer over a tokenizer's grid has (Muse, VQ-Diffusion); the text
+    encoder's fields (text_*) come with TextEncoderConfig."""
+
+    vq: str = ""  # the vqgan run whose tokens are modelled (the CLI fills it from --vq); "" = none (unit tests)
+    codebook_size: int = 0  # K; 0 = the tokenizer's
+    grid: int = 0  # token grid side; 0 = the tokenizer's at the size it was trained at
+    width: int = 256
+    depth: int = 6
+    heads: int = 4
+    mlp_ratio: float = 4.0
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.codebook_size >= 0 and self.grid >= 0, "model.codebook_size and model.grid must be >= 0.")
+        require(self.width >= 1 and self.depth >= 1 and self.heads >= 1 and self.mlp_ratio > 0,
+                "model.width, depth, heads and mlp_ratio must be positive.")
+        require(self.width % self.heads == 0, f"model.width {self.width} is not divisible by model.heads {self.heads}.")
 
 
 class GridEmbedding(nn.Module):
