@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,36 @@ def tiny_family(name: str, tokenizer: torch.nn.Module | None = None, **overrides
     torch.manual_seed(0)
     cfg = family.config_cls()(**{**family.presets()["tiny"], **overrides})
     return family.model_cls()(cfg, tokenizer).eval() if tokenizer is not None else family.build(cfg).eval()
+
+
+def seeded_sampler(model: torch.nn.Module, steps: int = 3) -> Callable[..., torch.Tensor]:
+    """The model's images for two prompts at `steps` sampler steps, as a function of the seed and further options."""
+
+    def sample(seed: int, **options) -> torch.Tensor:
+        return model.generate(["a red circle", "a blue square"], steps=steps,
+                              generator=torch.Generator().manual_seed(seed), **options)
+
+    return sample
+
+
+def check_a_function_of_the_seed(sample: Callable[..., torch.Tensor], size: int) -> None:
+    """Two images of side `size` in [0, 1]; the same seed gives the same images, another seed others."""
+    first = sample(0)
+    assert first.shape == (2, 3, size, size) and 0 <= float(first.min()) and float(first.max()) <= 1
+    assert torch.equal(first, sample(0)) and not torch.equal(first, sample(1))
+
+
+def fit_one_batch(model: torch.nn.Module, batch: dict, steps: int, lr: float = 2e-3) -> float:
+    """Adam on one batch for `steps` steps (seeded), the model left in eval mode; returns the loss before."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    torch.manual_seed(0)
+    first = float(model.loss(batch)["loss"].detach())
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model.loss(batch)["loss"].backward()
+        optimizer.step()
+    model.eval()
+    return first
 
 
 def tiny_model(name: str) -> torch.nn.Module:

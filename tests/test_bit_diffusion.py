@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import pinned_tokenizer
+from conftest import check_a_function_of_the_seed, fit_one_batch, pinned_tokenizer, seeded_sampler
 from PIL import Image
 from test_cli import TINY_TRAIN, check_pixel_generator_commands, invoke
 
@@ -154,14 +154,7 @@ def test_tiny_model_overfits_one_batch() -> None:
     captions = ["a red circle", "a blue square", "a green cross", "a yellow star"]
     tokens = torch.randint(0, 100, (4, 4, 4), generator=torch.Generator().manual_seed(0))
     batch = {"tokens": tokens, "caption": captions}
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    torch.manual_seed(0)
-    first = float(model.loss(batch)["loss"].detach())
-    for _ in range(200):
-        optimizer.zero_grad()
-        model.loss(batch)["loss"].backward()
-        optimizer.step()
-    model.eval()
+    first = fit_one_batch(model, batch, steps=200)
     assert float(model.loss(batch)["loss"].detach()) < first / 4
     bits = model.generate_bits(captions, steps=10, guidance=1.0, sampler="ddim", generator=torch.Generator())
     assert (model.from_bits(bits) == tokens).float().mean() > 0.9
@@ -172,14 +165,8 @@ def test_pixel_mode_generate_edit_preview_and_seeds() -> None:
     with torch.no_grad():  # the zero-initialised output layer would make every sample the same all-zero image
         model.unet.output.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
     assert model.image_size == 16 and model.unet.input.in_channels == 48 and model.unet.output.out_channels == 24
-
-    def sample(seed: int, **options) -> torch.Tensor:
-        return model.generate(["a red circle", "a blue square"], steps=3,
-                              generator=torch.Generator().manual_seed(seed), **options)
-
-    first = sample(0)
-    assert first.shape == (2, 3, 16, 16) and 0 <= float(first.min()) and float(first.max()) <= 1
-    assert torch.equal(first, sample(0)) and not torch.equal(first, sample(1))
+    sample = seeded_sampler(model)
+    check_a_function_of_the_seed(sample, 16)
     assert torch.equal(sample(0, sampler="ddim", td=0.5), sample(0, sampler="ddim", td=0.5))
     source = images(3)
     mask = torch.zeros(2, 1, 16, 16, dtype=torch.bool)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import pinned_tokenizer
+from conftest import check_a_function_of_the_seed, fit_one_batch, pinned_tokenizer, seeded_sampler
 from PIL import Image
 from test_cli import TINY_TRAIN, check_pixel_generator_commands, invoke, one_line
 
@@ -233,14 +233,7 @@ def test_tiny_model_overfits_one_batch() -> None:
     model = tiny_model(image_size=8, cond_dropout=0.0).train()
     colours = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.2, 0.9], [0.1, 0.8, 0.2], [0.9, 0.9, 0.1]])
     batch = {"image": colours[:, :, None, None].expand(4, 3, 8, 8), "caption": ["red", "blue", "green", "yellow"]}
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    torch.manual_seed(0)
-    first = float(model.loss(batch)["loss"].detach())
-    for _ in range(300):
-        optimizer.zero_grad()
-        model.loss(batch)["loss"].backward()
-        optimizer.step()
-    model.eval()
+    first = fit_one_batch(model, batch, steps=300)
     torch.manual_seed(1)
     assert float(model.loss(batch)["loss"].detach()) < first / 4
     samples = model.generate(batch["caption"], steps=10, guidance=1.0, sampler="ddim", generator=torch.Generator())
@@ -251,14 +244,8 @@ def test_image_space_generate_edit_preview_and_seeds() -> None:
     model = tiny_model()
     with torch.no_grad():  # the zero-initialised head would make every sample the same image
         model.net.out.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
-
-    def sample(seed: int, **options) -> torch.Tensor:
-        return model.generate(["a red circle", "a blue square"], steps=3,
-                              generator=torch.Generator().manual_seed(seed), **options)
-
-    first = sample(0)
-    assert first.shape == (2, 3, 16, 16) and 0 <= float(first.min()) and float(first.max()) <= 1
-    assert torch.equal(first, sample(0)) and not torch.equal(first, sample(1))
+    sample = seeded_sampler(model)
+    check_a_function_of_the_seed(sample, 16)
     assert not torch.equal(sample(0, sampler="ddim"), sample(0, sampler="heun"))
     source = images(3)
     mask = torch.zeros(2, 1, 16, 16, dtype=torch.bool)

@@ -1,5 +1,6 @@
 """Muse against the properties of reference/muse.md section 11, plus the model's wiring and the tokenizer."""
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -29,14 +30,13 @@ from imgen_cli.models.muse import (
     training_mask,
 )
 from imgen_cli.models.vqgan import PRESETS as VQ_PRESETS
-from imgen_cli.models.vqgan import VQGAN, VQGANConfig
+from imgen_cli.models.vqgan import VQGANConfig
 from imgen_cli.runs import RunDir
 
 K = 64  # the tiny preset's codebook: MASK = 64
 
 
-def tiny_model(tokenizer: VQGAN | None = None, **overrides) -> Muse:
-    return tiny_family("muse", tokenizer, **overrides)
+tiny_model = functools.partial(tiny_family, "muse")  # (tokenizer=None, **config overrides)
 
 
 def fixed_logits(b: int, n: int, k: int = 8, seed: int = 0) -> muse.Predictor:

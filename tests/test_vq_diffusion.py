@@ -3,6 +3,7 @@ commands end to end on a tiny run."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -19,7 +20,6 @@ from imgen_cli.models.vq_diffusion import (
     PRESETS,
     MaskReplaceSchedule,
     TimestepSampler,
-    VQDiffusion,
     VQDiffusionConfig,
     aux_weight_at,
     bound_terms,
@@ -36,13 +36,11 @@ from imgen_cli.models.vq_diffusion import (
     token_mask_start,
     truncate,
 )
-from imgen_cli.models.vqgan import VQGAN
 
 K = 64  # the tiny preset's codebook: MASK = 64
 
 
-def tiny_model(tokenizer: VQGAN | None = None, **overrides) -> VQDiffusion:
-    return tiny_family("vqdiffusion", tokenizer, **overrides)
+tiny_model = functools.partial(tiny_family, "vqdiffusion")  # (tokenizer=None, **config overrides)
 
 
 def matrix(kernel, k: int) -> torch.Tensor:
