@@ -369,7 +369,7 @@ def edit(
 @guarded
 def evaluate(
     ckpt: Annotated[str | None, typer.Option("--ckpt", help="Run to evaluate \\[default: newest under runs/].")] = None,
-    data: Annotated[str, typer.Option("--data", help="Shards with the real val split.")] = "shards",
+    data: Annotated[str | None, typer.Option("--data", help="Shards with the real val split \\[default: the run's training shards; with --images: shards].")] = None,
     images: Annotated[Path | None, typer.Option("--images", help="Evaluate this folder of generated images instead of a run.")] = None,
     prompts: Annotated[Path | None, typer.Option("--prompts", help="With --images: one prompt per line, in the images' name order.")] = None,
     fid: Annotated[bool, typer.Option("--fid", help="Frechet distance to the real val images.")] = False,
@@ -421,9 +421,11 @@ def evaluate(
             trained = _generator(ckpt, "evaluation", env.device, say=env.is_main)
             sampling.check(trained.model.generate, trained.family.name)
             model, subject = sampling.speed.prepare(trained.model), f"{trained.run.path} step {trained.checkpoint.step}"
+            data = data or trained.config.data.shards
         note = (lambda m: err.print(m, highlight=False)) if env.is_main else (lambda m: None)
         progress = _progress if env.is_main else _silent_progress
-        report = evaluate(req, data, env, progress, note, model=model, folder=folder, runs_root=str(RUNS_ROOT))
+        report = evaluate(req, data or "shards", env, progress, note, model=model, folder=folder,
+                          runs_root=str(RUNS_ROOT))
     finally:
         distributed.teardown()
     if not env.is_main:
@@ -466,13 +468,13 @@ def _print_eval(report: dict[str, Any]) -> None:
     out.print(", ".join(u for u in used if u), highlight=False)
 
 
-def _evaluate_recon(ckpt: str | None, data: str, n: int, json_path: Path | None, device: str | None) -> None:
+def _evaluate_recon(ckpt: str | None, data: str | None, n: int, json_path: Path | None, device: str | None) -> None:
     from imgen_cli.eval.recon import evaluate_recon
     from imgen_cli.train.distributed import pick_device
 
     report = evaluate_recon(ckpt, data, n, pick_device(device), str(RUNS_ROOT), _progress)
     metrics = report["metrics"]
-    table = Table(title=f"{report['run']} step {report['step']} on {data} val ({metrics['images']} images)")
+    table = Table(title=f"{report['run']} step {report['step']} on {report['data']} val ({metrics['images']} images)")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("PSNR (dB)", f"{float(metrics['psnr']):.2f}")  # "inf" in the JSON for an exact one

@@ -36,7 +36,7 @@ def muse_run(vq_run: Path, vq_shards: Path, tmp_path_factory: pytest.TempPathFac
 
 
 def test_the_default_run_is_the_newest_generator_anywhere_under_runs(muse_run: Path, vq_run: Path, clip_run: Path,
-                                                                     tmp_path: Path,
+                                                                     vq_shards: Path, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """`make demo` leaves runs/demo/{vqgan,clip,muse}: `imgen sample` takes the generator, whichever ran last."""
     monkeypatch.chdir(tmp_path)
@@ -47,6 +47,10 @@ def test_the_default_run_is_the_newest_generator_anywhere_under_runs(muse_run: P
     assert result.exit_code == 0, result.output
     assert "--ckpt runs/demo/muse (the newest text-to-image run under runs/, step 5)" in one_line(result)
     assert Path("samples/0000.png").is_file()
+    # and `imgen eval` without --data scores it against the val split of the shards it trained on
+    result = invoke("eval", "--clip-score", "--n", "2", "--steps", "2", "--json", "eval.json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(Path("eval.json").read_text())["data"] == str(vq_shards)
 
 
 @pytest.fixture(scope="module")

@@ -57,10 +57,11 @@ def json_safe(value: float) -> float | str:
     return "inf" if isinstance(value, float) and math.isinf(value) else value
 
 
-def evaluate_recon(ckpt: str | None, data: str, n: int, device: torch.device, runs_root: str,
+def evaluate_recon(ckpt: str | None, data: str | None, n: int, device: torch.device, runs_root: str,
                    progress: Callable[[str, int], contextlib.AbstractContextManager]) -> dict[str, Any]:
     """`imgen eval --recon`: a tokenizer run (without `ckpt`, the newest under runs_root) on up to `n` images of
-    the val split; the report (run, step, metrics) that the table and the JSON show."""
+    the val split of `data` (without it, of the shards the run trained on); the report (run, step, metrics) that
+    the table and the JSON show."""
     from imgen_cli import registry
 
     started = time.time()
@@ -68,6 +69,7 @@ def evaluate_recon(ckpt: str | None, data: str, n: int, device: torch.device, ru
                                     families=[f.name for f in registry.FAMILIES.values() if f.is_tokenizer])
     if not trained.family.is_tokenizer:
         raise UserError(f"--recon scores image tokenizers; {trained.run.path} is a {trained.family.name} run.")
+    data = data or trained.config.data.shards
     shards = shard_io.open_shards(data, "val")
     with progress("recon", min(n, shards.count) if shards.count else n) as advance:
         metrics = reconstruction_metrics(trained.model, shards, device, limit=n, on_batch=advance)
