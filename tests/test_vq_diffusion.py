@@ -37,7 +37,7 @@ from imgen_cli.models.vq_diffusion import (
     truncate,
 )
 
-K = 64  # the tiny preset's codebook: MASK = 64
+K = PRESETS["tiny"]["codebook_size"]  # 64 codes, so MASK = 64
 
 
 tiny_model = functools.partial(tiny_family, "vqdiffusion")  # (tokenizer=None, **config overrides)
