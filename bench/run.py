@@ -212,13 +212,14 @@ def bench_clip() -> str:
             "<= 15 min, >= 0.9 |\n")
 
 
-def tokenizer_and_evaluator() -> None:
-    """What the generator suites stand on, made once: the recipe tokenizer, token shards and the CLIP."""
+def tokenizer_and_evaluator(tokenizer: bool = True) -> None:
+    """What the generator suites stand on, made once: the recipe tokenizer and token shards (token families
+    only: the pixel suites read the plain shards) and the CLIP."""
     shapes_world()
-    if not (WORK / "runs" / "vq" / "checkpoints").is_dir():
+    if tokenizer and not (WORK / "runs" / "vq" / "checkpoints").is_dir():
         imgen("train", "--model", "vqgan", "--recipe", str(RECIPES / "vqgan.toml"), "--data", "shards",
               "--out", fresh_run("vq"))
-    if not (WORK / "shards_vq" / "manifest.json").is_file():
+    if tokenizer and not (WORK / "shards_vq" / "manifest.json").is_file():
         imgen("tokenize", "coco", "--vq", "runs/vq", "--out", "shards_vq", "--shard-size", "500")
     if not (WORK / "runs" / "clip" / "checkpoints").is_dir():
         imgen("train", "--model", "clip", "--recipe", str(RECIPES / "clip.toml"), "--data", "shards",
@@ -275,7 +276,7 @@ def bench_bitdiff() -> str:
     model.dual_output=true, both evaluated at 5, 10 and 25 DDIM steps."""
     import json
 
-    tokenizer_and_evaluator()
+    tokenizer_and_evaluator(tokenizer=False)
     rows, config = [], None
     for name, extra in (("bitdiff", []), ("bitdiff-ddo", ["--set", "model.dual_output=true"])):
         train_s = imgen("train", "--model", "bitdiff", "--recipe", str(RECIPES / "bitdiff.toml"), "--data", "shards",
@@ -309,11 +310,11 @@ def bench_diffit() -> str:
     samples at 50 DDIM steps with the in-project CLIP, and the sampling time per image."""
     import json
 
-    tokenizer_and_evaluator()
+    tokenizer_and_evaluator(tokenizer=False)
     train_s = imgen("train", "--model", "diffit", "--recipe", str(RECIPES / "diffit.toml"), "--data", "shards",
                     "--out", fresh_run("diffit"))
     imgen("eval", "--ckpt", "runs/diffit", "--data", "shards", "--r-precision", "--clip-score", "--fid", "--features",
-          "clip", "--clip-model", "runs/clip", "--n", "500", "--steps", "25,50", "--sampler", "ddim",
+          "clip", "--clip-model", "runs/clip", "--n", "500", "--steps", "5,10,25,50", "--sampler", "ddim",
           "--json", "diffit-eval.json")
     report = json.loads((WORK / "diffit-eval.json").read_text())
     config = json.loads((WORK / "runs/diffit/config.json").read_text())
@@ -321,7 +322,7 @@ def bench_diffit() -> str:
             f"{config['preset']}, pixels at {config['model']['image_size']}x{config['model']['image_size']}, EDM "
             f"training, {config['train']['steps']} steps of batch {config['train']['batch_size']}) took "
             f"**{train_s / 60:.1f} min**. Then `imgen eval --ckpt runs/diffit --r-precision --clip-score --fid "
-            f"--features clip --n 500 --steps 25,50 --sampler ddim` (DDIM = EDM's Euler step on the rho = 7 grid, "
+            f"--features clip --n 500 --steps 5,10,25,50 --sampler ddim` (DDIM = EDM's Euler step on the rho = 7 grid, "
             f"guidance {report['settings']['guidance'] or 'default 3.0'}, in-project CLIP `runs/clip`, prompts = "
             f"the val captions, batch 50). Target: R-precision >= 0.6 at 50 DDIM steps in <= 30 min of training.\n\n"
             + generator_table(report) +

@@ -259,16 +259,20 @@ def resolve(
     )
 
 
-def current(saved: dict[str, Any], retired: tuple[str, ...]) -> dict[str, Any]:
-    """A run directory's config.json as this version writes it: the model keys an older version wrote and the
-    family has retired since (its registry entry's `retired_keys`, read by nothing) are dropped, so that old
-    runs load and resume unchanged."""
-    return {**saved, "model": {k: v for k, v in saved["model"].items() if k not in retired}}
+def current(saved: dict[str, Any], retired: tuple[str, ...],
+            former: tuple[tuple[str, Any], ...] = ()) -> dict[str, Any]:
+    """A run directory's config.json as this version writes it, so that old runs load and resume unchanged: the
+    model keys an older version wrote and the family has retired since (its registry entry's `retired_keys`,
+    read by nothing) are dropped, and a key added since whose default is not what older runs did (the entry's
+    `former_defaults`, (key, value) pairs) takes the value that reproduces them."""
+    model = {k: v for k, v in saved["model"].items() if k not in retired}
+    return {**saved, "model": {**dict(former), **model}}
 
 
-def from_dict(saved: dict[str, Any], model_class: type, retired: tuple[str, ...] = ()) -> RunConfig:
-    """Rebuild a RunConfig from a run directory's config.json (less the `retired` model keys)."""
-    saved = current(saved, retired)
+def from_dict(saved: dict[str, Any], model_class: type, retired: tuple[str, ...] = (),
+              former: tuple[tuple[str, Any], ...] = ()) -> RunConfig:
+    """Rebuild a RunConfig from a run directory's config.json (as `current` brings it up to date)."""
+    saved = current(saved, retired, former)
     return RunConfig(
         family=saved["family"],
         preset=saved["preset"],

@@ -36,6 +36,9 @@ class Family:
     presets_name: str = "PRESETS"  # the module's dict of size presets
     # model keys an older imgen wrote into config.json and this one no longer has: dropped when a run loads
     retired_keys: tuple[str, ...] = ()
+    # (key, value): model keys added later whose default is not what older runs did; a saved config without the
+    # key takes the value that reproduces them
+    former_defaults: tuple[tuple[str, Any], ...] = ()
 
     def _module(self) -> Any:
         return importlib.import_module(self.module)
@@ -57,6 +60,9 @@ class Family:
         return self.model_cls()(model_config)
 
 
+# dual-output runs trained before model.gate_start existed had the paper's gate
+DUAL_OUTPUT_BEFORE_GATE_START = (("gate_start", "even"),)
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in [
@@ -76,14 +82,16 @@ FAMILIES: dict[str, Family] = {
         # pixel mode by default; token mode with --vq RUN (so needs_vq_tokens stays False)
         Family("bitdiff", "Bit Diffusion with analog bits", "Chen et al. 2022",
                module="imgen_cli.models.bit_diffusion", config_class="BitDiffusionConfig", model_class="BitDiffusion",
-               takes_tokenizer=True, reads_tokens=True, generates_images=True, supports_dual_output=True),
+               takes_tokenizer=True, reads_tokens=True, generates_images=True, supports_dual_output=True,
+               former_defaults=DUAL_OUTPUT_BEFORE_GATE_START),
         Family("diffit", "DiffiT vision-transformer diffusion in image space", "Hatamizadeh et al. 2023",
                module="imgen_cli.models.diffit_image", config_class="ImageDiffiTConfig", model_class="ImageDiffiT",
-               generates_images=True, supports_dual_output=True,
+               generates_images=True, supports_dual_output=True, former_defaults=DUAL_OUTPUT_BEFORE_GATE_START,
                retired_keys=("vq", "latent_channels", "grid", "latent_scale", "patch", "width", "depth", "heads")),
         Family("diffit-latent", "DiffiT over a vqgan's continuous latents", "Hatamizadeh et al. 2023",
                module="imgen_cli.models.diffit_latent", config_class="LatentDiffiTConfig", model_class="LatentDiffiT",
                takes_tokenizer=True, reads_latents=True, generates_images=True, supports_dual_output=True,
+               former_defaults=DUAL_OUTPUT_BEFORE_GATE_START,
                retired_keys=("image_size", "time_dim", "widths", "depths", "window", "head_dim",
                              "cross_attention_resolution")),
         Family("clip", "in-project CLIP evaluator", "Radford et al. 2021",
@@ -127,7 +135,7 @@ def load_trained(ckpt: str | None, device: Any = "cpu", ema: bool = True, runs_r
     saved = run.read_config()
     check_pinned_tokenizer(saved)
     family = get(saved["family"])
-    config = from_dict(saved, family.config_cls(), family.retired_keys)
+    config = from_dict(saved, family.config_cls(), family.retired_keys, family.former_defaults)
     model = family.build(config.model)
     try:
         weights = checkpoint.load_weights(ema=ema)

@@ -12,7 +12,9 @@ from conftest import check_a_function_of_the_seed, fit_one_batch, pinned_tokeniz
 from PIL import Image
 from test_cli import TINY_TRAIN, check_pixel_generator_commands, invoke
 
+from imgen_cli import registry
 from imgen_cli.config import from_dict, load_recipe, resolve
+from imgen_cli.diffusion.gaussian import gamma, time_pairs
 from imgen_cli.errors import UserError
 from imgen_cli.models.bit_diffusion import (
     PRESETS,
@@ -230,14 +232,17 @@ def test_dual_output_on_the_model() -> None:
     batch = training_batch(model, 4)
     out = model.train().loss(batch)
     assert set(out) >= {"loss", "loss_x0", "loss_eps", "loss_gate", "gate"}
-    assert float(out["gate"]) == pytest.approx(0.5)  # the zero-initialised head
     assert float(out["loss"]) == pytest.approx(float(out["loss_x0"] + out["loss_eps"] + out["loss_gate"]), rel=1e-5)
     out["loss"].backward()
     weight = model.unet.output.weight.grad
     assert weight[:24].abs().sum() > 0 and weight[24:48].abs().sum() > 0 and weight[48].abs().sum() > 0
-    log = []
-    model.eval().generate(["a", "b"], steps=4, generator=torch.Generator().manual_seed(0), gate_log=log)
-    assert log == pytest.approx([0.5] * 4)
+    # the zero-initialised head: r = 1 - gamma(t) at every call (v-prediction), 0.5 with the paper's gate
+    pairs = time_pairs(4)
+    for start, expected in (("v", [1 - float(gamma(t)) for t, _ in pairs]), ("even", [0.5] * 4)):
+        log: list[float] = []
+        tiny_model(dual_output=True, gate_start=start).eval().generate(
+            ["a", "b"], steps=4, generator=torch.Generator().manual_seed(0), gate_log=log)
+        assert log == pytest.approx(expected, abs=1e-6), start
 
 
 def one_head_of(model: BitDiffusion, rows: slice, prediction: str) -> BitDiffusion:
@@ -264,7 +269,7 @@ def test_a_forced_gate_generates_what_its_head_alone_generates() -> None:
     alone = {head: sample(one_head_of(model, rows, head)) for head, rows in (("x0", slice(0, 24)),
                                                                              ("eps", slice(24, 48)))}
     assert not torch.equal(alone["x0"], alone["eps"])
-    for logit, head, r in ((200.0, "x0", 1.0), (-200.0, "eps", 0.0)):  # sigmoid(+-200) is 1 and 0 in float32
+    for logit, head, r in ((200.0, "x0", 1.0), (-200.0, "eps", 0.0)):  # sigmoid(+-200 + offset) is 1 and 0
         with torch.no_grad():
             model.unet.output.bias[48] = logit
         gates: list[float] = []
@@ -276,7 +281,7 @@ def test_the_gate_head_learns_only_from_the_gate_loss() -> None:
     """Back-propagate each term alone: the output conv's gate row gets gradient only from the gate loss, the
     x0 rows only from the x0 loss and the eps rows only from the eps loss."""
     from imgen_cli.diffusion import dual_output
-    from imgen_cli.diffusion.gaussian import gamma, q_sample
+    from imgen_cli.diffusion.gaussian import q_sample
 
     model = tiny_model(dual_output=True, self_conditioning=False, cond_dropout=0.0).train()
     x0 = model.to_bits(model.symbols(training_batch(model, 2)))
@@ -289,7 +294,7 @@ def test_the_gate_head_learns_only_from_the_gate_loss() -> None:
         text = model.text_encoder(["a", "b"])
         output = model(x_t, torch.zeros_like(x0), (1000 * g).float(), text)
         heads = dual_output.split_heads(output, 24)
-        dual_output.losses(*heads, x0, eps, x_t, g, gamma(dual_output.gate_times(t)))[term].backward()
+        dual_output.losses(*heads, x0, eps, x_t, g, gamma(dual_output.gate_times(t)), start="v")[term].backward()
         grad = model.unet.output.weight.grad.abs().sum(dim=(1, 2, 3))
         assert bool((grad[rows] > 0).all()) and float(grad.sum() - grad[rows].sum()) == 0, term
 
@@ -304,7 +309,8 @@ def test_clear_errors_for_bad_configs() -> None:
              (dict(width=30, heads=4), "divisible by model.heads"),
              (dict(scale=0.0), "model.scale must be > 0"),
              (dict(td=-1.0), "model.td must be >= 0"),
-             (dict(gate_loss="l1"), "unknown model.gate_loss")]
+             (dict(gate_loss="l1"), "unknown model.gate_loss"),
+             (dict(gate_start="half"), "unknown model.gate_start 'half'; choose one of v, even")]
     for overrides, message in cases:
         with pytest.raises(UserError, match=message):
             BitDiffusionConfig(**{**PRESETS["tiny"], **overrides}).validate()
@@ -317,7 +323,12 @@ def test_recipe_and_config_round_trip() -> None:
     cfg = resolve("bitdiff", BitDiffusionConfig, PRESETS, recipe=recipe, sets=["model.dual_output=true"])
     assert recipe["family"] == "bitdiff" and cfg.preset == "small" and cfg.model.image_size == 32
     assert cfg.model.dual_output and cfg.model.vq == "" and cfg.data.shards == "shards"
-    assert from_dict(json.loads(json.dumps(cfg.to_dict())), BitDiffusionConfig).model == cfg.model
+    saved = json.loads(json.dumps(cfg.to_dict()))
+    entry = registry.get("bitdiff")
+    assert from_dict(saved, BitDiffusionConfig, entry.retired_keys, entry.former_defaults).model == cfg.model
+    # a dual-output run trained before model.gate_start existed keeps the paper's gate it was trained with
+    del saved["model"]["gate_start"]
+    assert from_dict(saved, BitDiffusionConfig, entry.retired_keys, entry.former_defaults).model.gate_start == "even"
 
 
 # --- the commands ----------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ init, guidance ramp), both networks on the model, and the commands end to end on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -343,7 +344,7 @@ def test_dual_output_losses_carry_edm_weight() -> None:
     """Image space, EDM (reference/dual_output.md section 8): lambda(sigma) ||c_skip y + c_out F_x - x0||^2,
     ||eps_theta - n||^2 and lambda(sigma) ||x0 - mix||^2, mix = r x_theta + (1 - r)(y - sigma eps_theta),
     recomputed per sample from what the network saw and said."""
-    model = tiny_model(dual_output=True, gate_loss="x0")
+    model = tiny_model(dual_output=True, gate_loss="x0", gate_start="even")
     with torch.no_grad():  # heads and gate away from their zero start
         model.net.out.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
     calls, raw = network_calls(model), raw_outputs(model)
@@ -373,14 +374,19 @@ def test_dual_output_on_the_model() -> None:
     for model in (tiny_model(dual_output=True), tiny_latent_model(dual_output=True, latent_channels=4, grid=8)):
         batch = {"caption": ["a", "b"], **({"latents": torch.randn(2, 4, 8, 8)} if isinstance(model, LatentDiffiT) else
                                           {"image": images()})}
+        torch.manual_seed(0)
+        _, levels = model.process.noise_levels(2, model.device)  # the loss's draw of its noise levels
+        torch.manual_seed(0)
         out = model.loss(batch)
         assert float(out["loss"]) == pytest.approx(float(out["loss_x0"] + out["loss_eps"] + out["loss_gate"]),
                                                     rel=1e-5)
-        assert float(out["gate"]) == pytest.approx(0.5)  # zero-initialised head: r = sigmoid(0)
+        # the zero-initialised head: r = 1 - gamma at every pixel (v-prediction)
+        assert float(out["gate"]) == pytest.approx(float((1 - levels).mean()), rel=1e-5)
     gates: list[float] = []
     model = tiny_model(dual_output=True)
     model.generate(["a"], steps=3, sampler="ddim", gate_log=gates, generator=torch.Generator())
-    assert len(gates) == 3 and all(0 < g < 1 for g in gates)
+    sigmas = [float(edm.karras_sigma(torch.tensor(t))) for t in (1.0, 0.5, 0.0)]  # EDM's grid of 3 levels
+    assert gates == pytest.approx([s**2 / (1 + s**2) for s in sigmas], rel=1e-5)  # r = 1 - gamma at a zero logit
 
 
 def test_clear_errors_for_bad_configs() -> None:
@@ -434,13 +440,15 @@ OLD_FIELDS = dict(vq="", latent_channels=0, grid=0, latent_scale=0.0, image_size
                                                          ("diffit-latent", LatentDiffiTConfig, LATENT_PRESETS)])
 def test_config_json_of_an_older_version_still_loads(family: str, cls: type, presets: dict) -> None:
     """A run saved by the single-config DiffiT keeps loading (and resuming): the other space's keys are dropped,
-    its own keep their saved values."""
-    cfg = resolve(family, cls, presets, sets=["model.p_mean=-0.4"])
+    its own keep their saved values, and a key added since (model.gate_start) takes what the old run did."""
+    cfg = resolve(family, cls, presets, sets=["model.p_mean=-0.4", "model.dual_output=true"])
     saved = json.loads(json.dumps(cfg.to_dict()))
-    old = {**saved, "model": {**OLD_FIELDS, **saved["model"]}}
-    retired = registry.get(family).retired_keys
-    assert set(old["model"]) - set(saved["model"]) == set(retired)
-    assert from_dict(old, cls, retired).model == cfg.model
+    old = {**saved, "model": {**OLD_FIELDS, **{k: v for k, v in saved["model"].items() if k != "gate_start"}}}
+    entry = registry.get(family)
+    assert set(old["model"]) - set(saved["model"]) == set(entry.retired_keys)
+    loaded = from_dict(old, cls, entry.retired_keys, entry.former_defaults).model
+    assert loaded.gate_start == "even" and cfg.model.gate_start == "v"  # the paper's gate, as trained then
+    assert dataclasses.replace(loaded, gate_start="v") == cfg.model
 
 
 # --- the commands ----------------------------------------------------------------------------------------------------

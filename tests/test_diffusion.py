@@ -4,6 +4,7 @@ inpainting with resampling, and Dynamic Dual-Output's mixing, losses and stop-gr
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -18,6 +19,7 @@ from imgen_cli.diffusion.gaussian import (
     diffuse,
     eps_from_x0,
     gamma,
+    per_sample,
     posterior_coefficients,
     q_sample,
     repaint_walk,
@@ -241,16 +243,40 @@ def test_dual_output_channels_gate_and_mixing_extremes() -> None:
     x_theta, eps_theta, logit = dual_output.split_heads(output, 24)
     assert logit.shape == (2, 1, 4, 4) and torch.equal(x_theta, output[:, :24])
     x_t = randn(2, 24, 4, 4, seed=1)
-    mixed, r = dual_output.mix(x_theta, eps_theta, logit, x_t, 0.3)
+    mixed, r = dual_output.mix(x_theta, eps_theta, logit, x_t, 0.3, start="even")
     assert r.shape == (2, 1, 4, 4) and bool(((r > 0) & (r < 1)).all())
     assert [float(torch.sigmoid(torch.tensor(v))) for v in (-4.0, 0.0, 4.0)] == pytest.approx(
         [0.017986, 0.5, 0.982014], abs=1e-6)
-    from_x, _ = dual_output.mix(x_theta, eps_theta, torch.full_like(logit, 100.0), x_t, 0.3)
-    from_eps, _ = dual_output.mix(x_theta, eps_theta, torch.full_like(logit, -100.0), x_t, 0.3)
+    from_x, _ = dual_output.mix(x_theta, eps_theta, torch.full_like(logit, 100.0), x_t, 0.3, start="even")
+    from_eps, _ = dual_output.mix(x_theta, eps_theta, torch.full_like(logit, -100.0), x_t, 0.3, start="even")
     torch.testing.assert_close(from_x, x_theta)
     torch.testing.assert_close(from_eps, x0_from_eps(x_t, eps_theta, 0.3))
     # one gate per pixel, shared by the channels: the mixture is affine between the two per channel
     torch.testing.assert_close(mixed, r * x_theta + (1 - r) * x0_from_eps(x_t, eps_theta, 0.3))
+
+
+def test_the_v_gate_starts_as_v_prediction() -> None:
+    """gate_start v: a zero logit gives r = 1 - gamma, at which the x head and eps head that one v-prediction
+    implies mix back to that prediction's x0, the mixture's error is (1 - gamma) dx - sqrt(gamma (1 - gamma)) deps
+    (never amplified), and at t = 1 of the cosine schedule 1 - r < 1e-4 (dual_output pitfall 4) with no training."""
+    t = torch.tensor([1.0, 0.99, 0.5, 0.01], dtype=torch.float64)
+    gam = gamma(t)
+    zero = torch.zeros(4, 1, 2, 2)
+    r = dual_output.gate(zero, gam, "v")
+    torch.testing.assert_close(r[:, 0, 0, 0].double(), 1 - gam, atol=1e-6, rtol=1e-6)
+    assert 1 - float(r[0].mean()) < 1e-4
+    assert float(dual_output.gate(zero, gam, "even").mean()) == 0.5
+    x_t, v = randn(4, 3, 2, 2), randn(4, 3, 2, 2, seed=1)
+    a, s = (per_sample(c, x_t) for c in (gam.sqrt(), (1 - gam).sqrt()))
+    x_head, eps_head = a * x_t - s * v, s * x_t + a * v  # what a v-prediction says of x0 and of eps
+    mixed, _ = dual_output.mix(x_head, eps_head, zero, x_t, gam, start="v")
+    torch.testing.assert_close(mixed, x0_from_v(x_t, v, gam), atol=1e-4, rtol=1e-4)
+    dx, deps = randn(4, 3, 2, 2, seed=2), randn(4, 3, 2, 2, seed=3)
+    x0 = x_head  # any x0: the error of the mixture of two erring heads
+    mixed, _ = dual_output.mix(x0 + dx, eps_from_x0(x_t, x0, gam) + deps, zero, x_t, gam, start="v")
+    expected = per_sample(1 - gam, x_t) * dx - per_sample((gam * (1 - gam)).sqrt(), x_t) * deps
+    torch.testing.assert_close(mixed - x0, expected, atol=1e-3, rtol=1e-3)
+    assert float((mixed - x0).abs().max()) < float(dx.abs().max() + deps.abs().max())
 
 
 def test_perfect_heads_give_x0_for_any_gate_and_zero_loss() -> None:
@@ -258,12 +284,12 @@ def test_perfect_heads_give_x0_for_any_gate_and_zero_loss() -> None:
     gam = gamma(torch.tensor([0.2, 0.6], dtype=torch.float64))
     gam_u = gamma(dual_output.gate_times(torch.tensor([0.2, 0.6], dtype=torch.float64)))
     x_t = q_sample(x0, gam, eps)
-    for logit in (-3.0, 0.0, 5.0):
+    for logit, start in itertools.product((-3.0, 0.0, 5.0), dual_output.GATE_STARTS):
         logits = torch.full((2, 1, 4, 4), logit)
-        mixed, _ = dual_output.mix(x0, eps, logits, x_t, gam)
+        mixed, _ = dual_output.mix(x0, eps, logits, x_t, gam, start=start)
         torch.testing.assert_close(mixed, x0, atol=1e-5, rtol=0)
         for kind in dual_output.GATE_LOSSES:
-            terms = dual_output.losses(x0, eps, logits, x0, eps, x_t, gam, gam_u, kind)
+            terms = dual_output.losses(x0, eps, logits, x0, eps, x_t, gam, gam_u, kind, start=start)
             assert all(float(v) < 1e-9 for v in terms.values())
 
 
@@ -274,15 +300,16 @@ def test_ddim_with_the_mixture_of_perfect_heads_reproduces_x0() -> None:
     x0, eps = randn(2, 3, 4, 4).tanh(), randn(2, 3, 4, 4, seed=1)
     gates = torch.Generator().manual_seed(2)
 
-    def predict(x: torch.Tensor, t: float, prev: torch.Tensor) -> Prediction:
-        logit = 3 * torch.randn(2, 1, 4, 4, generator=gates)
-        return Prediction(*dual_output.mix(x0, eps, logit, x, g(t, "linear")))
+    for start in dual_output.GATE_STARTS:
+        def predict(x: torch.Tensor, t: float, prev: torch.Tensor, start: str = start) -> Prediction:
+            logit = 3 * torch.randn(2, 1, 4, 4, generator=gates)
+            return Prediction(*dual_output.mix(x0, eps, logit, x, g(t, "linear"), start=start))
 
-    trace = list(sample_steps(predict, q_sample(x0, g(1, "linear"), eps), time_pairs(10), schedule="linear",
-                              sampler="ddim"))
-    for step in trace:
-        torch.testing.assert_close(step.x, q_sample(x0, g(step.t_next, "linear"), eps), atol=1e-5, rtol=0)
-    torch.testing.assert_close(trace[-1].x0, x0, atol=1e-5, rtol=0)
+        trace = list(sample_steps(predict, q_sample(x0, g(1, "linear"), eps), time_pairs(10), schedule="linear",
+                                  sampler="ddim"))
+        for step in trace:
+            torch.testing.assert_close(step.x, q_sample(x0, g(step.t_next, "linear"), eps), atol=1e-5, rtol=0)
+        torch.testing.assert_close(trace[-1].x0, x0, atol=1e-5, rtol=0)
 
 
 def test_worked_example_and_gate_gradient() -> None:
@@ -298,7 +325,7 @@ def test_worked_example_and_gate_gradient() -> None:
     from_eps = x0_from_eps(x_t, eps_theta, g_t)
     assert float(from_eps) == pytest.approx(2.439806, abs=1e-6)
     assert float(c1 * from_eps + c2 * x_t) == pytest.approx(0.305722, abs=1e-6)
-    mixed, _ = dual_output.mix(x_theta, eps_theta, logit.detach(), x_t, g_t)
+    mixed, _ = dual_output.mix(x_theta, eps_theta, logit.detach(), x_t, g_t, start="even")
     assert float(mixed) == pytest.approx(1.047961, abs=1e-6)
     assert float(c1 * mixed + c2 * x_t) == pytest.approx(0.301449, abs=1e-6)
     assert float(eps_from_x0(x_t, mixed.double(), g_t)) == pytest.approx(0.0064805, abs=1e-6)
@@ -314,7 +341,8 @@ def test_worked_example_and_gate_gradient() -> None:
     loss.backward()
     assert float(r.grad) == pytest.approx(-1.79712e-5, rel=1e-4)
     assert float(r.grad) == pytest.approx(float(-2 * c1**2 * (x0 - mixed) * (x_theta - from_eps)), rel=1e-5)
-    gate = dual_output.losses(x_theta, eps_theta, logit, x0, torch.zeros_like(x0), x_t, g_t.view(1), g_u.view(1))
+    gate = dual_output.losses(x_theta, eps_theta, logit, x0, torch.zeros_like(x0), x_t, g_t.view(1), g_u.view(1),
+                              start="even")
     assert float(gate["gate"]) == pytest.approx(2.83007e-6, rel=1e-4)
     gate["gate"].backward()  # chain rule through r = sigmoid(logit): dr/dlogit = r (1 - r)
     assert float(logit.grad) == pytest.approx(-1.79712e-5 * 0.8 * 0.2, rel=1e-3)
@@ -326,10 +354,10 @@ def test_stop_gradients_route_each_loss_to_its_head() -> None:
     gam, gam_u = gamma(t), gamma(dual_output.gate_times(t))
     x_t = q_sample(x0, gam, eps)
     heads = [randn(2, 3, 4, 4, seed=2), randn(2, 3, 4, 4, seed=3), randn(2, 1, 4, 4, seed=4)]
-    for kind in dual_output.GATE_LOSSES:
+    for kind, start in itertools.product(dual_output.GATE_LOSSES, dual_output.GATE_STARTS):
         for term, trained in (("x0", 0), ("eps", 1), ("gate", 2)):
             leaves = [h.clone().requires_grad_() for h in heads]
-            dual_output.losses(*leaves, x0, eps, x_t, gam, gam_u, kind)[term].backward()
+            dual_output.losses(*leaves, x0, eps, x_t, gam, gam_u, kind, start=start)[term].backward()
             for i, leaf in enumerate(leaves):
                 assert (leaf.grad is not None and leaf.grad.abs().sum() > 0) == (i == trained), (kind, term, i)
 
@@ -337,7 +365,7 @@ def test_stop_gradients_route_each_loss_to_its_head() -> None:
 def test_the_mixture_is_clipped_once() -> None:
     x_t, gam = torch.tensor([[0.1]]), 0.5
     eps_theta = eps_from_x0(x_t, torch.tensor([[1.5]]), gam)  # the eps branch's x0 estimate is 1.5
-    mixed, _ = dual_output.mix(torch.tensor([[0.9]]), eps_theta, torch.zeros(1, 1), x_t, gam)
+    mixed, _ = dual_output.mix(torch.tensor([[0.9]]), eps_theta, torch.zeros(1, 1), x_t, gam, start="even")
     steps = list(sample_steps(lambda x, t, prev: Prediction(mixed), x_t, [(0.5, 0.25)], sampler="ddim"))
     assert float(steps[0].x0) == pytest.approx(1.0)  # not 0.95, the mean of the branches clipped first
 

@@ -6,6 +6,13 @@ turned into an estimate of x0, and the gate r = sigmoid(logit), one map shared b
     x0_mix = r x_theta + (1 - r) (x_t - sqrt(1 - gamma) eps_theta) / sqrt(gamma).
 
 The samplers then use x0_mix like any x0 estimate (clip the mixture, never the branches; recompute eps).
+
+Where the gate starts (`start`): the paper's r = sigmoid(logit) is 0.5 at a zero logit ("even"). imgen's default
+("v") offsets the logit by log((1 - gamma) / gamma), minus the log-SNR, so that a zero logit gives r = 1 - gamma:
+the mixture of an x head and an eps head derived from one v-prediction is exactly that v-prediction, and its
+error r dx - (1 - r) sqrt((1 - gamma) / gamma) deps = (1 - gamma) dx - sqrt(gamma (1 - gamma)) deps never
+amplifies a head's error. An even gate must learn a logit above 9.2 to keep the eps branch's error (amplified
+1.27e4 times at t = 1 of the cosine schedule) out of the first steps, where its loss gives it almost no signal.
 Mixing the posterior means with r is the same as mixing the x0 estimates, because both means are affine in
 their estimate with the same x_t coefficient. Training gives each head its own plain loss and trains the gate
 alone through the posterior-mean loss, in which both heads are stop-gradiented (reference/dual_output.md).
@@ -20,7 +27,17 @@ from imgen_cli.diffusion.gaussian import per_sample, posterior_coefficients, x0_
 from imgen_cli.errors import UserError
 
 GATE_LOSSES = ("posterior", "x0")
+GATE_STARTS = ("v", "even")
 GATE_STEP = 1e-3  # u = max(t - 1/1000, 0) for the gate's posterior: continuous time mirroring T = 1000
+
+
+def check_options(gate_start: str, gate_loss: str) -> None:
+    """One sentence for a config's unknown model.gate_start or model.gate_loss."""
+    if gate_start not in GATE_STARTS:
+        raise UserError(f"unknown model.gate_start {gate_start!r}; choose one of {', '.join(GATE_STARTS)} "
+                        f"(even: the paper's gate).")
+    if gate_loss not in GATE_LOSSES:
+        raise UserError(f"unknown model.gate_loss {gate_loss!r}; choose one of {', '.join(GATE_LOSSES)}.")
 
 
 def output_channels(channels: int) -> int:
@@ -36,18 +53,31 @@ def split_heads(output: Tensor, channels: int) -> tuple[Tensor, Tensor, Tensor]:
     return output[:, :channels], output[:, channels:2 * channels], output[:, 2 * channels:]
 
 
-def mix(x_theta: Tensor, eps_theta: Tensor, logit: Tensor, x_t: Tensor,
-        gamma_t: Tensor | float) -> tuple[Tensor, Tensor]:
+def gate(logit: Tensor, gamma_t: Tensor | float, start: str) -> Tensor:
+    """r [B, 1, H, W] (float32) of a gate logit at levels gamma_t (a float or [B]): sigmoid(logit), offset by
+    log((1 - gamma) / gamma) (float64, then float32) when the gate starts as v-prediction."""
+    if start not in GATE_STARTS:
+        raise UserError(f"unknown gate start {start!r}; choose one of {', '.join(GATE_STARTS)}.")
+    logit = logit.float()
+    if start == "v":
+        g = torch.as_tensor(gamma_t, dtype=torch.float64, device=logit.device)
+        offset = torch.log1p(-g) - torch.log(g)
+        logit = logit + (per_sample(offset, logit) if offset.dim() else offset.to(logit))
+    return torch.sigmoid(logit)
+
+
+def mix(x_theta: Tensor, eps_theta: Tensor, logit: Tensor, x_t: Tensor, gamma_t: Tensor | float, *,
+        start: str) -> tuple[Tensor, Tensor]:
     """(x0_mix, r), in float32 whatever the autocast dtype: at high noise the eps branch amplifies its error by
     sqrt((1 - gamma) / gamma), and only a gate within 1e-4 of 1 (and the final clip) keeps it out."""
-    r = torch.sigmoid(logit.float())
+    r = gate(logit, gamma_t, start)
     from_eps = x0_from_eps(x_t.float(), eps_theta.float(), gamma_t)
     return r * x_theta.float() + (1 - r) * from_eps, r
 
 
 def losses(x_theta: Tensor, eps_theta: Tensor, logit: Tensor, x0: Tensor, eps: Tensor, x_t: Tensor,
-           gamma_t: Tensor, gamma_u: Tensor, gate_loss: str = "posterior",
-           weight: Tensor | None = None) -> dict[str, Tensor]:
+           gamma_t: Tensor, gamma_u: Tensor, gate_loss: str = "posterior", weight: Tensor | None = None, *,
+           start: str) -> dict[str, Tensor]:
     """The three terms, each a mean over elements: "eps" ||eps - eps_theta||^2 and "x0" ||x0 - x_theta||^2
     train the heads; "gate" trains only the gate (and the trunk through r).
 
@@ -62,7 +92,7 @@ def losses(x_theta: Tensor, eps_theta: Tensor, logit: Tensor, x0: Tensor, eps: T
     if gate_loss not in GATE_LOSSES:
         raise UserError(f"unknown gate loss {gate_loss!r}; choose one of {', '.join(GATE_LOSSES)}.")
     x_theta, eps_theta, x0, eps, x_t = (v.float() for v in (x_theta, eps_theta, x0, eps, x_t))
-    r = torch.sigmoid(logit.float())
+    r = gate(logit, gamma_t, start)
     from_eps = x0_from_eps(x_t, eps_theta.detach(), gamma_t)
     if gate_loss == "posterior":
         c1, c2 = (per_sample(c, x_t) for c in posterior_coefficients(gamma_t, gamma_u)[:2])
@@ -81,12 +111,12 @@ def gate_times(t: Tensor) -> Tensor:
 
 
 def objective(x_theta: Tensor, eps_theta: Tensor, logit: Tensor, x0: Tensor, eps: Tensor, x_t: Tensor,
-              gamma_t: Tensor, gamma_u: Tensor, gate_loss: str = "posterior",
-              weight: Tensor | None = None) -> tuple[Tensor, Tensor, dict]:
+              gamma_t: Tensor, gamma_u: Tensor, gate_loss: str = "posterior", weight: Tensor | None = None, *,
+              start: str) -> tuple[Tensor, Tensor, dict]:
     """A family's training step with dual output: (the total L_x + L_eps + L_gate, the detached x0_mix for its
     own metrics, the terms and the mean gate to log); weight as in `losses`."""
-    terms = losses(x_theta, eps_theta, logit, x0, eps, x_t, gamma_t, gamma_u, gate_loss, weight)
-    estimate, r = mix(x_theta.detach(), eps_theta.detach(), logit.detach(), x_t, gamma_t)
+    terms = losses(x_theta, eps_theta, logit, x0, eps, x_t, gamma_t, gamma_u, gate_loss, weight, start=start)
+    estimate, r = mix(x_theta.detach(), eps_theta.detach(), logit.detach(), x_t, gamma_t, start=start)
     logged = {"loss_x0": terms["x0"].detach(), "loss_eps": terms["eps"].detach(),
               "loss_gate": terms["gate"].detach(), "gate": r.mean()}
     return terms["x0"] + terms["eps"] + terms["gate"], estimate, logged

@@ -71,6 +71,7 @@ class BitDiffusionConfig(TextEncoderConfig):
     td: float = 0.0  # asymmetric time difference at sampling, in steps (sweep 0.1-0.5 below 100 steps)
     noise_level_scale: float = 1000.0  # the network is told this times gamma(t) (pix2seq's 1000)
     dual_output: bool = False  # Dynamic Dual-Output: x0 and eps heads plus a per-pixel gate
+    gate_start: str = "v"  # dual output: v (a zero logit mixes as v-prediction) | even (the paper's r = 0.5)
     gate_loss: str = "posterior"  # dual output: posterior (the paper's) | x0 (unweighted)
     cond_dropout: float = 0.1  # share of captions replaced by the learned null condition
     width: int = 64  # U-Net base channels
@@ -98,8 +99,7 @@ class BitDiffusionConfig(TextEncoderConfig):
                 f"unknown model.prediction {self.prediction!r}; choose one of {', '.join(TARGETS)}.")
         require(not (self.dual_output and self.prediction != "x0"),
                 "model.dual_output predicts x0 and eps together; leave model.prediction at x0.")
-        require(self.gate_loss in dual_output.GATE_LOSSES,
-                f"unknown model.gate_loss {self.gate_loss!r}; choose one of {', '.join(dual_output.GATE_LOSSES)}.")
+        dual_output.check_options(self.gate_start, self.gate_loss)
         require(self.td >= 0, f"model.td must be >= 0, got {self.td}.")
         require(self.noise_level_scale > 0, f"model.noise_level_scale must be > 0, got {self.noise_level_scale}.")
         require(0 <= self.cond_dropout < 1, f"model.cond_dropout must be in [0, 1), got {self.cond_dropout}.")
@@ -441,14 +441,13 @@ class BitDiffusion(ContinuousDiffusion):
 
     # --- sampling ---
 
-    def predict_batch(self, x: Tensor, x0_prev: Tensor, t_now: float,
-                      text: TextStates) -> tuple[Tensor, Tensor | None]:
+    def output_at(self, x: Tensor, x0_prev: Tensor, t_now: float, text: TextStates) -> tuple[Tensor, float]:
         """One forward at time t_now, told the noise level 1000 gamma(t_now) and (self-conditioning) the previous
         estimate."""
         g = float(gamma(t_now, self.cfg.schedule))
         prev = x0_prev if self.cfg.self_conditioning else torch.zeros_like(x0_prev)
         level = torch.full((len(x),), self.cfg.noise_level_scale * g, device=x.device)
-        return self.estimate(self(x, prev, level, text), x, g)
+        return self(x, prev, level, text), g
 
     def time_grid(self, steps: int, td: float | None) -> list[tuple[float, float]]:
         return time_pairs(steps, self.cfg.td if td is None else td)

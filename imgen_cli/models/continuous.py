@@ -16,7 +16,16 @@ import torch
 from torch import Tensor, nn
 
 from imgen_cli.diffusion import dual_output
-from imgen_cli.diffusion.gaussian import Prediction, Predictor, edit_start, final_estimate, gamma, sample_steps
+from imgen_cli.diffusion.gaussian import (
+    Prediction,
+    Predictor,
+    edit_start,
+    final_estimate,
+    gamma,
+    q_sample,
+    sample_steps,
+    x0_from_eps,
+)
 from imgen_cli.diffusion.guidance import guided
 from imgen_cli.nn.pixels import keep_mask
 from imgen_cli.nn.text import TextEncoder, TextEncoderConfig, TextStates, drop_condition, learned_null, unconditional
@@ -32,7 +41,7 @@ class ContinuousDiffusion(CarriesTokenizer):
     A subclass sets in its constructor `cfg` (with the text encoder's fields, `cond_dropout`, `dual_output` and
     `gate_loss`), `channels` and `side` (x0 is [B, channels, side, side]) and `on_tokenizer_grid`, calls
     `build_condition` before its own modules (the seeded initialisation follows creation order), and defines
-    `schedule`, `clip`, `device`, `predict_batch`, `encode` and `to_images`."""
+    `schedule`, `clip`, `device`, `output_at`, `encode` and `to_images`."""
 
     on_tokenizer_grid = False  # x0 lives on a tokenizer's grid (token ids or latents), not on pixels
     schedule: str  # the `gaussian.gamma` schedule of the time grid
@@ -96,7 +105,8 @@ class ContinuousDiffusion(CarriesTokenizer):
         if not self.cfg.dual_output:
             return self.x0_head(output, x, gamma_t), None
         x_out, eps_theta, logit = dual_output.split_heads(output, self.channels)
-        return dual_output.mix(self.x0_head(x_out, x, gamma_t), eps_theta, logit, x, gamma_t)
+        return dual_output.mix(self.x0_head(x_out, x, gamma_t), eps_theta, logit, x, gamma_t,
+                               start=self.cfg.gate_start)
 
     def dual_output_loss(self, output: Tensor, x0: Tensor, eps: Tensor, x_t: Tensor, t: Tensor, gamma_t: Tensor,
                          weight: Tensor | None = None) -> tuple[Tensor, Tensor, dict]:
@@ -105,7 +115,7 @@ class ContinuousDiffusion(CarriesTokenizer):
         x_out, eps_theta, logit = dual_output.split_heads(output, self.channels)
         gamma_u = gamma(dual_output.gate_times(t), self.schedule).to(x0.device)
         return dual_output.objective(self.x0_head(x_out, x_t, gamma_t), eps_theta, logit, x0, eps, x_t, gamma_t,
-                                     gamma_u, self.cfg.gate_loss, weight)
+                                     gamma_u, self.cfg.gate_loss, weight, start=self.cfg.gate_start)
 
     # --- sampling ---
 
@@ -113,10 +123,47 @@ class ContinuousDiffusion(CarriesTokenizer):
         """The guidance scale at time t: constant unless a family ramps it."""
         return scale
 
+    def output_at(self, x: Tensor, x0_prev: Tensor, t_now: float, text: TextStates) -> tuple[Tensor, float]:
+        """The network's output for states x at time t_now (one forward over the whole batch; x0_prev the previous
+        estimate, for self-conditioning) and gamma(t_now)."""
+        raise NotImplementedError
+
     def predict_batch(self, x: Tensor, x0_prev: Tensor, t_now: float,
                       text: TextStates) -> tuple[Tensor, Tensor | None]:
-        """`estimate` of the network's output for states x at time t_now (one forward over the whole batch)."""
-        raise NotImplementedError
+        """`estimate` of the network's output for states x at time t_now."""
+        output, g = self.output_at(x, x0_prev, t_now, text)
+        return self.estimate(output, x, g)
+
+    @torch.no_grad()
+    def denoising_errors(self, images: Tensor, captions: Sequence[str], times: Sequence[float],
+                         generator: torch.Generator) -> list[dict[str, float]]:
+        """How well each head denoises held-out data, one row per time t: images [B, 3, H, W] in [0, 1] are
+        encoded to x0 and noised to t with noise from `generator`, and the network, told the captions (and, with
+        self-conditioning, no previous estimate), estimates x0. Mean squared errors against x0: "estimate" (what
+        the samplers use: the single head, or the dual-output mixture), and under dual output "x_head" (the x
+        head alone), "eps_head" (x0 from the eps head alone) and "gate" (the mean r); every estimate is clipped
+        as the samplers clip it."""
+        x0 = self.encode(images.to(self.device)).float()
+        text = self.text_encoder(list(captions))
+
+        def error(estimate: Tensor) -> float:
+            estimate = estimate if self.clip is None else estimate.clamp(-self.clip, self.clip)
+            return float((estimate - x0).pow(2).mean())
+
+        rows = []
+        for t in times:
+            g = float(gamma(t, self.schedule))
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+            x_t = q_sample(x0, g, noise)
+            output, _ = self.output_at(x_t, torch.zeros_like(x_t), t, text)
+            estimate, r = self.estimate(output, x_t, g)
+            row = {"t": t, "gamma": g, "estimate": error(estimate)}
+            if r is not None:
+                x_out, eps_theta, _ = dual_output.split_heads(output.float(), self.channels)
+                row |= {"x_head": error(self.x0_head(x_out, x_t, g)), "eps_head": error(x0_from_eps(x_t, eps_theta, g)),
+                        "gate": float(r.mean())}
+            rows.append(row)
+        return rows
 
     def _predictor(self, prompts: Sequence[str], guidance: float,
                    negative_prompts: Sequence[str] | None) -> Predictor:

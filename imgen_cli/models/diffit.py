@@ -70,6 +70,7 @@ class DiffiTConfig(TextEncoderConfig):
     schedule: str = "linear"  # vp: gamma(t), linear (DDPM's betas, ADM's) or cosine
     prediction: str = ""  # vp: the single head's target, eps (default), x0 or v; EDM has its own
     dual_output: bool = False  # Dynamic Dual-Output: x0 and eps heads plus a per-pixel gate
+    gate_start: str = "v"  # dual output: v (a zero logit mixes as v-prediction) | even (the paper's r = 0.5)
     gate_loss: str = "posterior"  # dual output: posterior (the paper's) | x0 (unweighted)
     cond_dropout: float = 0.1  # share of captions replaced by the learned null condition
     cross_attention: bool = True  # False: the pooled caption in the time token is the only condition
@@ -105,8 +106,7 @@ class DiffiTConfig(TextEncoderConfig):
                 "model.prediction is for model.process=vp; EDM's preconditioned denoiser has its own target.")
         require(not (self.prediction and self.dual_output),
                 "model.dual_output predicts x0 and eps together; leave model.prediction unset.")
-        require(self.gate_loss in dual_output.GATE_LOSSES,
-                f"unknown model.gate_loss {self.gate_loss!r}; choose one of {', '.join(dual_output.GATE_LOSSES)}.")
+        dual_output.check_options(self.gate_start, self.gate_loss)
         require(0 <= self.cond_dropout < 1, f"model.cond_dropout must be in [0, 1), got {self.cond_dropout}.")
         require(self.guidance_schedule in GUIDANCE_SCHEDULES, f"unknown model.guidance_schedule "
                 f"{self.guidance_schedule!r}; choose one of {', '.join(GUIDANCE_SCHEDULES)}.")
@@ -296,11 +296,10 @@ class DiffiT(ContinuousDiffusion):
             return scale
         return 1 + (scale - 1) * (1 - math.cos(math.pi * (1 - t) ** self.cfg.guidance_power)) / 2
 
-    def predict_batch(self, x: Tensor, x0_prev: Tensor, t_now: float,
-                      text: TextStates) -> tuple[Tensor, Tensor | None]:
+    def output_at(self, x: Tensor, x0_prev: Tensor, t_now: float, text: TextStates) -> tuple[Tensor, float]:
         t = torch.full((len(x),), t_now, device=x.device, dtype=torch.float64)
         g = gamma(t, self.schedule).to(x.device)
-        return self.estimate(self(x, t, g, text), x, g)
+        return self(x, t, g, text), float(g[0])
 
     def _defaults(self, steps: int | None, sampler: str | None) -> tuple[list[tuple[float, float | None]], str]:
         """The time grid and sampler: EDM's Heun with 18 steps (35 network calls); DiT's 250 DDPM steps on VP."""
