@@ -14,7 +14,8 @@ from test_cli import TINY_TRAIN, check_pixel_generator_commands, invoke
 
 from imgen_cli import registry
 from imgen_cli.config import from_dict, load_recipe, resolve
-from imgen_cli.diffusion.gaussian import gamma, time_pairs
+from imgen_cli.diffusion import dual_output
+from imgen_cli.diffusion.gaussian import gamma, q_sample, time_pairs
 from imgen_cli.errors import UserError
 from imgen_cli.models.bit_diffusion import (
     PRESETS,
@@ -280,9 +281,6 @@ def test_a_forced_gate_generates_what_its_head_alone_generates() -> None:
 def test_the_gate_head_learns_only_from_the_gate_loss() -> None:
     """Back-propagate each term alone: the output conv's gate row gets gradient only from the gate loss, the
     x0 rows only from the x0 loss and the eps rows only from the eps loss."""
-    from imgen_cli.diffusion import dual_output
-    from imgen_cli.diffusion.gaussian import q_sample
-
     model = tiny_model(dual_output=True, self_conditioning=False, cond_dropout=0.0).train()
     x0 = model.to_bits(model.symbols(training_batch(model, 2)))
     t = torch.tensor([0.3, 0.7], dtype=torch.float64)
@@ -299,6 +297,30 @@ def test_the_gate_head_learns_only_from_the_gate_loss() -> None:
         assert bool((grad[rows] > 0).all()) and float(grad.sum() - grad[rows].sum()) == 0, term
 
 
+@pytest.mark.parametrize("eps_head", ["shared", "separate"])
+def test_a_separate_eps_head_never_trains_the_trunk(eps_head: str) -> None:
+    """model.eps_head = separate: the eps loss reaches the eps rows of the output conv and nothing else; the x0
+    and gate losses train the trunk as with the shared head (whose eps loss trains the trunk too)."""
+    model = tiny_model(dual_output=True, eps_head=eps_head, self_conditioning=False, cond_dropout=0.0).train()
+    with torch.no_grad():  # an output layer away from zero, so that gradients reach the trunk at all
+        model.unet.output.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    x0 = model.to_bits(model.symbols(training_batch(model, 2)))
+    t = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    g = gamma(t)
+    x_t = q_sample(x0, g, eps)
+    for term in ("x0", "eps", "gate"):
+        model.zero_grad()
+        output = model(x_t, torch.zeros_like(x0), (1000 * g).float(), model.text_encoder(["a", "b"]))
+        heads = dual_output.split_heads(output, 24)
+        dual_output.losses(*heads, x0, eps, x_t, g, gamma(dual_output.gate_times(t)), start="v")[term].backward()
+        trunk = float(model.unet.input.weight.grad.abs().sum())
+        rows = model.unet.output.weight.grad.abs().sum(dim=(1, 2, 3))
+        assert (trunk == 0) == (term == "eps" and eps_head == "separate"), term
+        if term == "eps":
+            assert bool((rows[24:48] > 0).all()) and float(rows.sum() - rows[24:48].sum()) == 0
+
+
 def test_clear_errors_for_bad_configs() -> None:
     cases = [(dict(encoding="utf8"), "unknown model.encoding"),
              (dict(encoding="rand", codebook_size=64, grid=4), "token mode takes binary or gray"),
@@ -310,12 +332,17 @@ def test_clear_errors_for_bad_configs() -> None:
              (dict(scale=0.0), "model.scale must be > 0"),
              (dict(td=-1.0), "model.td must be >= 0"),
              (dict(gate_loss="l1"), "unknown model.gate_loss"),
-             (dict(gate_start="half"), "unknown model.gate_start 'half'; choose one of v, even")]
+             (dict(gate_start="half"), "unknown model.gate_start 'half'; choose one of v, even"),
+             (dict(time_spacing="log"), "unknown model.time_spacing 'log'"),
+             (dict(eps_head="own"), "unknown model.eps_head 'own'; choose one of shared, separate"),
+             (dict(time_spacing="respaced", td=0.5), "leave it at 0 with model.time_spacing=respaced")]
     for overrides, message in cases:
         with pytest.raises(UserError, match=message):
             BitDiffusionConfig(**{**PRESETS["tiny"], **overrides}).validate()
     with pytest.raises(UserError, match="does not halve"):
         tiny_model(codebook_size=64, grid=3)
+    with pytest.raises(UserError, match="this run samples on the respaced grid"):
+        tiny_model(time_spacing="respaced").generate(["a"], steps=2, td=0.5)
 
 
 def test_recipe_and_config_round_trip() -> None:

@@ -18,6 +18,7 @@ from test_cli import TINY_TRAIN, check_pixel_generator_commands, invoke, one_lin
 from imgen_cli import registry
 from imgen_cli.config import build_dataclass, from_dict, load_recipe, resolve
 from imgen_cli.diffusion import edm
+from imgen_cli.diffusion.gaussian import gamma
 from imgen_cli.errors import UserError
 from imgen_cli.models.diffit import (
     SPACE_FAMILIES,
@@ -368,6 +369,23 @@ def test_dual_output_losses_carry_edm_weight() -> None:
     for name, value in expected.items():
         assert float(out[name]) == pytest.approx(float(value), rel=1e-4), name
     assert float(out["loss"]) == pytest.approx(float(sum(expected.values())), rel=1e-4)
+
+
+def test_a_separate_eps_head_never_trains_the_trunk() -> None:
+    """model.eps_head = separate, image and latent (patch 2: the eps rows interleave with the others per patch
+    position): the eps head's loss leaves the stem without gradient, the x head's does not."""
+    for model in (tiny_model(dual_output=True, eps_head="separate"),
+                  tiny_latent_model(dual_output=True, eps_head="separate", latent_channels=4, grid=8, patch=2)):
+        with torch.no_grad():  # an output layer away from zero, so that gradients reach the trunk at all
+            model.net.out.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+        stem = model.net.embed if isinstance(model, LatentDiffiT) else model.net.stem
+        x, c = torch.randn(2, model.channels, model.side, model.side), model.channels
+        for head, touches_trunk in ((slice(0, c), True), (slice(c, 2 * c), False)):
+            model.zero_grad()
+            t = torch.tensor([0.3, 0.7], dtype=torch.float64)
+            g = gamma(t, model.schedule)
+            model(x, t, g, model.text_encoder(["a", "b"]))[:, head].pow(2).sum().backward()
+            assert (float(stem.weight.grad.abs().sum()) > 0) == touches_trunk
 
 
 def test_dual_output_on_the_model() -> None:

@@ -24,6 +24,7 @@ from imgen_cli.diffusion.gaussian import (
     q_sample,
     repaint_walk,
     replace_known,
+    respaced_pairs,
     sample_steps,
     time_pairs,
     training_target,
@@ -140,6 +141,20 @@ def test_time_pairs_with_asymmetric_time() -> None:
     assert [nxt for _, nxt in time_pairs(4, 0.5)] == pytest.approx([0.625, 0.375, 0.125, 0])
     with pytest.raises(UserError, match="steps must be at least 1"):
         time_pairs(0)
+
+
+def test_respaced_grid_keeps_every_kth_discrete_index() -> None:
+    """dual_output property 5: respacing N = 10 keeps the indices 900, 800, ..., 0 of T = 1000 (index i at
+    t = (i + 1) / T), then steps to the data; N = 5 starts at index 800; gamma there is alpha-bar's."""
+    pairs = respaced_pairs(10)
+    assert [round(t * 1000) - 1 for t, _ in pairs] == list(range(900, -1, -100))
+    assert [nxt for _, nxt in pairs] == pytest.approx([*(t for t, _ in pairs[1:]), 0.0])
+    assert respaced_pairs(5)[0][0] == pytest.approx(0.801)
+    alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    for t, _ in pairs:
+        assert float(g(t, "linear")) == pytest.approx(float(alpha_bar[round(t * 1000) - 1]), rel=0.06)
+    with pytest.raises(UserError, match="takes 1 to 1000 steps"):
+        respaced_pairs(0)
 
 
 @pytest.mark.parametrize(("sampler", "steps", "td"), [("ddim", 1, 0), ("ddim", 7, 0), ("ddim", 10, 0.5),

@@ -20,19 +20,25 @@ alone through the posterior-mean loss, in which both heads are stop-gradiented (
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from imgen_cli.diffusion.gaussian import per_sample, posterior_coefficients, x0_from_eps
 from imgen_cli.errors import UserError
 
 GATE_LOSSES = ("posterior", "x0")
 GATE_STARTS = ("v", "even")
+EPS_HEADS = ("shared", "separate")
 GATE_STEP = 1e-3  # u = max(t - 1/1000, 0) for the gate's posterior: continuous time mirroring T = 1000
 
 
-def check_options(gate_start: str, gate_loss: str) -> None:
-    """One sentence for a config's unknown model.gate_start or model.gate_loss."""
+def check_options(gate_start: str, gate_loss: str, eps_head: str) -> None:
+    """One sentence for a config's unknown model.gate_start, model.gate_loss or model.eps_head."""
+    if eps_head not in EPS_HEADS:
+        raise UserError(f"unknown model.eps_head {eps_head!r}; choose one of {', '.join(EPS_HEADS)} "
+                        f"(shared: the paper's).")
     if gate_start not in GATE_STARTS:
         raise UserError(f"unknown model.gate_start {gate_start!r}; choose one of {', '.join(GATE_STARTS)} "
                         f"(even: the paper's gate).")
@@ -43,6 +49,28 @@ def check_options(gate_start: str, gate_loss: str) -> None:
 def output_channels(channels: int) -> int:
     """2C + 1: 7 for RGB, 9 for 4-channel latents, 49 for the 24 analog bits of RGB."""
     return 2 * channels + 1
+
+
+def separate_eps(cfg: Any, c_out: int) -> int:
+    """`output_layer`'s separate_eps for a network of c_out outputs under a family config: C when the config
+    has dual output with a separate eps head (c_out = 2C + 1), else 0."""
+    return (c_out - 1) // 2 if cfg.dual_output and cfg.eps_head == "separate" else 0
+
+
+def output_layer(layer: nn.Module, features: Tensor, separate_eps: int = 0, dim: int = 1) -> Tensor:
+    """A network's last layer on its trunk's features. With separate_eps = C > 0 (the eps head of a 2C + 1 head
+    kept apart, model.eps_head = separate) the eps head's outputs, the features along `dim` whose channel
+    (modulo 2C + 1, for patch layouts) is in [C, 2C), come from the detached features: the eps loss then trains
+    those rows of the layer and nothing of the shared trunk, so it cannot take the trunk from the x head; the
+    x head and the gate train the trunk as before. One extra pass of the last layer."""
+    out = layer(features)
+    if not separate_eps:
+        return out
+    rows = torch.arange(out.shape[dim], device=out.device) % output_channels(separate_eps)
+    eps = (rows >= separate_eps) & (rows < 2 * separate_eps)
+    shape = [1] * out.dim()
+    shape[dim] = -1
+    return torch.where(eps.view(shape), layer(features.detach()), out)
 
 
 def split_heads(output: Tensor, channels: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -35,9 +35,11 @@ from torch import Tensor, nn
 from imgen_cli.diffusion import dual_output
 from imgen_cli.diffusion.gaussian import (
     SCHEDULES,
+    SPACINGS,
     TARGETS,
     gamma,
     q_sample,
+    respaced_pairs,
     time_pairs,
     training_target,
     x0_from_output,
@@ -69,10 +71,14 @@ class BitDiffusionConfig(TextEncoderConfig):
     prediction: str = "x0"  # the single head's target: x0 (the paper's) | eps | v
     self_conditioning: bool = True
     td: float = 0.0  # asymmetric time difference at sampling, in steps (sweep 0.1-0.5 below 100 steps)
+    # the sampler's grid: uniform (t = 1 - k / N, pix2seq's) | respaced (DDIM's strided T = 1000 grid, the
+    # Dual-Output paper's: it starts at t = 0.901 for 10 steps, not at pure noise)
+    time_spacing: str = "uniform"
     noise_level_scale: float = 1000.0  # the network is told this times gamma(t) (pix2seq's 1000)
     dual_output: bool = False  # Dynamic Dual-Output: x0 and eps heads plus a per-pixel gate
     gate_start: str = "v"  # dual output: v (a zero logit mixes as v-prediction) | even (the paper's r = 0.5)
     gate_loss: str = "posterior"  # dual output: posterior (the paper's) | x0 (unweighted)
+    eps_head: str = "shared"  # dual output: shared (the paper's) | separate (its loss never reaches the trunk)
     cond_dropout: float = 0.1  # share of captions replaced by the learned null condition
     width: int = 64  # U-Net base channels
     multipliers: tuple[int, ...] = (1, 2, 2)  # channels per level, in units of width; a level halves the side
@@ -99,8 +105,12 @@ class BitDiffusionConfig(TextEncoderConfig):
                 f"unknown model.prediction {self.prediction!r}; choose one of {', '.join(TARGETS)}.")
         require(not (self.dual_output and self.prediction != "x0"),
                 "model.dual_output predicts x0 and eps together; leave model.prediction at x0.")
-        dual_output.check_options(self.gate_start, self.gate_loss)
+        dual_output.check_options(self.gate_start, self.gate_loss, self.eps_head)
         require(self.td >= 0, f"model.td must be >= 0, got {self.td}.")
+        require(self.time_spacing in SPACINGS,
+                f"unknown model.time_spacing {self.time_spacing!r}; choose one of {', '.join(SPACINGS)}.")
+        require(not (self.td and self.time_spacing == "respaced"),
+                "model.td shifts the uniform grid; leave it at 0 with model.time_spacing=respaced.")
         require(self.noise_level_scale > 0, f"model.noise_level_scale must be > 0, got {self.noise_level_scale}.")
         require(0 <= self.cond_dropout < 1, f"model.cond_dropout must be in [0, 1), got {self.cond_dropout}.")
         require(self.width >= 1 and self.res_blocks >= 1 and self.heads >= 1 and self.attention_resolution >= 0,
@@ -303,6 +313,7 @@ class TransUNet(nn.Module):
                 side *= 2
         self.out_norm = nn.GroupNorm(_groups(channels), channels)
         self.output = nn.Conv2d(channels, c_out, 3, padding=1)
+        self.separate_eps = dual_output.separate_eps(cfg, c_out)
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
 
@@ -316,7 +327,7 @@ class TransUNet(nn.Module):
             h = layer(h, cond, text)
         for layer in self.up:
             h = layer(h if layer.resample else torch.cat([h, skips.pop()], dim=1), cond, text)
-        return self.output(F.silu(self.out_norm(h)))
+        return dual_output.output_layer(self.output, F.silu(self.out_norm(h)), self.separate_eps)
 
 
 class BitDiffusion(ContinuousDiffusion):
@@ -450,6 +461,11 @@ class BitDiffusion(ContinuousDiffusion):
         return self(x, prev, level, text), g
 
     def time_grid(self, steps: int, td: float | None) -> list[tuple[float, float]]:
+        if self.cfg.time_spacing == "respaced":
+            if td:
+                raise UserError("--td shifts the uniform grid; this run samples on the respaced grid "
+                                "(model.time_spacing=respaced).")
+            return respaced_pairs(steps)
         return time_pairs(steps, self.cfg.td if td is None else td)
 
     @torch.no_grad()

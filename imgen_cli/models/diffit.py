@@ -72,6 +72,7 @@ class DiffiTConfig(TextEncoderConfig):
     dual_output: bool = False  # Dynamic Dual-Output: x0 and eps heads plus a per-pixel gate
     gate_start: str = "v"  # dual output: v (a zero logit mixes as v-prediction) | even (the paper's r = 0.5)
     gate_loss: str = "posterior"  # dual output: posterior (the paper's) | x0 (unweighted)
+    eps_head: str = "shared"  # dual output: shared (the paper's) | separate (its loss never reaches the trunk)
     cond_dropout: float = 0.1  # share of captions replaced by the learned null condition
     cross_attention: bool = True  # False: the pooled caption in the time token is the only condition
     guidance_schedule: str = "constant"  # constant | powercos (DiffiT-256's ramp from 1 at pure noise to w)
@@ -106,7 +107,7 @@ class DiffiTConfig(TextEncoderConfig):
                 "model.prediction is for model.process=vp; EDM's preconditioned denoiser has its own target.")
         require(not (self.prediction and self.dual_output),
                 "model.dual_output predicts x0 and eps together; leave model.prediction unset.")
-        dual_output.check_options(self.gate_start, self.gate_loss)
+        dual_output.check_options(self.gate_start, self.gate_loss, self.eps_head)
         require(0 <= self.cond_dropout < 1, f"model.cond_dropout must be in [0, 1), got {self.cond_dropout}.")
         require(self.guidance_schedule in GUIDANCE_SCHEDULES, f"unknown model.guidance_schedule "
                 f"{self.guidance_schedule!r}; choose one of {', '.join(GUIDANCE_SCHEDULES)}.")

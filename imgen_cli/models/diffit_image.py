@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from imgen_cli.diffusion import dual_output
 from imgen_cli.errors import require
 from imgen_cli.models.diffit import DiffiT, DiffiTBlock, DiffiTConfig, window_merge, window_partition
 from imgen_cli.nn.pixels import resize_images
@@ -101,6 +102,7 @@ class DiffiTUNet(nn.Module):
         self.decoder = nn.ModuleList(stage(level) for level in reversed(range(levels - 1)))
         self.out_norm = _group_norm(widths[0])
         self.out = nn.Conv2d(widths[0], c_out, 3, padding=1)
+        self.separate_eps = dual_output.separate_eps(cfg, c_out)
         for module in self.modules():
             if isinstance(module, DiffiTBlock):
                 module.zero_cross_attention()
@@ -119,7 +121,7 @@ class DiffiTUNet(nn.Module):
             h = fuse(torch.cat([up(F.interpolate(h, scale_factor=2.0, mode="nearest")), skips.pop()], dim=1))
             for block in blocks:
                 h = block(h, time, text)
-        return self.out(F.silu(self.out_norm(h)))
+        return dual_output.output_layer(self.out, F.silu(self.out_norm(h)), self.separate_eps)
 
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from imgen_cli.diffusion import dual_output
 from imgen_cli.errors import UserError, require
 from imgen_cli.models.diffit import NORM_EPS, DiffiT, DiffiTBlock, DiffiTConfig
 from imgen_cli.nn.embeddings import sinusoidal_embedding
@@ -84,6 +85,7 @@ class DiffiTViT(nn.Module):
                                     for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=NORM_EPS)
         self.out = nn.Linear(cfg.width, cfg.patch**2 * c_out)
+        self.separate_eps = dual_output.separate_eps(cfg, c_out)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -96,7 +98,8 @@ class DiffiTViT(nn.Module):
         tokens = (self.embed(x).flatten(2).transpose(1, 2) + self.position)[:, None]  # one window: [B, 1, T, D]
         for block in self.blocks:
             tokens = block(tokens, time, text)
-        return unpatchify(self.out(F.silu(self.norm(tokens[:, 0]))), self.patch, self.c_out)
+        output = dual_output.output_layer(self.out, F.silu(self.norm(tokens[:, 0])), self.separate_eps, dim=-1)
+        return unpatchify(output, self.patch, self.c_out)
 
 
 
