@@ -407,6 +407,22 @@ def test_dual_output_on_the_model() -> None:
     assert gates == pytest.approx([s**2 / (1 + s**2) for s in sigmas], rel=1e-5)  # r = 1 - gamma at a zero logit
 
 
+def test_the_paper_setting_samples_on_the_respaced_grid() -> None:
+    """The Dual-Output paper's setting (VP, linear betas, DDIM respaced from T = 1000): 10 steps call the network
+    at t = 0.901, 0.801, ..., 0.001, never at t = 1."""
+    model = tiny_model(process="vp", schedule="linear", time_spacing="respaced", dual_output=True, gate_start="even")
+    seen = []
+    output_at = model.output_at
+
+    def spy(x: torch.Tensor, x0_prev: torch.Tensor, t_now: float, text: object) -> tuple[torch.Tensor, float]:
+        seen.append(t_now)
+        return output_at(x, x0_prev, t_now, text)
+
+    model.output_at = spy
+    model.generate(["a"], steps=10, sampler="ddim", guidance=1.0, generator=torch.Generator().manual_seed(0))
+    assert seen == pytest.approx([(i + 1) / 1000 for i in range(900, -1, -100)])
+
+
 def test_clear_errors_for_bad_configs() -> None:
     cases = [(dict(space="pixels"), "unknown model.space"),
              (dict(space="latent"), "model.space=latent is its own family now: use --model diffit-latent"),
@@ -418,6 +434,8 @@ def test_clear_errors_for_bad_configs() -> None:
              (dict(depths=(1,)), "one entry per level"),
              (dict(guidance_schedule="linear"), "unknown model.guidance_schedule"),
              (dict(gate_loss="l1"), "unknown model.gate_loss"),
+             (dict(eps_head="own"), "unknown model.eps_head"),
+             (dict(time_spacing="respaced"), "respaced is DDIM's grid for model.process=vp"),
              (dict(p_std=0.0), "model.p_std must be > 0")]
     for overrides, message in cases:
         with pytest.raises(UserError, match=message):

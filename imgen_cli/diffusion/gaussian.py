@@ -263,6 +263,19 @@ def respaced_pairs(steps: int, total: int = DISCRETE_STEPS) -> list[tuple[float,
     return list(zip(times, [*times[1:], 0.0], strict=True))
 
 
+def time_grid(steps: int, spacing: str = "uniform", schedule: str = "cosine",
+              td: float = 0.0) -> list[tuple[float, float | None]]:
+    """A family's sampler grid: `time_pairs` (uniform; EDM's levels on schedule edm) or `respaced_pairs`."""
+    if spacing == "respaced":
+        if td:
+            raise UserError("--td shifts the uniform grid; this run samples on the respaced grid "
+                            "(model.time_spacing=respaced).")
+        return respaced_pairs(steps)
+    if spacing != "uniform":
+        raise UserError(f"unknown time spacing {spacing!r}; choose one of {', '.join(SPACINGS)}.")
+    return time_pairs(steps, td, schedule)
+
+
 # --- inpainting ---------------------------------------------------------------------------------------------------
 
 

@@ -39,8 +39,7 @@ from imgen_cli.diffusion.gaussian import (
     TARGETS,
     gamma,
     q_sample,
-    respaced_pairs,
-    time_pairs,
+    time_grid,
     training_target,
     x0_from_output,
 )
@@ -461,12 +460,7 @@ class BitDiffusion(ContinuousDiffusion):
         return self(x, prev, level, text), g
 
     def time_grid(self, steps: int, td: float | None) -> list[tuple[float, float]]:
-        if self.cfg.time_spacing == "respaced":
-            if td:
-                raise UserError("--td shifts the uniform grid; this run samples on the respaced grid "
-                                "(model.time_spacing=respaced).")
-            return respaced_pairs(steps)
-        return time_pairs(steps, self.cfg.td if td is None else td)
+        return time_grid(steps, self.cfg.time_spacing, self.cfg.schedule, self.cfg.td if td is None else td)
 
     @torch.no_grad()
     def generate_bits(self, prompts: Sequence[str], *, steps: int = 250, guidance: float = 3.0, sampler: str = "ddpm",

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imgen_cli.diffusion import dual_output, edm
-from imgen_cli.diffusion.gaussian import TARGETS, VP, gamma, q_sample, time_pairs
+from imgen_cli.diffusion.gaussian import SPACINGS, TARGETS, VP, gamma, q_sample, time_grid
 from imgen_cli.errors import require
 from imgen_cli.models.continuous import ContinuousDiffusion
 from imgen_cli.nn.embeddings import NoiseLevelEmbedding
@@ -68,6 +68,9 @@ class DiffiTConfig(TextEncoderConfig):
     p_mean: float = edm.P_MEAN
     p_std: float = edm.P_STD
     schedule: str = "linear"  # vp: gamma(t), linear (DDPM's betas, ADM's) or cosine
+    # vp: the sampler's grid, uniform (t = 1 - k / N) | respaced (DDIM's strided T = 1000 grid, the Dual-Output
+    # paper's; it starts at t = 0.901 for 10 steps, not at pure noise); EDM has its own
+    time_spacing: str = "uniform"
     prediction: str = ""  # vp: the single head's target, eps (default), x0 or v; EDM has its own
     dual_output: bool = False  # Dynamic Dual-Output: x0 and eps heads plus a per-pixel gate
     gate_start: str = "v"  # dual output: v (a zero logit mixes as v-prediction) | even (the paper's r = 0.5)
@@ -101,6 +104,10 @@ class DiffiTConfig(TextEncoderConfig):
                 f"unknown model.process {self.process!r}; choose one of {', '.join(PROCESSES)}.")
         require(self.schedule in VP_SCHEDULES,
                 f"unknown model.schedule {self.schedule!r}; choose one of {', '.join(VP_SCHEDULES)}.")
+        require(self.time_spacing in SPACINGS,
+                f"unknown model.time_spacing {self.time_spacing!r}; choose one of {', '.join(SPACINGS)}.")
+        require(not (self.time_spacing == "respaced" and self.diffusion_process == "edm"),
+                "model.time_spacing=respaced is DDIM's grid for model.process=vp; EDM samples on its own.")
         require(self.prediction in ("", *TARGETS),
                 f"unknown model.prediction {self.prediction!r}; choose one of {', '.join(TARGETS)}.")
         require(not (self.prediction and self.diffusion_process == "edm"),
@@ -305,7 +312,7 @@ class DiffiT(ContinuousDiffusion):
     def _defaults(self, steps: int | None, sampler: str | None) -> tuple[list[tuple[float, float | None]], str]:
         """The time grid and sampler: EDM's Heun with 18 steps (35 network calls); DiT's 250 DDPM steps on VP."""
         on_edm = self.cfg.diffusion_process == "edm"
-        return time_pairs(steps or (18 if on_edm else 250), schedule=self.schedule), sampler or (
+        return time_grid(steps or (18 if on_edm else 250), self.cfg.time_spacing, self.schedule), sampler or (
             "heun" if on_edm else "ddpm")
 
     @torch.no_grad()
