@@ -270,15 +270,27 @@ def bench_vqdiffusion() -> str:
                                  "26 and 11 network calls, no truncation; ")
 
 
+# the Dynamic Dual-Output ablation on one training budget and seed: (run, row, training flags)
+BITDIFF_HEADS = (
+    ("bitdiff", "x0 head", []),
+    ("bitdiff-eps", "eps head", ["--set", "model.prediction=eps"]),
+    ("bitdiff-ddo", "dual output", ["--set", "model.dual_output=true"]),
+    ("bitdiff-ddo-paper", "dual output, the paper's gate",
+     ["--set", "model.dual_output=true", "--set", "model.gate_start=even", "--set", "model.eps_head=shared"]),
+)
+
+
 def bench_bitdiff() -> str:
     """Issue 8's bars: recipes/shapes/bitdiff.toml (pixels at 32x32) trained <= 30 min on the CPU, R-precision of
-    its samples with the in-project CLIP; and the Dynamic Dual-Output ablation, the same budget with
-    model.dual_output=true, both evaluated at 5, 10 and 25 DDIM steps."""
+    its samples with the in-project CLIP; and issue 19's Dynamic Dual-Output ablation: the same budget with the
+    eps head, with dual output as imgen trains it and as the paper does, all evaluated at 5, 10 and 25 DDIM
+    steps, with the heads' denoising errors and the mean gate against t (bench/dual_output.py)."""
     import json
+    import subprocess
 
     tokenizer_and_evaluator(tokenizer=False)
     rows, config = [], None
-    for name, extra in (("bitdiff", []), ("bitdiff-ddo", ["--set", "model.dual_output=true"])):
+    for name, label, extra in BITDIFF_HEADS:
         train_s = imgen("train", "--model", "bitdiff", "--recipe", str(RECIPES / "bitdiff.toml"), "--data", "shards",
                         "--out", fresh_run(name), *extra)
         imgen("eval", "--ckpt", f"runs/{name}", "--data", "shards", "--r-precision", "--clip-score", "--fid",
@@ -286,23 +298,39 @@ def bench_bitdiff() -> str:
               "--sampler", "ddim", "--json", f"{name}-eval.json")
         report = json.loads((WORK / f"{name}-eval.json").read_text())
         config = json.loads((WORK / f"runs/{name}/config.json").read_text())
-        rows += [(name, train_s, row) for row in report["rows"]]
-    table = "".join(f"| {'dual output' if name.endswith('ddo') else 'x0 head'} | {train_s / 60:.1f} min | "
-                    f"{row['steps']} | {row['r_precision']:.3f} | {row['fid']:.2f} | {row['clip_score']:.2f} | "
-                    f"{1000 * row['seconds_per_image']:.1f} ms |\n" for name, train_s, row in rows)
+        rows += [(label, train_s, row) for row in report["rows"]]
+    plot = Path(__file__).resolve().parent / "dual_output.png"
+    subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "dual_output.py"), "errors",
+                    *(f"runs/{name}" for name, _, _ in BITDIFF_HEADS), "--json", "bitdiff-errors.json",
+                    "--plot", str(plot)], cwd=WORK, check=True, stdout=subprocess.DEVNULL)
+    table = "".join(f"| {label} | {train_s / 60:.1f} min | {row['steps']} | {row['r_precision']:.3f} | "
+                    f"{row['fid']:.2f} | {row['clip_score']:.2f} | {1000 * row['seconds_per_image']:.1f} ms |\n"
+                    for label, train_s, row in rows)
+    errors = json.loads((WORK / "bitdiff-errors.json").read_text())["runs"]
+    times = [r["t"] for r in errors["runs/bitdiff"]]
+    error_rows = "".join(
+        f"| {label}: {part} | " + " | ".join(f"{r[key]:.4f}" for r in errors[f"runs/{name}"]) + " |\n"
+        for name, label, _ in BITDIFF_HEADS
+        for part, key in ((("x0 MSE", "estimate"),) if "gate" not in errors[f"runs/{name}"][0] else
+                          (("mixture MSE", "estimate"), ("x head MSE", "x_head"), ("eps head MSE", "eps_head"),
+                           ("mean gate", "gate"))))
     real = report["real"]
+    flags = "; ".join(f"{label}: `{' '.join(extra) or 'none'}`" for _, label, extra in BITDIFF_HEADS)
     return (f"`imgen train --model bitdiff --recipe recipes/shapes/bitdiff.toml --data shards` (preset "
             f"{config['preset']}, pixels at {config['model']['image_size']}x{config['model']['image_size']} as 24 "
             f"analog-bit channels, {config['train']['steps']} steps of batch {config['train']['batch_size']}), and "
-            f"the same with `--set model.dual_output=true`; then `imgen eval --r-precision --clip-score --fid "
-            f"--features clip --n 500 --steps 5,10,25 --sampler ddim` (guidance "
-            f"{report['settings']['guidance'] or 'default 3.0'}, in-project CLIP `runs/clip`, prompts = the val "
-            f"captions). Targets: R-precision >= 0.6 in <= 30 min of training; the paper reports dual output's "
-            f"largest gains at few steps.\n\n"
+            f"the same with each row's flags ({flags}); "
+            f"then `imgen eval --r-precision --clip-score --fid --features clip --n 500 --steps 5,10,25 --sampler "
+            f"ddim` (guidance {report['settings']['guidance'] or 'default 3.0'}, in-project CLIP `runs/clip`, "
+            f"prompts = the val captions). Targets: R-precision >= 0.6 in <= 30 min of training; dual output at "
+            f"least as good as the better single head at every step count, better at 5 and 10.\n\n"
             "| head | training time | DDIM steps | R-precision (R=10) | CLIP-space FID | CLIP score | time/image |\n"
             "|---|---|---|---|---|---|---|\n" + table +
-            f"| real val images (64x64) | | | {real['r_precision']:.3f} | 0 | "
-            f"{real['clip_score']:.2f} | |\n")
+            f"| real val images (64x64) | | | {real['r_precision']:.3f} | 0 | {real['clip_score']:.2f} | |\n"
+            f"\nDenoising errors on 200 held-out val images (`python bench/dual_output.py errors`, one "
+            f"noise draw per level, no self-conditioning input, estimates clipped as the sampler clips them):\n\n"
+            f"| t | {' | '.join(f'{t:g}' for t in times)} |\n|---|{'---|' * len(times)}\n" + error_rows +
+            "\n![the heads' errors and the gate against t](bench/dual_output.png)\n")
 
 
 def bench_diffit() -> str:

@@ -246,6 +246,20 @@ def test_dual_output_on_the_model() -> None:
         assert log == pytest.approx(expected, abs=1e-6), start
 
 
+def test_a_trained_mixture_is_no_worse_than_its_better_head() -> None:
+    """Dual output with imgen's defaults, trained on one batch: at noise levels and noise the training never drew,
+    the gate's mixture denoises about as well as the better head alone, or better, at every level: the x head at
+    high noise, the eps head at low noise (dual_output section 5)."""
+    model = tiny_model(dual_output=True, image_size=8, self_conditioning=False, cond_dropout=0.0).train()
+    batch = training_batch(model, 4)
+    fit_one_batch(model, batch, steps=100, lr=3e-3)
+    rows = model.denoising_errors(batch["image"], batch["caption"], (0.97, 0.7, 0.4, 0.1, 0.02),
+                                  torch.Generator().manual_seed(123))
+    for row in rows:
+        assert row["estimate"] <= 1.1 * min(row["x_head"], row["eps_head"]), row
+    assert rows[0]["x_head"] < rows[0]["eps_head"] and rows[-1]["eps_head"] < rows[-1]["x_head"]
+
+
 def one_head_of(model: BitDiffusion, rows: slice, prediction: str) -> BitDiffusion:
     """A single-head model with the dual-output model's weights and only the given rows of its output conv."""
     state = model.state_dict()
