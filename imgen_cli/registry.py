@@ -40,6 +40,13 @@ class Family:
     # key takes the value that reproduces them
     former_defaults: tuple[tuple[str, Any], ...] = ()
 
+    def current_config(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """A run's config.json as this version writes it (`config.current` with this family's retired keys and
+        former defaults)."""
+        from imgen_cli.config import current
+
+        return current(saved, self.retired_keys, self.former_defaults)
+
     def _module(self) -> Any:
         return importlib.import_module(self.module)
 
@@ -135,7 +142,7 @@ def load_trained(ckpt: str | None, device: Any = "cpu", ema: bool = True, runs_r
     saved = run.read_config()
     check_pinned_tokenizer(saved)
     family = get(saved["family"])
-    config = from_dict(saved, family.config_cls(), family.retired_keys, family.former_defaults)
+    config = from_dict(family.current_config(saved), family.config_cls())
     model = family.build(config.model)
     try:
         weights = checkpoint.load_weights(ema=ema)

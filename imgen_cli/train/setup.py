@@ -121,8 +121,7 @@ def checked_config(run: RunDir, cfg: RunConfig) -> dict[str, Any]:
     """The config.json to write; for a run with a checkpoint, refuse changes to what is being trained."""
     fresh = run_config(cfg)
     if run.exists() and run.latest_checkpoint() is not None:
-        family = registry.get(cfg.family)
-        saved = cfg_mod.current(run.read_config(), family.retired_keys, family.former_defaults)
+        saved = registry.get(cfg.family).current_config(run.read_config())
         check_pinned_tokenizer(saved)
         changed = [d for d in cfg_mod.differences(fresh, saved)
                    if d.split(":")[0] not in RESUMABLE_KEYS | PROVENANCE_KEYS]
