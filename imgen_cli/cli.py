@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from imgen_cli import hub
 from imgen_cli.errors import ImgenError, UserError
 
 app = typer.Typer(
@@ -87,6 +88,8 @@ CacheContext = Annotated[bool, typer.Option(
     "--cache-context/--no-cache-context",
     help="Compute the prompts' cross-attention keys and values once per run, not per step (same images).")]
 Seed = Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Same seed, same images.")]
+Offline = Annotated[bool, typer.Option("--offline", help="Read published weights (hf:, open_clip tags, Inception) "
+                                       "from the caches only, as HF_HUB_OFFLINE=1 does.")]
 
 
 def recipes_dir() -> Path:
@@ -130,16 +133,15 @@ def tokenize(
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Held-out share for sources without a val split.")] = 0.05,
     vq: Annotated[str | None, typer.Option("--vq", help="Tokenizer run: also store image tokens ({key}.vq.npy).")] = None,
     device: Device = None,
+    offline: Offline = False,
 ) -> None:
     """Turn a captioned image dataset into train/val WebDataset shards (images + captions [+ image tokens])."""
+    if offline:
+        hub.set_offline()
     from imgen_cli.data.tokenize import tokenize as run_tokenize
 
-    tokens = _token_encoder(vq, device) if vq is not None else None
-    if tokens is not None:
-        size = size or tokens.record["image_size"]
-        factor = tokens.record["image_size"] // tokens.record["grid"][0]
-        if size % factor:  # before anything is written, not in the middle of the shards
-            raise UserError(f"--size {size} is not divisible by the tokenizer's downsampling factor {factor}.")
+    tokens = _token_encoder(vq, device, size) if vq is not None else None
+    size = tokens.record["image_size"] if tokens is not None else size
     with _progress("tokenize", None) as advance:
         manifest = run_tokenize(src, out_dir, size=size, workers=workers, shard_size=shard_size,
                                 val_fraction=val_fraction, tokens=tokens, on_total=advance.set_total,
@@ -160,19 +162,30 @@ def tokenize(
     out.print(f"{total / max(manifest['seconds'], 1e-9):.0f} images/s", highlight=False)
 
 
-def _token_encoder(vq: str, device: str | None) -> Any:
-    """A trained tokenizer run as tokenize's TokenEncoder (EMA weights, no grad)."""
+def _token_encoder(vq: str, device: str | None, size: int | None) -> Any:
+    """A tokenizer (a vqgan run's EMA weights, or a published one) as tokenize's TokenEncoder, at `size` (default:
+    the size a vqgan was trained at; a published tokenizer needs --size)."""
     import numpy as np
     import torch
 
     from imgen_cli import registry
-    from imgen_cli.data.shards import tokenizer_record
     from imgen_cli.data.tokenize import TokenEncoder
     from imgen_cli.train.distributed import pick_device
 
     dev = pick_device(device)
-    trained = registry.load_tokenizer(vq, dev)
-    model, record = trained.model, tokenizer_record(trained)
+    tokenizer = registry.load_tokenizer(vq, dev)
+    model = tokenizer.model
+    if not model.codebook_size:
+        raise UserError(f"--vq {vq} is a continuous autoencoder: it has latents, not tokens to store.")
+    size = size or tokenizer.record["image_size"]
+    if size is None:
+        raise UserError(f"--vq {vq} has no image size of its own; give --size (a multiple of "
+                        f"{model.downsample_factor}).")
+    if size % model.downsample_factor:  # before anything is written, not in the middle of the shards
+        raise UserError(f"--size {size} is not divisible by the tokenizer's downsampling factor "
+                        f"{model.downsample_factor}.")
+    record = {**tokenizer.record, "codebook_size": model.codebook_size, "grid": list(model.grid_shape(size)),
+              "image_size": size}
 
     @torch.no_grad()
     def encode(images: np.ndarray) -> np.ndarray:
@@ -200,10 +213,13 @@ def train(
     seed: Annotated[int | None, typer.Option("--seed", min=0, max=SEED_MAX, help="Training seed.")] = None,
     sets: Annotated[list[str] | None, typer.Option("--set", help="Override any key: --set train.lr=1e-4.")] = None,
     device: Device = None,
+    offline: Offline = False,
     compile_model: Annotated[bool | None, typer.Option("--compile", help="torch.compile the model (train.compile).")] = None,
     tensorboard: Annotated[bool | None, typer.Option("--tensorboard", help="Also log to RUN/tensorboard.")] = None,
 ) -> None:
     """Train a model (one process, or every rank under torchrun). Re-running on an existing --out resumes it."""
+    if offline:
+        hub.set_offline()
     from imgen_cli.train import distributed
     from imgen_cli.train.loop import train as run_train
     from imgen_cli.train.setup import TrainRequest, prepare
@@ -270,11 +286,14 @@ def sample(
     seed: Seed = 0,
     out_dir: Annotated[Path, typer.Option("--out", help="Where the PNGs, prompts.txt and grid.png go.")] = Path("samples"),
     device: Device = None,
+    offline: Offline = False,
     bf16: Bf16 = False,
     compile_model: Compile = False,
     cache_context: CacheContext = True,
 ) -> None:
     """Generate images from text prompts with a trained run."""
+    if offline:
+        hub.set_offline()
     import time
 
     from imgen_cli import sample as pipeline
@@ -329,10 +348,13 @@ def edit(
     seed: Seed = 0,
     out_dir: Annotated[Path, typer.Option("--out", help="Where the PNGs, prompts.txt and grid.png go.")] = Path("edits"),
     device: Device = None,
+    offline: Offline = False,
     bf16: Bf16 = False,
     cache_context: CacheContext = True,
 ) -> None:
     """Inpaint (--mask, --box), outpaint (--keep-box) or, without a region, edit mask-free (Muse) under a new prompt."""
+    if offline:
+        hub.set_offline()
     import torch
 
     from imgen_cli import sample as pipeline
@@ -378,7 +400,7 @@ def evaluate(
     r_precision: Annotated[bool, typer.Option("--r-precision", help="Prompt ranked first among R val captions.")] = False,
     recon: Annotated[bool, typer.Option("--recon", help="Tokenizer reconstruction: PSNR, SSIM, codebook usage.")] = False,
     features: Annotated[str, typer.Option("--features", help="FID/KID feature space: inception (standard) | clip.")] = "inception",
-    inception_weights: Annotated[str | None, typer.Option("--inception-weights", help="torch-fidelity's InceptionV3 state dict, weights-inception-2015-12-05-6726825d.pth (read as tensors only, never downloaded) \\[default: the torch hub cache].")] = None,
+    inception_weights: Annotated[str | None, typer.Option("--inception-weights", help="torch-fidelity's InceptionV3 state dict, weights-inception-2015-12-05-6726825d.pth (read as tensors only) \\[default: the torch hub cache, downloaded there when missing].")] = None,
     clip_model: Annotated[str | None, typer.Option("--clip-model", help="imgen clip RUN | open_clip NAME:TAG (fetched into the Hugging Face cache the first time; HF_HUB_OFFLINE=1 reads only the cache) | NAME:/path/weights.pt \\[default: newest clip run].")] = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Images to generate (or to reconstruct with --recon).")] = 1000,
     steps: SamplerSteps = None,
@@ -391,11 +413,14 @@ def evaluate(
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write every number to this file.")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="With several --steps: metric vs seconds per image, PNG \\[default: next to --json].")] = None,
     device: Device = None,
+    offline: Offline = False,
     bf16: Bf16 = False,
     compile_model: Compile = False,
     cache_context: CacheContext = True,
 ) -> None:
     """Score a run: FID / KID / CLIP score / R-precision for generators, reconstruction metrics for tokenizers."""
+    if offline:
+        hub.set_offline()
     if recon:
         if fid or kid or clip_score or r_precision or images is not None:
             raise UserError("--recon scores a tokenizer run on its own; run the generation metrics separately.")

@@ -158,10 +158,32 @@ def load_trained(ckpt: str | None, device: Any = "cpu", ema: bool = True, runs_r
     return TrainedModel(run, checkpoint, config, family, model.to(device).eval())
 
 
-def load_tokenizer(run: str, device: Any = "cpu") -> TrainedModel:
-    """A trained tokenizer run (`--vq`, `model.vq`) with its network (EMA weights, eval mode)."""
-    trained = load_trained(run, device=device, flag="--vq")
+@dataclass(frozen=True)
+class LoadedTokenizer:
+    name: str  # as given: a vqgan run or checkpoint, a diffusers model folder, or an hf: name
+    model: Any  # the tokenizer network, eval mode (a vqgan's EMA weights, or models.published's adapter)
+    record: dict[str, Any]  # its identity, as shards made with it record it (data.shards.tokenizer_record)
+
+
+def load_tokenizer(name: str, device: Any = "cpu") -> LoadedTokenizer:
+    """`--vq`, `model.vq` -> the tokenizer: an imgen vqgan run, or a diffusers VQModel or AutoencoderKL (a local
+    save_pretrained folder or an hf: name, e.g. hf:amused/amused-256/vqvae)."""
+    from pathlib import Path
+
+    from imgen_cli import hub
+    from imgen_cli.data.shards import published_record, tokenizer_record
+    from imgen_cli.models.published import load_published, published_class
+
+    path = hub.local_path(name, "--vq") if hub.is_hub_name(name) else Path(name)
+    published = published_class(path) if path.is_dir() else None
+    if published is not None:
+        return LoadedTokenizer(name, load_published(name, path, published).to(device), published_record(name, path))
+    kind = hub.kind_of(path) if path.is_dir() else ""
+    if hub.is_hub_name(name) or kind.startswith(("a diffusers", "a transformers", "an open_clip")):
+        raise UserError(f"--vq {name} is {kind}, not an image tokenizer (a vqgan run, or a diffusers VQModel or "
+                        f"AutoencoderKL).")
+    trained = load_trained(name, device=device, flag="--vq")
     if not trained.family.is_tokenizer:
-        raise UserError(f"--vq {run} is a {trained.family.name} run, not an image tokenizer (vqgan).")
-    return trained
+        raise UserError(f"--vq {name} is a {trained.family.name} run, not an image tokenizer (vqgan).")
+    return LoadedTokenizer(name, trained.model, tokenizer_record(trained))
 

@@ -300,6 +300,14 @@ def pin_tokenizer(vq: str, resuming: RunDir | None) -> str:
     """`--vq RUN` -> the path of that run's newest checkpoint, which the model then decodes with for good,
     however far the tokenizer trains on. A resumed run keeps the tokenizer checkpoint it was started with
     (or, for runs made before pinning, its tokenizer run) as long as `--vq` names the same tokenizer run."""
+    from imgen_cli import hub
+    from imgen_cli.models.published import published_class
+
+    if hub.is_hub_name(vq):  # a published tokenizer: pinned to its commit (a resumed run keeps its pin)
+        saved = resuming.read_config().get("model", {}).get("vq") or "" if resuming is not None else ""
+        return saved if hub.is_hub_name(saved) and hub.same_weights(vq, saved, "--vq") else hub.pinned(vq, "--vq")
+    if Path(vq).is_dir() and published_class(Path(vq)):
+        return str(Path(vq).resolve())
     tokenizer_run, checkpoint = resolve_run(vq, flag="--vq")
     if resuming is not None and resuming.latest_checkpoint() is not None:
         saved = resuming.read_config().get("model", {}).get("vq") or ""

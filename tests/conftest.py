@@ -2,18 +2,40 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-import torch
-from typer.testing import CliRunner
+# Before anything imports huggingface_hub (it reads these once): the tests never touch the network, and see a
+# private hub cache, which `hub_entry` fills with models saved by the real libraries.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="imgen-test-hub-")
 
-from imgen_cli.cli import app
-from imgen_cli.data.synthetic import write_coco_layout
-from imgen_cli.data.tokenize import tokenize
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from imgen_cli.cli import app  # noqa: E402
+from imgen_cli.data.synthetic import write_coco_layout  # noqa: E402
+from imgen_cli.data.tokenize import tokenize  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+def hub_entry(repo: str, folders: dict[str, Path], commit: str = "c0ffee" * 6 + "c0ff") -> str:
+    """A cache entry of the hub repository `repo` (ORG/NAME) at `commit`, its default branch, holding each local
+    folder under its subfolder name ("" = the top level), as huggingface_hub lays a download out; returns the
+    commit. The snapshot files are copies, where a download has links into blobs/: both read the same."""
+    from huggingface_hub import constants
+
+    entry = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
+    (entry / "refs").mkdir(parents=True, exist_ok=True)
+    (entry / "refs" / "main").write_text(commit)
+    for subfolder, folder in folders.items():
+        shutil.copytree(folder, entry / "snapshots" / commit / subfolder, dirs_exist_ok=True)
+    return commit
 
 
 @pytest.fixture(scope="session")

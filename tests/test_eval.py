@@ -57,7 +57,7 @@ def test_missing_inception_weights_name_the_file_and_where(tmp_path: Path, monke
     with pytest.raises(Exception) as info:
         feats.inception_weights_path(None)
     message = str(info.value)
-    assert feats.INCEPTION_WEIGHTS in message and str(tmp_path) in message
+    assert feats.INCEPTION_WEIGHTS in message and str(tmp_path) in message and "downloads are off" in message
     with pytest.raises(Exception, match="does not exist"):
         feats.inception_weights_path(str(tmp_path / "nope.pth"))
 

@@ -24,7 +24,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from imgen_cli.errors import UserError
 from imgen_cli.eval import features as feats
 from imgen_cli.models.vqgan import _PerceptualDistance
-from imgen_cli.nn.text import TextEncoder, TextEncoderConfig
+from imgen_cli.nn.text import TextEncoderConfig, build_text_encoder
 
 
 class RunsACommand:
@@ -113,7 +113,7 @@ def test_crafted_open_clip_and_vgg_files_are_refused_not_run(shapes_shards: Path
                   "--clip-score", "--clip-model", f"{tiny_open_clip}:{evil}")
     assert "would call posix.system when loaded" in line
     with pytest.raises(UserError, match="would call posix.system when loaded"):
-        TextEncoder(TextEncoderConfig(text_name=tiny_open_clip, text_pretrained=str(evil)))
+        build_text_encoder(TextEncoderConfig(text_name=tiny_open_clip, text_pretrained=str(evil)))
     with pytest.raises(UserError, match="would call posix.system when loaded"):
         _PerceptualDistance(str(evil))
     assert not marker.exists()
@@ -157,7 +157,8 @@ def test_an_open_clip_tag_missing_offline_is_one_sentence(shapes_shards: Path, i
                                                           tmp_path: Path) -> None:
     """A subprocess: huggingface_hub reads HF_HUB_OFFLINE when imported, as it does for a user's shell."""
     folder, prompts = image_folder
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "COLUMNS": "2000"}
+    env = {**{k: v for k, v in os.environ.items() if k != "HF_HUB_CACHE"}, "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf"), "COLUMNS": "2000"}
     result = subprocess.run([sys.executable, "-m", "imgen_cli", "eval", "--images", str(folder), "--prompts",
                              str(prompts), "--data", str(shapes_shards), "--clip-score", "--clip-model",
                              "ViT-B-32:openai"], env=env, capture_output=True, text=True, timeout=120)

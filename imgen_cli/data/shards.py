@@ -119,6 +119,18 @@ def tokenizer_record(trained: Any) -> dict[str, Any]:
             "image_size": trained.config.model.image_size}
 
 
+def published_record(name: str, path: Path) -> dict[str, Any]:
+    """What identifies a published tokenizer (registry.load_tokenizer): its name, and for the hash, the digest of
+    its files' digests (imgen_cli.hub.provenance). It has no training step and no image size of its own."""
+    import hashlib
+
+    from imgen_cli import hub
+
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(hub.RECORDED))
+    digest = hashlib.sha256("".join(f"{p.relative_to(path)}:{hub.sha256(p)}" for p in files).encode())
+    return {"run": name, "step": None, "hash": digest.hexdigest()[:16], "image_size": None}
+
+
 def check_tokenizer(shards: ShardSet, expected: dict[str, Any], spec: str) -> None:
     """Refuse, in one sentence, shards whose tokens came from another tokenizer than `expected`."""
     found = (shards.manifest or {}).get("tokenizer")

@@ -31,20 +31,36 @@ from imgen_cli.errors import UserError
 from imgen_cli.models.clip import preprocess
 
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
+# torch-fidelity's release of the TF-ported weights, fetched into the torch hub cache as torch-fidelity does
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS}"
 
 
 def inception_weights_path(given: str | None) -> Path:
-    """The torch-fidelity InceptionV3 weights: the given file, else the torch hub cache; never a download."""
+    """The torch-fidelity InceptionV3 weights: the given file, else the torch hub cache, downloaded there first
+    when missing (and the hub is not off). The download is checked against the SHA-256 prefix in its name and
+    only ever read as tensors (torch-fidelity's own loader unpickles it whole)."""
+    from imgen_cli import hub
+
     if given:
         path = Path(given).expanduser()
         if not path.is_file():
             raise UserError(f"--inception-weights {given} does not exist.")
         return path
     cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
-    if not cached.is_file():
-        raise UserError(f"the standard FID InceptionV3 weights are not available offline: expected {cached}.",
-                        hint=f"Copy {INCEPTION_WEIGHTS} there, pass --inception-weights PATH, "
+    if cached.is_file():
+        return cached
+    if hub.offline():
+        raise UserError(f"the standard FID InceptionV3 weights are not in the torch hub cache ({cached}), and "
+                        f"downloads are off (HF_HUB_OFFLINE=1 or --offline).",
+                        hint=f"Run once online, copy {INCEPTION_WEIGHTS} there, pass --inception-weights PATH, "
                              "or use --features clip.")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(INCEPTION_URL, str(cached), hash_prefix="6726825d")
+    except (OSError, RuntimeError) as err:  # no connection (URLError is an OSError), or a hash mismatch
+        raise UserError(f"the standard FID InceptionV3 weights could not be downloaded from {INCEPTION_URL} "
+                        f"({str(err).splitlines()[0][:160]}).",
+                        hint="Pass --inception-weights PATH, or use --features clip.") from None
     return cached
 
 

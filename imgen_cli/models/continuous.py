@@ -28,7 +28,14 @@ from imgen_cli.diffusion.gaussian import (
 )
 from imgen_cli.diffusion.guidance import guided
 from imgen_cli.nn.pixels import keep_mask
-from imgen_cli.nn.text import TextEncoder, TextEncoderConfig, TextStates, drop_condition, learned_null, unconditional
+from imgen_cli.nn.text import (
+    TextEncoderConfig,
+    TextStates,
+    build_text_encoder,
+    drop_condition,
+    learned_null,
+    unconditional,
+)
 from imgen_cli.nn.tokens import CarriesTokenizer, pixel_to_token_mask
 
 TimeGrid = list[tuple[float, float | None]]
@@ -53,7 +60,7 @@ class ContinuousDiffusion(CarriesTokenizer):
 
     def build_condition(self, cfg: TextEncoderConfig) -> None:
         """The caption encoder and the null condition of guidance: a learned length-1 sequence and pooled vector."""
-        self.text_encoder = TextEncoder(cfg)
+        self.text_encoder = build_text_encoder(cfg)
         self.null_state = nn.Parameter(torch.randn(self.text_encoder.width) * 0.02)
         self.null_pooled = nn.Parameter(torch.zeros(self.text_encoder.embed_dim))
 

@@ -33,7 +33,7 @@ class LatentDiffiTConfig(DiffiTConfig):
     vq: str = ""  # the vqgan run whose continuous latents are modelled (the CLI fills it from --vq)
     latent_channels: int = 0  # channels of the latents (0 = the tokenizer's code_dim)
     grid: int = 0  # the latent grid side (0 = the tokenizer's)
-    latent_scale: float = 0.0  # latents are multiplied by this (0 = sqrt(channels), see `LatentDiffiT`)
+    latent_scale: float = 0.0  # latents are multiplied by this (0 = the tokenizer's own scale, see `latent_shape`)
     patch: int = 2  # patch side p
     width: int = 128  # D, also the time token's width
     depth: int = 4  # DiffiT blocks
@@ -107,22 +107,23 @@ class DiffiTViT(nn.Module):
 
 
 def latent_shape(cfg: LatentDiffiTConfig, tokenizer: nn.Module | None) -> tuple[int, int, float]:
-    """(channels, grid side, scale) of the latents: the config's, else the tokenizer's. `latent_scale` 0 means
-    sqrt(channels): a cosine tokenizer's latents are projected to the unit sphere, so that factor gives them unit
-    mean square exactly; a Euclidean tokenizer needs its scale measured and set."""
+    """(channels, grid side, scale) of the latents: the config's, else the tokenizer's. `latent_scale` 0 means the
+    tokenizer's own: sqrt(channels) for a cosine vqgan (its latents lie on the unit sphere, so that factor gives
+    them unit mean square exactly), an AutoencoderKL's `scaling_factor`; a tokenizer without one needs it set."""
     grid = cfg.grid or (tokenizer.grid_shape()[0] if tokenizer is not None else 0)
-    channels = cfg.latent_channels or (tokenizer.cfg.code_dim if tokenizer is not None else 0)
-    if tokenizer is not None and channels != tokenizer.cfg.code_dim:
+    channels = cfg.latent_channels or (tokenizer.latent_channels if tokenizer is not None else 0)
+    if tokenizer is not None and channels != tokenizer.latent_channels:
         raise UserError(f"model.latent_channels is {channels}, but the tokenizer {cfg.vq} has "
-                        f"{tokenizer.cfg.code_dim}-channel latents.", "Set model.latent_channels=0 to follow it.")
+                        f"{tokenizer.latent_channels}-channel latents.", "Set model.latent_channels=0 to follow it.")
     if channels < 1 or grid < 1:
         raise UserError("latent DiffiT needs a tokenizer (--vq RUN) or both model.latent_channels and model.grid.")
-    if tokenizer is not None and cfg.latent_scale == 0 and tokenizer.cfg.quantizer != "cosine":
-        raise UserError(f"the tokenizer {cfg.vq} is not a cosine one, so its latents have no known scale.",
+    scale = cfg.latent_scale or (tokenizer.latent_scale if tokenizer is not None else None) or math.sqrt(channels)
+    if tokenizer is not None and not cfg.latent_scale and tokenizer.latent_scale is None:
+        raise UserError(f"the latents of the tokenizer {cfg.vq} have no known scale.",
                         "Set model.latent_scale to 1 / (their standard deviation).")
     if grid % cfg.patch:
         raise UserError(f"the {grid}x{grid} latent grid is not divisible by model.patch {cfg.patch}.")
-    return channels, grid, cfg.latent_scale or math.sqrt(channels)
+    return channels, grid, scale
 
 
 class LatentDiffiT(DiffiT):
@@ -143,14 +144,13 @@ class LatentDiffiT(DiffiT):
 
     def encode(self, images: Tensor) -> Tensor:
         """Images [B, 3, H, W] in [0, 1] -> x0, the tokenizer's projected latents times `latent_factor`."""
-        tok = self.require_tokenizer("encode images")
-        latents = tok.quantizer.project(tok.encode_continuous(resize_images(images.to(self.device),
-                                                                            self.image_size)), dim=1)
+        latents = self.require_tokenizer("encode images").encode_latents(resize_images(images.to(self.device),
+                                                                                       self.image_size))
         return latents * self.latent_factor
 
     def to_images(self, x0: Tensor) -> Tensor:
         """Latents -> images [B, 3, H, W] in [0, 1] through the tokenizer's decoder."""
-        return self.require_tokenizer("decode latents into images").decode_continuous(x0 / self.latent_factor)
+        return self.require_tokenizer("decode latents into images").decode_latents(x0 / self.latent_factor)
 
     def batch_data(self, batch: dict) -> Tensor:
         """x0 of a training batch: its cached latents ("latents", fast-DiT's trick) or its encoded images."""

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from imgen_cli.diffusion.guidance import guided as guided_logits
 from imgen_cli.errors import UserError, require
-from imgen_cli.nn.text import TextEncoder, TextStates, drop_condition, unconditional
+from imgen_cli.nn.text import TextStates, build_text_encoder, drop_condition, unconditional
 from imgen_cli.nn.tokens import GridEmbedding, TokenFamily, TokenTransformerConfig, gumbel, pixel_to_token_mask
 from imgen_cli.nn.transformer import TransformerStack
 
@@ -299,7 +299,7 @@ class Muse(TokenFamily):
                             f"grid and be smaller.")
         k, d = self.codebook_size, cfg.width
         self.mask_id = k
-        self.text_encoder = TextEncoder(cfg)
+        self.text_encoder = build_text_encoder(cfg)
         self.embed = GridEmbedding(k + 1, self.grid, d)
         self.context = nn.Sequential(nn.Linear(self.text_encoder.width, d), nn.LayerNorm(d))
         self.lowres = None

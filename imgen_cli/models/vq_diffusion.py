@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from imgen_cli.diffusion.guidance import guided as guided_logits
 from imgen_cli.errors import UserError, require
-from imgen_cli.nn.text import TextEncoder, TextStates, drop_condition, unconditional
+from imgen_cli.nn.text import TextStates, build_text_encoder, drop_condition, unconditional
 from imgen_cli.nn.tokens import GridEmbedding, TokenFamily, TokenTransformerConfig, gumbel, pixel_to_token_mask
 from imgen_cli.nn.transformer import TransformerStack
 
@@ -389,7 +389,7 @@ class VQDiffusion(TokenFamily):
         d = cfg.width
         self.mask_id = k
         self.schedule = MaskReplaceSchedule(k, cfg.timesteps, cfg.schedule, cfg.final_mask_rate)
-        self.text_encoder = TextEncoder(cfg)
+        self.text_encoder = build_text_encoder(cfg)
         self.null_states = None
         if cfg.learnable_null:
             self.null_states = nn.Parameter(torch.randn(cfg.text_context, self.text_encoder.width))

@@ -433,6 +433,22 @@ class VQGAN(FamilyNetwork):
             raise UserError(f"image size {size} is not a multiple of the downsampling factor {f}.")
         return size // f, size // f
 
+    # the latent interface (latent DiffiT): the projected latents, and the factor that gives them unit mean square
+    # where it is known (a cosine codebook's latents lie on the unit sphere, so sqrt(channels))
+    @property
+    def latent_channels(self) -> int:
+        return self.cfg.code_dim
+
+    @property
+    def latent_scale(self) -> float | None:
+        return math.sqrt(self.cfg.code_dim) if self.cfg.quantizer == "cosine" else None
+
+    def encode_latents(self, images: Tensor) -> Tensor:
+        return self.quantizer.project(self.encode_continuous(images), dim=1)
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        return self.decode_continuous(latents)
+
     def encode_continuous(self, images: Tensor) -> Tensor:
         """Pre-quantisation latents [B, d, h, w] of images [B, 3, H, W] in [0, 1]."""
         return self.quant_conv(self.encoder(images * 2 - 1))

@@ -1,14 +1,19 @@
-"""The text encoder every generator family conditions on: an open_clip text tower and its BPE tokenizer.
+"""The text encoder every generator family conditions on: a caption becomes `TextStates`.
 
-A caption becomes three tensors (`TextStates`): the per-token states after the tower's final LayerNorm, for
-cross-attention; a mask of the real tokens, SOT up to and including EOT; and the pooled embedding (the EOT
-state, projected), a global vector for adaptive norms. The tower is either built small and trained with the
-generator (`text_name` empty: the offline default) or taken from a pretrained open_clip CLIP, whose image
-tower is dropped. Either can be frozen.
+Three kinds of encoder, one output. `TextStates` holds the per-token states, for cross-attention; a mask of the
+real tokens; and a pooled vector, a global condition for adaptive norms.
+- open_clip's text tower with its BPE tokenizer, built small and trained with the generator (`text_name` empty:
+  the default, no weights needed) or taken from a pretrained open_clip CLIP (`text_name`, `text_pretrained`),
+  whose image tower is dropped. States after the final LayerNorm; the mask runs from SOT up to and including EOT
+  (found as the largest id, never as `id != 0`: id 0 is "!", a real token); pooled = the projected EOT state.
+- a transformers text model (`text_encoder`, any weights name of `imgen_cli.hub`): T5's encoder (Muse's choice;
+  t5-v1_1, flan-t5) or CLIP's text model (VQ-Diffusion's and aMUSEd's), with the model's own tokenizer. States
+  of the last layer (after the final norm) or the penultimate one (`text_layer`, aMUSEd's choice); the mask is
+  the tokenizer's attention mask; pooled = CLIP's pooler output (projected, for CLIPTextModelWithProjection),
+  or for T5, which has none, the mean of the real tokens' states.
 
-The tower is CLIP's causal transformer, so no state of a real token depends on the padding after EOT. The
-mask comes from the EOT position (EOT has the largest id, so `argmax` finds it), never from `id != 0`:
-id 0 is "!", a real token.
+A pretrained encoder is frozen unless `text_frozen=false`. A frozen transformers model is held outside the
+state dict (as a tokenizer is): a run stores its pinned name, not a copy of T5-XXL's weights in every checkpoint.
 
 Classifier-free guidance needs a null condition. imgen's (as aMUSEd's) is this encoder's encoding of the
 empty prompt, sequence and pooled vector alike; `drop_condition` swaps it in for training.
@@ -36,20 +41,41 @@ class TextEncoderConfig:
     """The text fields of a family config. Families inherit them, so recipes and `--set` reach them flat
     (`model.text_width=128`), prefixed to stay clear of the generator's own width and depth."""
 
-    # an open_clip model whose text tower is used: a built-in name (ViT-B-32) or local-dir:/path of an export
-    # (open_clip_config.json + weights); "" = a small tower built from the fields below
+    # a transformers T5 or CLIP text model: hf:ORG/REPO[/SUBFOLDER][@REVISION] or a local save_pretrained folder
+    text_encoder: str = ""
+    text_tokenizer: str = ""  # its tokenizer, where it is not beside the model or in the repository's tokenizer/
+    text_layer: str = "last"  # transformers encoders: the states of the "last" layer or the "penultimate" one
+    # an open_clip model whose text tower is used: a built-in name (ViT-B-32), hf-hub:ORG/REPO, or local-dir:/path
+    # of an export (open_clip_config.json + weights); "" (and no text_encoder) = a small tower built from the
+    # fields below
     text_name: str = ""
     text_pretrained: str = ""  # with a built-in text_name: an open_clip pretrained tag or a local checkpoint file
     text_width: int = 256  # scratch tower only, like layers and heads; a named tower brings its own
     text_layers: int = 4
     text_heads: int = 4
     text_context: int = 77  # tokens per caption, SOT and EOT included (77 is CLIP's; short captions need fewer)
-    text_frozen: bool = False  # no gradient into the tower (the usual choice for a pretrained one)
+    text_frozen: bool | None = None  # no gradient into the encoder; unset = frozen iff pretrained
+
+    @property
+    def text_is_pretrained(self) -> bool:
+        """Weights come with the encoder (a named open_clip tower without them is random, and trains)."""
+        return bool(self.text_encoder or self.text_pretrained or self.text_name.startswith(("local-dir:", "hf-hub:")))
+
+    @property
+    def text_is_frozen(self) -> bool:
+        return self.text_is_pretrained if self.text_frozen is None else self.text_frozen
 
     def validate(self) -> None:
+        if self.text_encoder and self.text_name:
+            raise UserError("model.text_encoder (a transformers model) and model.text_name (an open_clip one) are "
+                            "two choices of encoder; set one.")
+        if self.text_tokenizer and not self.text_encoder:
+            raise UserError("model.text_tokenizer needs model.text_encoder, the transformers model it tokenizes for.")
+        if self.text_layer not in ("last", "penultimate"):
+            raise UserError(f"model.text_layer must be last or penultimate, got {self.text_layer!r}.")
         if self.text_pretrained and not self.text_name:
             raise UserError("model.text_pretrained needs model.text_name, the open_clip model the weights are for.")
-        if not self.text_name:
+        if not (self.text_encoder or self.text_name):  # the scratch tower's shape
             for name in ("text_width", "text_layers", "text_heads"):
                 if getattr(self, name) < 1:
                     raise UserError(f"model.{name} must be at least 1, got {getattr(self, name)}.")
@@ -95,11 +121,38 @@ def drop_condition(text: TextStates, null: TextStates, p: float,
 
 
 class TextEncoder(nn.Module):
-    """Captions -> `TextStates`, through an open_clip text tower (see the module docstring)."""
+    """Captions -> `TextStates`: the base of both kinds of encoder (see the module docstring). `width` is the
+    states' size, `embed_dim` the pooled vector's."""
+
+    width: int
+    embed_dim: int
+    frozen: bool
+
+    def encode(self, captions: list[str]) -> TextStates:
+        raise NotImplementedError
+
+    def forward(self, captions: list[str]) -> TextStates:
+        with torch.no_grad() if self.frozen else contextlib.nullcontext():
+            return self.encode(list(captions))
+
+    def null(self, batch_size: int) -> TextStates:
+        """The null condition of classifier-free guidance: the empty prompt's encoding, repeated."""
+        empty = self([""])
+        return TextStates(empty.states.expand(batch_size, -1, -1), empty.mask.expand(batch_size, -1),
+                          empty.pooled.expand(batch_size, -1))
+
+
+def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
+    """The encoder `cfg` describes: a transformers model, else an open_clip tower (named or scratch)."""
+    cfg.validate()
+    return TransformersText(cfg) if cfg.text_encoder else OpenCLIPText(cfg)
+
+
+class OpenCLIPText(TextEncoder):
+    """An open_clip text tower (scratch or pretrained), part of the state dict even when frozen."""
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        cfg.validate()
         if cfg.text_name:
             self.tower = _pretrained_tower(cfg)
             self.tokenize = open_clip.get_tokenizer(cfg.text_name, context_length=cfg.text_context)
@@ -110,29 +163,134 @@ class TextEncoder(nn.Module):
         self.tower.output_tokens = True  # forward returns the per-token states besides the pooled vector
         self.width = self.tower.width
         self.embed_dim = self.tower.output_dim
-        self.frozen = cfg.text_frozen
+        self.frozen = cfg.text_is_frozen
         if self.frozen:
             self.tower.requires_grad_(False).eval()
 
-    def train(self, mode: bool = True) -> TextEncoder:
+    def train(self, mode: bool = True) -> OpenCLIPText:
         super().train(mode)
         if self.frozen:  # a frozen tower stays in eval mode whatever the generator around it does
             self.tower.eval()
         return self
 
-    def forward(self, captions: list[str]) -> TextStates:
-        ids = self.tokenize(list(captions)).to(self.tower.positional_embedding.device)
-        with torch.no_grad() if self.frozen else contextlib.nullcontext():
-            pooled, states = self.tower(ids)
+    def encode(self, captions: list[str]) -> TextStates:
+        ids = self.tokenize(captions).to(self.tower.positional_embedding.device)
+        pooled, states = self.tower(ids)
         positions = torch.arange(ids.shape[1], device=ids.device)
         mask = positions[None, :] <= ids.argmax(dim=1)[:, None]
         return TextStates(states, mask, pooled)
 
-    def null(self, batch_size: int) -> TextStates:
-        """The null condition of classifier-free guidance: the empty prompt's encoding, repeated."""
-        empty = self([""])
-        return TextStates(empty.states.expand(batch_size, -1, -1), empty.mask.expand(batch_size, -1),
-                          empty.pooled.expand(batch_size, -1))
+
+class TransformersText(TextEncoder):
+    """A transformers T5 encoder or CLIP text model and its own tokenizer; frozen, it is held outside the state
+    dict (`_held`) and follows the network's device and dtype through `_apply`."""
+
+    _held: tuple[nn.Module, ...] = ()
+
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        model, self.tokenizer = load_transformers_text(cfg)
+        self.kind = model.config.model_type  # "t5" or "clip_text_model"
+        self.penultimate = cfg.text_layer == "penultimate"
+        self.context = cfg.text_context
+        self.width = model.config.hidden_size if self.kind != "t5" else model.config.d_model
+        self.embed_dim = getattr(model.config, "projection_dim", self.width) if _projects(model) else self.width
+        self.frozen = cfg.text_is_frozen
+        if self.frozen:
+            self._held = (model.requires_grad_(False).eval(),)
+        else:
+            self.model = model
+
+    @property
+    def transformer(self) -> nn.Module:
+        return self._held[0] if self._held else self.model
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> TransformersText:
+        for model in self._held:  # not a submodule, yet it must follow devices and dtypes
+            model._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
+    def encode(self, captions: list[str]) -> TextStates:
+        model = self.transformer
+        tokens = self.tokenizer(captions, padding="max_length", max_length=self.context, truncation=True,
+                                return_tensors="pt").to(model.device)
+        out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                    output_hidden_states=self.penultimate)
+        states = out.hidden_states[-2] if self.penultimate else out.last_hidden_state
+        mask = tokens.attention_mask.bool()
+        if self.kind == "t5":  # no pooled output: the mean of the real tokens' final states
+            weights = mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+            pooled = (out.last_hidden_state * weights).sum(1) / weights.sum(1)
+        else:
+            pooled = out.text_embeds if _projects(model) else out.pooler_output
+        return TextStates(states, mask, pooled)
+
+
+def _projects(model: nn.Module) -> bool:
+    return type(model).__name__ == "CLIPTextModelWithProjection"
+
+
+# the transformers classes imgen conditions on, by the `architectures` entry of a saved config.json (a config
+# without one, or of a whole CLIPModel / T5 seq2seq model, takes the encoder of its model_type)
+TEXT_MODELS = {"T5EncoderModel": "T5EncoderModel", "T5ForConditionalGeneration": "T5EncoderModel",
+               "T5Model": "T5EncoderModel", "CLIPTextModel": "CLIPTextModel",
+               "CLIPTextModelWithProjection": "CLIPTextModelWithProjection", "CLIPModel": "CLIPTextModelWithProjection"}
+BY_MODEL_TYPE = {"t5": "T5EncoderModel", "clip_text_model": "CLIPTextModel", "clip": "CLIPTextModelWithProjection"}
+
+
+def load_transformers_text(cfg: TextEncoderConfig) -> tuple[nn.Module, Callable]:
+    """`model.text_encoder` (and `text_tokenizer`) -> the transformers text model and its tokenizer."""
+    import json
+
+    import transformers
+
+    from imgen_cli import hub
+
+    path = hub.local_path(cfg.text_encoder, "model.text_encoder")
+    config = path / "config.json"
+    data = json.loads(config.read_text()) if config.is_file() else {}
+    name = next((TEXT_MODELS[a] for a in data.get("architectures") or () if a in TEXT_MODELS),
+                BY_MODEL_TYPE.get(data.get("model_type", "")))
+    if name is None:
+        raise UserError(f"model.text_encoder {cfg.text_encoder} is {hub.kind_of(path)}, not a T5 or CLIP text "
+                        f"model of transformers.")
+    try:
+        model = getattr(transformers, name).from_pretrained(path)
+    except (OSError, ValueError) as err:  # weights missing or of another shape than the config says
+        raise UserError(f"model.text_encoder {cfg.text_encoder} cannot be loaded as a {name}: "
+                        f"{str(err).splitlines()[0][:200]}.") from None
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and cfg.text_context > positions:
+        raise UserError(f"model.text_context {cfg.text_context} is longer than the {positions} positions of "
+                        f"{cfg.text_encoder}.")
+    return model, _tokenizer_for(cfg, path)
+
+
+def _tokenizer_for(cfg: TextEncoderConfig, model_path: Path) -> Callable:
+    """The encoder's tokenizer: `text_tokenizer` if set, else the model's own folder, else the `tokenizer` folder
+    beside it (a pipeline's layout: text_encoder/ and tokenizer/ side by side)."""
+    import transformers
+
+    from imgen_cli import hub
+
+    if cfg.text_tokenizer:
+        name, path = cfg.text_tokenizer, hub.local_path(cfg.text_tokenizer, "model.text_tokenizer")
+    elif _has_tokenizer(model_path) or not hub.is_hub_name(cfg.text_encoder):
+        name, path = cfg.text_encoder, model_path if _has_tokenizer(model_path) else model_path.parent / "tokenizer"
+    else:  # hf:ORG/REPO/text_encoder -> hf:ORG/REPO/tokenizer at the same revision
+        encoder = hub.parse(cfg.text_encoder, "model.text_encoder")
+        sibling = hub.HubName(encoder.repo, str(Path(encoder.subfolder).parent / "tokenizer").lstrip("./"),
+                              encoder.revision)
+        name, path = str(sibling), hub.fetch(sibling, "the tokenizer of model.text_encoder")
+    if not _has_tokenizer(path):
+        raise UserError(f"model.text_encoder {cfg.text_encoder} has no tokenizer beside it ({name}); name one with "
+                        f"model.text_tokenizer.")
+    return transformers.AutoTokenizer.from_pretrained(path)
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json",
+                                              "spiece.model"))
 
 
 def _pretrained_tower(cfg: TextEncoderConfig) -> nn.Module:
@@ -140,12 +298,17 @@ def _pretrained_tower(cfg: TextEncoderConfig) -> nn.Module:
     `local-dir:` export (random without either)."""
     name, pretrained = cfg.text_name, cfg.text_pretrained
     local_dir = name.startswith("local-dir:")
-    if name.startswith("hf-hub:"):
-        raise UserError(f"model.text_name {name} would be downloaded from the Hugging Face hub; imgen downloads "
-                        f"nothing: use a built-in name with a local checkpoint, or local-dir:/path of an export.")
     if local_dir and not (Path(name.removeprefix("local-dir:")) / "open_clip_config.json").is_file():
         raise UserError(f"model.text_name {name}: no open_clip_config.json in that directory.")
-    model_cfg = open_clip.get_model_config(name)
+    from_hub = name.startswith("hf-hub:")
+    try:
+        model_cfg = open_clip.get_model_config(name)  # an hf-hub: config is fetched into the Hugging Face cache
+    except Exception as err:  # offline miss, unknown repository, no connection: huggingface_hub's many types
+        from imgen_cli import hub
+
+        raise UserError(f"model.text_name {name}: its open_clip_config.json could not be read from the Hugging Face "
+                        f"hub or the cache {hub.cache_dir()} ({type(err).__name__}).",
+                        "Downloads are off with HF_HUB_OFFLINE=1: run once online to fill the cache.") from None
     if model_cfg is None:
         raise UserError(f"model.text_name {name!r} is not an open_clip model.",
                         "See open_clip.list_models() for the names, e.g. ViT-B-32.")
@@ -160,7 +323,7 @@ def _pretrained_tower(cfg: TextEncoderConfig) -> nn.Module:
     # the tower at the configured length: a shorter context keeps the first positional embeddings
     text_cfg["context_length"] = cfg.text_context
     tower = _build_text_tower(model_cfg["embed_dim"], text_cfg, quick_gelu=model_cfg.get("quick_gelu", False))
-    if not (pretrained or local_dir):
+    if not (pretrained or local_dir or from_hub):
         return tower
     looks_like_file = Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") or "/" in pretrained
     if looks_like_file and not Path(pretrained).is_file():

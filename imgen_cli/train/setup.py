@@ -26,7 +26,10 @@ RESUMABLE_KEYS = {"train.steps", "train.log_every", "train.ckpt_every", "train.s
                   "train.val_every", "train.val_max_batches", "train.compile", "train.tensorboard",
                   "train.activation_checkpointing", "train.nan_policy", "data.shards", "data.num_workers",
                   "data.resume"}
-PROVENANCE_KEYS = {"imgen_version", "tokenizer_hash"}  # recorded in config.json, never compared on resume
+# recorded in config.json, never compared on resume
+PROVENANCE_KEYS = {"imgen_version", "tokenizer_hash", "pretrained"}
+# model keys that name published weights (imgen_cli.hub): a hub name is pinned to its commit when the run starts
+WEIGHTS_KEYS = ("vq", "text_encoder", "text_tokenizer")
 
 
 @dataclass
@@ -76,7 +79,8 @@ def prepare(req: TrainRequest, runs_root: Path, recipes: Path, note: Callable[[s
     if family.needs_vq_tokens or (family.reads_tokens and cfg.model.vq):
         check_token_data(name, cfg, note)
     run = RunDir(req.out if req.out is not None else runs_root / name)
-    config = checked_config(run, cfg)
+    pretrained = pin_published_weights(cfg, existing)
+    config = checked_config(run, cfg, pretrained)
     latest = run.latest_checkpoint()
     return PreparedRun(run, cfg, config, latest if latest is not None and latest.step >= cfg.train.steps else None)
 
@@ -95,31 +99,55 @@ def _check_family_options(family: registry.Family, req: TrainRequest) -> None:
 def check_token_data(name: str, cfg: RunConfig, note: Callable[[str], None]) -> None:
     """A token family needs its tokenizer; shards with pre-encoded tokens must come from that same tokenizer
     (shards without tokens are encoded on the fly)."""
-    from imgen_cli.data.shards import check_tokenizer, open_shards, tokenizer_record
+    from imgen_cli.data.shards import check_tokenizer, open_shards
 
     if not cfg.model.vq:
         raise UserError(f"{name} trains on image tokens: pass --vq RUN (a trained vqgan run).")
     shards = open_shards(cfg.data.shards, "train")
     if (shards.manifest or {}).get("tokenizer") is not None:
-        check_tokenizer(shards, tokenizer_record(registry.load_tokenizer(cfg.model.vq)), cfg.data.shards)
+        check_tokenizer(shards, registry.load_tokenizer(cfg.model.vq).record, cfg.data.shards)
     else:
         note(f"{cfg.data.shards} holds no pre-encoded tokens: the tokenizer encodes every batch on the fly "
              f"(`imgen tokenize {cfg.data.shards} --vq {cfg.model.vq} --out SHARDS_VQ` makes training faster).")
 
 
-def run_config(cfg: RunConfig) -> dict[str, Any]:
-    """config.json: the configuration, imgen's version and, for a run on a pinned tokenizer checkpoint, that
-    checkpoint's weights hash (checked whenever the run is loaded)."""
+def pin_published_weights(cfg: RunConfig, existing: RunDir | None) -> dict[str, Any]:
+    """Pin every hub name among the model's weights keys to the commit it resolves to now (fetching what is not
+    cached), so the run reloads the same weights whatever the branch does later; a resumed run keeps its pin
+    while the name still means the same repository and folder. Returns what config.json records of each."""
+    from imgen_cli import hub
+
+    resumed = existing is not None and existing.latest_checkpoint() is not None
+    saved = existing.read_config().get("model", {}) if resumed else {}
+    records = {}
+    for key in WEIGHTS_KEYS:
+        name = getattr(cfg.model, key, "")
+        if not hub.is_hub_name(name):
+            continue
+        what = f"model.{key}"
+        kept = saved.get(key, "")
+        pinned = kept if hub.is_hub_name(kept) and hub.same_weights(name, kept, what) else hub.pinned(name, what)
+        setattr(cfg.model, key, pinned)
+        records[what] = hub.provenance(pinned, what)
+    return records
+
+
+def run_config(cfg: RunConfig, pretrained: dict[str, Any] | None = None) -> dict[str, Any]:
+    """config.json: the configuration, imgen's version, what the run's published weights were (`pretrained`:
+    repository, commit, file hashes) and, for a run on a pinned tokenizer checkpoint, that checkpoint's weights
+    hash (checked whenever the run is loaded)."""
     config = {**cfg.to_dict(), "imgen_version": imgen_cli.__version__}
+    if pretrained:
+        config["pretrained"] = pretrained
     vq = Path(config["model"].get("vq") or "")
     if weights_file(vq).is_file():
         config["tokenizer_hash"] = weights_hash(vq)
     return json.loads(json.dumps(config))  # as it reads back: tuples become lists
 
 
-def checked_config(run: RunDir, cfg: RunConfig) -> dict[str, Any]:
+def checked_config(run: RunDir, cfg: RunConfig, pretrained: dict[str, Any] | None = None) -> dict[str, Any]:
     """The config.json to write; for a run with a checkpoint, refuse changes to what is being trained."""
-    fresh = run_config(cfg)
+    fresh = run_config(cfg, pretrained)
     if run.exists() and run.latest_checkpoint() is not None:
         saved = registry.get(cfg.family).current_config(run.read_config())
         check_pinned_tokenizer(saved)

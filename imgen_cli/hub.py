@@ -1,0 +1,196 @@
+"""One way to name published weights: `hf:ORG/REPO[/SUBFOLDER][@REVISION]`, resolved through huggingface_hub's cache.
+
+Every flag or key that takes weights (`--vq`, `model.vq`, `model.text_encoder`) takes an imgen run directory, a
+local model directory or file, or such a name. A name that is not cached is downloaded into the standard cache
+(`HF_HUB_CACHE`, by default ~/.cache/huggingface/hub) with huggingface_hub's progress bars, exactly as diffusers
+and transformers would fetch it, so a model a user already has from those libraries is not fetched again.
+`HF_HUB_OFFLINE=1` (or `--offline`) reads only the cache, and a miss is one sentence naming the repository and
+the cache directory. A run records what it stands on pinned to the commit it was resolved to, with the hashes of
+the files read (`provenance`), so it reloads the same weights whatever the repository's branch does later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imgen_cli.errors import UserError
+
+PREFIX = "hf:"
+_NAME = re.compile(r"hf:(?P<repo>[\w.-]+/[\w.-]+)(?P<sub>(/[\w.-]+)*)(@(?P<rev>[\w./-]+))?")
+COMMIT = re.compile(r"[0-9a-f]{40}")
+# what `provenance` hashes: the weights and the configs that give them meaning, not READMEs and images
+RECORDED = (".safetensors", ".bin", ".pt", ".pth", ".json", ".txt", ".model")
+
+
+@dataclass(frozen=True)
+class HubName:
+    repo: str  # ORG/REPO
+    subfolder: str  # "" = the repository's top level
+    revision: str | None  # a branch, tag or commit; None = the default branch
+
+    def __str__(self) -> str:
+        sub = f"/{self.subfolder}" if self.subfolder else ""
+        return f"{PREFIX}{self.repo}{sub}" + (f"@{self.revision}" if self.revision else "")
+
+
+def is_hub_name(name: str) -> bool:
+    return name.startswith(PREFIX)
+
+
+def parse(name: str, what: str) -> HubName:
+    """`hf:ORG/REPO[/SUBFOLDER][@REVISION]` -> its parts; anything else with the prefix is refused."""
+    match = _NAME.fullmatch(name)
+    if match is None:
+        raise UserError(f"{what} {name} is not a Hugging Face name; write hf:ORG/REPO[/SUBFOLDER][@REVISION], "
+                        f"e.g. hf:amused/amused-256/vqvae.")
+    return HubName(match["repo"], match["sub"].strip("/"), match["rev"])
+
+
+def set_offline() -> None:
+    """`--offline`: from here on only the cache is read (huggingface_hub reads HF_HUB_OFFLINE once, at import, so
+    its constant is set too; the environment carries it to the libraries that read it later)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True
+
+
+def offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def fetch(name: HubName, what: str) -> Path:
+    """The local snapshot folder of `name` (its subfolder), downloaded into the cache first where it is missing."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    patterns = [f"{name.subfolder}/*"] if name.subfolder else None
+    try:
+        root = Path(snapshot_download(name.repo, revision=name.revision, allow_patterns=patterns,
+                                      local_files_only=offline()))
+    except LocalEntryNotFoundError:
+        at = f" at revision {name.revision}" if name.revision else ""
+        if offline():
+            raise UserError(f"{what} {name}: {name.repo}{at} is not in the Hugging Face cache {cache_dir()}, and "
+                            f"downloads are off (HF_HUB_OFFLINE=1 or --offline).",
+                            "Run the command once online, or point HF_HUB_CACHE at a cache that holds it.") from None
+        raise UserError(f"{what} {name}: {name.repo}{at} could not be downloaded (no connection to the Hugging "
+                        f"Face hub) and is not in the cache {cache_dir()}.") from None
+    except GatedRepoError:
+        raise UserError(f"{what} {name}: {name.repo} is gated; accept its terms on huggingface.co and log in "
+                        f"(`hf auth login`) first.") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"{what} {name}: there is no repository {name.repo} on the Hugging Face hub (or it is "
+                        f"private and you are not logged in).") from None
+    except RevisionNotFoundError:
+        raise UserError(f"{what} {name}: {name.repo} has no revision {name.revision}.") from None
+    except HfHubHTTPError as err:
+        raise UserError(f"{what} {name}: the Hugging Face hub refused the download ({str(err).splitlines()[0]}).") \
+            from None
+    path = root / name.subfolder
+    if not path.is_dir():
+        raise UserError(f"{what} {name}: {name.repo} has no folder {name.subfolder!r}.")
+    return path
+
+
+def local_path(name: str, what: str) -> Path:
+    """Where the weights `name` (a hub name, or a local directory or file) are on this machine."""
+    if is_hub_name(name):
+        return fetch(parse(name, what), what)
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise UserError(f"{what} {name} does not exist; give a run, a model directory, a weights file or "
+                        f"hf:ORG/REPO[/SUBFOLDER].")
+    return path
+
+
+def commit_of(snapshot_path: Path) -> str | None:
+    """The commit a cached snapshot folder belongs to (`.../snapshots/<commit>/...`), None outside the cache."""
+    parts = snapshot_path.parts
+    for before, part in zip(parts, parts[1:], strict=False):
+        if before == "snapshots" and COMMIT.fullmatch(part):
+            return part
+    return None
+
+
+def pinned(name: str, what: str) -> str:
+    """A hub name pinned to the commit its revision resolves to now (fetching it if needed); other names as
+    they are. A run stores this, so it reloads the same weights whatever the branch does later."""
+    if not is_hub_name(name):
+        return name
+    hub = parse(name, what)
+    commit = commit_of(fetch(hub, what))
+    return str(HubName(hub.repo, hub.subfolder, commit or hub.revision))
+
+
+def same_weights(requested: str, pinned_name: str, what: str) -> bool:
+    """Whether a pinned hub name is what `requested` asks for: the same repository and folder, and the same
+    commit where `requested` names one (a branch or tag is where the pin came from)."""
+    a, b = parse(requested, what), parse(pinned_name, what)
+    commit = a.revision is not None and COMMIT.fullmatch(a.revision)
+    return (a.repo, a.subfolder) == (b.repo, b.subfolder) and (not commit or a.revision == b.revision)
+
+
+def provenance(name: str, what: str) -> dict[str, Any]:
+    """What a run or an eval records of the weights it read: the name, and for a hub name the repository, the
+    commit and the SHA-256 of each file under the folder that a model is made of."""
+    if not is_hub_name(name):
+        return {"name": name}
+    hub = parse(name, what)
+    path = fetch(hub, what)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(RECORDED))
+    return {"name": name, "repository": hub.repo, "subfolder": hub.subfolder, "revision": hub.revision,
+            "commit": commit_of(path),
+            "files": {str(p.relative_to(path)): sha256(p) for p in files}}
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def kind_of(path: Path) -> str:
+    """What a local model directory holds, in words, for the messages of a wrong kind of model given: an imgen
+    run, a diffusers model (its class), a transformers model (its architecture), a diffusers pipeline, an
+    open_clip export."""
+    import json
+
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text())
+        except (ValueError, OSError):
+            return "a folder with an unreadable config.json"
+        if "family" in data:
+            return f"an imgen {data['family']} run"
+        if "_class_name" in data:
+            return f"a diffusers {data['_class_name']}"
+        if "model_type" in data:
+            return f"a transformers {(data.get('architectures') or [data['model_type']])[0]}"
+    if (path / "model_index.json").is_file():
+        return "a diffusers pipeline (name one of its component folders, e.g. /vqvae)"
+    if (path / "open_clip_config.json").is_file():
+        return "an open_clip model"
+    return "not a model folder imgen knows"
