@@ -115,9 +115,10 @@ def test_tokenize_pre_encodes_with_a_vq_model_and_muse_trains_and_samples_on_it(
     run = tmp_path / "muse"
     result = invoke("train", "--model", "muse", "--preset", "tiny", "--data", str(shards), "--vq",
                     str(tmp_path / "vq"), "--out", str(run), "--steps", "2", "--set", "train.batch_size=8",
-                    "--set", "data.num_workers=0", "--set", "model.grid=8", "--set", "model.codebook_size=0")
+                    "--set", "data.num_workers=0", "--set", "model.codebook_size=0", "--set", "model.grid=0")
     assert result.exit_code == 0, result.output
-    assert json.loads((run / "config.json").read_text())["model"]["vq"] == str((tmp_path / "vq").resolve())
+    config = json.loads((run / "config.json").read_text())["model"]
+    assert config["vq"] == str((tmp_path / "vq").resolve()) and config["grid"] == 8  # the shards' 16 px / 2
     result = invoke("sample", "a red circle", "--ckpt", str(run), "--n", "1", "--steps", "2", "--out",
                     str(tmp_path / "samples"))
     assert result.exit_code == 0, result.output
@@ -130,7 +131,7 @@ def test_latent_diffit_trains_and_samples_on_an_autoencoder_kl(shapes_shards: Pa
     run = tmp_path / "diffit"
     result = invoke("train", "--model", "diffit-latent", "--preset", "tiny", "--data", str(shapes_shards), "--vq",
                     "hf:imgen-test/sd-vae-tiny", "--out", str(run), "--steps", "2", "--set", "train.batch_size=8",
-                    "--set", "data.num_workers=0", "--set", "model.grid=8", "--set", "model.patch=2")
+                    "--set", "data.num_workers=0", "--set", "model.patch=2")
     assert result.exit_code == 0, result.output
     assert json.loads((run / "config.json").read_text())["model"]["vq"].startswith("hf:imgen-test/sd-vae-tiny@")
     result = invoke("sample", "a red circle", "--ckpt", str(run), "--n", "1", "--steps", "2", "--out",

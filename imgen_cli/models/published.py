@@ -39,6 +39,12 @@ def published_class(path: Path) -> str | None:
     return name if name in CLASSES else None
 
 
+def downsample_factor(path: Path) -> int:
+    """The side of the pixel cell a latent or token stands for: 2 per down block after the first, as diffusers'
+    pipelines compute `vae_scale_factor` (read from the config alone, without loading the weights)."""
+    return 2 ** (len(json.loads((path / "config.json").read_text())["block_out_channels"]) - 1)
+
+
 class PublishedAutoencoder(nn.Module):
     """A diffusers autoencoder as an imgen tokenizer: `encode`/`decode` token ids (a VQModel), and
     `encode_latents`/`decode_latents` (both kinds) for the latent families."""

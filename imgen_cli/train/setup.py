@@ -75,6 +75,8 @@ def prepare(req: TrainRequest, runs_root: Path, recipes: Path, note: Callable[[s
     flags = {**req.flags, "model.vq": pin_tokenizer(req.vq, existing) if req.vq else None}
     cfg = cfg_mod.resolve(name, family.config_cls(), family.presets(), recipe=recipe_values, preset=req.preset,
                           sets=req.sets, flags=flags)
+    if family.takes_tokenizer and cfg.model.vq and not cfg.model.grid:
+        cfg.model.grid = published_tokenizer_grid(cfg) or 0
     # bitdiff models tokens when given --vq; latent DiffiT encodes images itself (it does not read tokens)
     if family.needs_vq_tokens or (family.reads_tokens and cfg.model.vq):
         check_token_data(name, cfg, note)
@@ -94,6 +96,23 @@ def _check_family_options(family: registry.Family, req: TrainRequest) -> None:
         with_it = [f.name for f in registry.FAMILIES.values() if f.supports_dual_output]
         raise UserError(f"Dynamic Dual-Output is a head option of the continuous diffusion families "
                         f"({', '.join(with_it)}); {family.name} has no such head.")
+
+
+def published_tokenizer_grid(cfg: RunConfig) -> int | None:
+    """The token or latent grid side on a published tokenizer (which, convolutional, has no image size of its own):
+    the training shards' image side over its downsampling factor. None for an imgen vqgan run (its own size)."""
+    from imgen_cli import hub
+    from imgen_cli.data.shards import open_shards
+    from imgen_cli.models.published import downsample_factor, published_class
+
+    path = hub.local_path(cfg.model.vq, "--vq")
+    if not (path.is_dir() and published_class(path)):
+        return None
+    size = open_shards(cfg.data.shards, "train").image_size
+    if size is None:
+        raise UserError(f"the tokenizer {cfg.model.vq} has no image size of its own and {cfg.data.shards} does not "
+                        f"say its images' size; set model.grid (the image side / {downsample_factor(path)}).")
+    return size // downsample_factor(path)
 
 
 def check_token_data(name: str, cfg: RunConfig, note: Callable[[str], None]) -> None:
