@@ -439,7 +439,7 @@ def evaluate(
         raise UserError("give either --ckpt (generate, then score) or --images (score a folder), not both.")
     env = distributed.setup(device)
     try:
-        model, folder, subject = None, None, str(images)
+        model, folder, subject, weights = None, None, str(images), None
         if images is not None:
             folder = ImageFolder.open(images, prompts)
         else:
@@ -447,6 +447,7 @@ def evaluate(
             sampling.check(trained.model.generate, trained.family.name)
             model, subject = sampling.speed.prepare(trained.model), f"{trained.run.path} step {trained.checkpoint.step}"
             data = data or trained.config.data.shards
+            weights = trained.run.read_config().get("pretrained")  # the published weights the run stands on
         note = (lambda m: err.print(m, highlight=False)) if env.is_main else (lambda m: None)
         progress = _progress if env.is_main else _silent_progress
         report = evaluate(req, data or "shards", env, progress, note, model=model, folder=folder,
@@ -456,6 +457,8 @@ def evaluate(
     if not env.is_main:
         return
     report["subject"] = subject
+    if weights:
+        report["pretrained"] = weights
     _print_eval(report)
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2) + "\n")

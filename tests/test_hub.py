@@ -183,8 +183,8 @@ def test_wrong_kinds_of_text_encoder_are_one_sentence(tmp_path: Path) -> None:
 # --- a run on published weights --------------------------------------------------------------------------------
 
 
-def test_muse_trains_resumes_and_samples_on_a_t5_encoder_named_on_the_hub(vq_run: Path, vq_shards: Path,
-                                                                          tmp_path: Path) -> None:
+def test_muse_trains_resumes_samples_and_evaluates_on_a_t5_encoder_named_on_the_hub(
+        vq_run: Path, vq_shards: Path, clip_run: Path, tmp_path: Path) -> None:
     import hashlib
 
     from safetensors.torch import load_file
@@ -215,3 +215,7 @@ def test_muse_trains_resumes_and_samples_on_a_t5_encoder_named_on_the_hub(vq_run
                                  "--out", str(tmp_path / "samples"), "--offline"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "samples" / "0000.png").is_file()
+    result = runner.invoke(app, ["eval", "--ckpt", str(run), "--clip-score", "--clip-model", str(clip_run), "--n",
+                                 "2", "--steps", "2", "--json", str(tmp_path / "eval.json"), "--offline"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "eval.json").read_text())["pretrained"] == config["pretrained"]

@@ -123,6 +123,11 @@ def test_tokenize_pre_encodes_with_a_vq_model_and_muse_trains_and_samples_on_it(
                     str(tmp_path / "samples"))
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "samples" / "0000.png").size == (16, 16)
+    save_tiny_vq(tmp_path / "other", lookup_from_codebook=True)  # another config: another tokenizer
+    line = error_line(invoke("train", "--model", "muse", "--preset", "tiny", "--data", str(shards), "--vq",
+                             str(tmp_path / "other"), "--out", str(tmp_path / "muse2"), "--set", "model.grid=0",
+                             "--set", "model.codebook_size=0"))
+    assert f"was tokenized with {tmp_path / 'vq'} (weights " in line and f"not {tmp_path / 'other'} (weights" in line
 
 
 def test_latent_diffit_trains_and_samples_on_an_autoencoder_kl(shapes_shards: Path, tmp_path: Path) -> None:

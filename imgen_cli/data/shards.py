@@ -138,9 +138,14 @@ def check_tokenizer(shards: ShardSet, expected: dict[str, Any], spec: str) -> No
         raise UserError(f"{spec} holds no image tokens; pre-encode them with "
                         f"`imgen tokenize {spec} --vq {expected['run']} --out {spec}_vq`.")
     if found["hash"] != expected["hash"]:
-        raise UserError(f"{spec} was tokenized with {found['run']} (step {found['step']}, weights {found['hash']}), "
-                        f"not {expected['run']} (step {expected['step']}, weights {expected['hash']}); "
+        raise UserError(f"{spec} was tokenized with {_named(found)}, not {_named(expected)}; "
                         f"re-tokenize with --vq {expected['run']}.")
+
+
+def _named(record: dict[str, Any]) -> str:
+    """A tokenizer record in words: a vqgan run at its step, or a published tokenizer (no step), with its hash."""
+    step = f"step {record['step']}, " if record.get("step") is not None else ""
+    return f"{record['run']} ({step}weights {record['hash']})"
 
 
 # --- samples -------------------------------------------------------------------------------------------
