@@ -219,3 +219,37 @@ def test_muse_trains_resumes_samples_and_evaluates_on_a_t5_encoder_named_on_the_
                                  "2", "--steps", "2", "--json", str(tmp_path / "eval.json"), "--offline"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "eval.json").read_text())["pretrained"] == config["pretrained"]
+
+
+def test_a_whole_clip_model_gives_its_text_tower_and_projection(tmp_path: Path) -> None:
+    """openai/clip-vit-large-patch14 and the like are saved as a CLIPModel: its text half is loaded."""
+    from transformers import CLIPConfig, CLIPModel
+
+    tokenizer = clip_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "clip")
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=40, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=16,
+                  patch_size=8)
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)).eval()
+    model.save_pretrained(tmp_path / "clip")
+    encoder = build_text_encoder(TextEncoderConfig(text_encoder=str(tmp_path / "clip"), text_context=20))
+    assert encoder.embed_dim == 24
+    ids = tokenizer(CAPTIONS, padding="max_length", max_length=20, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model.get_text_features(input_ids=ids.input_ids, attention_mask=ids.attention_mask)
+    expected = getattr(expected, "pooler_output", expected)  # a tensor, or an output object in newer releases
+    assert torch.allclose(encoder(CAPTIONS).pooled, expected, atol=1e-5)
+
+
+def test_weights_that_do_not_fit_the_config_are_refused_not_reinitialised(tmp_path: Path) -> None:
+    save_tiny_clip_text(tmp_path / "clip")
+    config = json.loads((tmp_path / "clip" / "config.json").read_text())
+    (tmp_path / "clip" / "config.json").write_text(json.dumps({**config, "projection_dim": 40}))
+    with pytest.raises(UserError, match=r"does not hold the weights its config describes \(some are of another"):
+        build_text_encoder(TextEncoderConfig(text_encoder=str(tmp_path / "clip"), text_context=20))
+    (tmp_path / "clip" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 4}))  # 3 saved
+    with pytest.raises(UserError, match=r"does not hold the weights its config describes \(\d+ missing or of "
+                                        r"another shape, e.g. text_model.encoder.layers.3"):
+        build_text_encoder(TextEncoderConfig(text_encoder=str(tmp_path / "clip"), text_context=20))

@@ -160,3 +160,7 @@ def test_wrong_kinds_of_tokenizer_are_one_sentence(shapes_coco: Path, tmp_path: 
     assert not (tmp_path / "s").exists()
     with pytest.raises(Exception, match="not in the Hugging Face cache"):
         registry.load_tokenizer("hf:amused/amused-512/vqvae")
+    config = json.loads((tmp_path / "vq" / "config.json").read_text())
+    (tmp_path / "vq" / "config.json").write_text(json.dumps({**config, "layers_per_block": 2}))  # 1 saved
+    with pytest.raises(Exception, match=r"does not hold the weights its config describes \(\d+ missing"):
+        registry.load_tokenizer(str(tmp_path / "vq"))

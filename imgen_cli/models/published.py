@@ -116,8 +116,13 @@ def load_published(name: str, path: Path, class_name: str) -> PublishedAutoencod
 
     try:
         # low_cpu_mem_usage needs accelerate (not a dependency); without it diffusers warns on every load
-        model = getattr(diffusers, class_name).from_pretrained(path, low_cpu_mem_usage=False)
+        model, info = getattr(diffusers, class_name).from_pretrained(path, low_cpu_mem_usage=False,
+                                                                     output_loading_info=True)
     except (OSError, ValueError) as err:  # weights missing, or of another shape than the config
         raise UserError(f"--vq {name} cannot be loaded as a diffusers {class_name}: "
                         f"{str(err).splitlines()[0][:200]}.") from None
+    # diffusers fills weights the file lacks with random ones and goes on: a tokenizer must be whole
+    if info.get("missing_keys"):
+        raise UserError(f"--vq {name} does not hold the weights its config describes ({len(info['missing_keys'])} "
+                        f"missing, e.g. {sorted(info['missing_keys'])[0]}).")
     return PublishedAutoencoder(model, name)

@@ -254,11 +254,28 @@ def load_transformers_text(cfg: TextEncoderConfig) -> tuple[nn.Module, Callable]
     if name is None:
         raise UserError(f"model.text_encoder {cfg.text_encoder} is {hub.kind_of(path)}, not a T5 or CLIP text "
                         f"model of transformers.")
+    config = None
+    if data.get("model_type") == "clip":  # a whole CLIPModel: its text half, with the whole's projection size
+        config = transformers.CLIPTextConfig.from_pretrained(path)
+        config.projection_dim = data.get("projection_dim", config.projection_dim)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its load report lists a CLIPModel's vision weights as unexpected
     try:
-        model = getattr(transformers, name).from_pretrained(path)
-    except (OSError, ValueError) as err:  # weights missing or of another shape than the config says
+        model, info = getattr(transformers, name).from_pretrained(path, config=config, output_loading_info=True)
+    except (OSError, ValueError) as err:  # no weights file, or one that cannot be read
         raise UserError(f"model.text_encoder {cfg.text_encoder} cannot be loaded as a {name}: "
                         f"{str(err).splitlines()[0][:200]}.") from None
+    except RuntimeError:  # transformers' refusal of weights of another shape, worded for its own load report
+        raise UserError(f"model.text_encoder {cfg.text_encoder} does not hold the weights its config describes "
+                        f"(some are of another shape).") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    # transformers fills missing or mis-shaped weights with random ones and goes on: an encoder must be whole
+    broken = list(info.get("missing_keys") or ()) + [str(k[0] if isinstance(k, tuple) else k)
+                                                      for k in info.get("mismatched_keys") or ()]
+    if broken:
+        raise UserError(f"model.text_encoder {cfg.text_encoder} does not hold the weights its config describes "
+                        f"({len(broken)} missing or of another shape, e.g. {broken[0]}).")
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and cfg.text_context > positions:
         raise UserError(f"model.text_context {cfg.text_context} is longer than the {positions} positions of "
