@@ -6,7 +6,7 @@ local model directory or file, or such a name. A name that is not cached is down
 and transformers would fetch it, so a model a user already has from those libraries is not fetched again.
 `HF_HUB_OFFLINE=1` (or `--offline`) reads only the cache, and a miss is one sentence naming the repository and
 the cache directory. A run records what it stands on pinned to the commit it was resolved to, with the hashes of
-the files read (`provenance`), so it reloads the same weights whatever the repository's branch does later.
+the files read (`pin`), so it reloads the same weights whatever the repository's branch does later.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from imgen_cli.errors import UserError
 PREFIX = "hf:"
 _NAME = re.compile(r"hf:(?P<repo>[\w.-]+/[\w.-]+)(?P<sub>(/[\w.-]+)*)(@(?P<rev>[\w./-]+))?")
 COMMIT = re.compile(r"[0-9a-f]{40}")
-# what `provenance` hashes: the weights and the configs that give them meaning, not READMEs and images
+# what `file_hashes` hashes: the weights and the configs that give them meaning, not READMEs and images
 RECORDED = (".safetensors", ".bin", ".pt", ".pth", ".json", ".txt", ".model")
 
 
@@ -132,14 +132,19 @@ def commit_of(snapshot_path: Path) -> str | None:
     return None
 
 
-def pinned(name: str, what: str) -> str:
-    """A hub name pinned to the commit its revision resolves to now (fetching it if needed); other names as
-    they are. A run stores this, so it reloads the same weights whatever the branch does later."""
+def pin(name: str, what: str) -> tuple[str, dict[str, Any]]:
+    """A hub name pinned to the commit its revision resolves to now (fetching it if needed), and what a run records
+    of it: the repository, the commit and the SHA-256 of each file of the folder. A run stores the pinned name, so
+    it reloads the same weights whatever the branch does later. Other names stay as they are."""
     if not is_hub_name(name):
-        return name
+        return name, {"name": name}
     hub = parse(name, what)
-    commit = commit_of(fetch(hub, what))
-    return str(HubName(hub.repo, hub.subfolder, commit or hub.revision))
+    path = fetch(hub, what)
+    commit = commit_of(path)
+    revision = commit or hub.revision
+    pinned = str(HubName(hub.repo, hub.subfolder, revision))
+    return pinned, {"name": pinned, "repository": hub.repo, "subfolder": hub.subfolder, "revision": revision,
+                    "commit": commit, "files": file_hashes(path)}
 
 
 def same_weights(requested: str, pinned_name: str, what: str) -> bool:
@@ -150,17 +155,11 @@ def same_weights(requested: str, pinned_name: str, what: str) -> bool:
     return (a.repo, a.subfolder) == (b.repo, b.subfolder) and (not commit or a.revision == b.revision)
 
 
-def provenance(name: str, what: str) -> dict[str, Any]:
-    """What a run or an eval records of the weights it read: the name, and for a hub name the repository, the
-    commit and the SHA-256 of each file under the folder that a model is made of."""
-    if not is_hub_name(name):
-        return {"name": name}
-    hub = parse(name, what)
-    path = fetch(hub, what)
+def file_hashes(path: Path) -> dict[str, str]:
+    """The SHA-256 of each file of a model folder that the model is made of (weights, configs, vocabularies), by
+    its path in the folder."""
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(RECORDED))
-    return {"name": name, "repository": hub.repo, "subfolder": hub.subfolder, "revision": hub.revision,
-            "commit": commit_of(path),
-            "files": {str(p.relative_to(path)): sha256(p) for p in files}}
+    return {str(p.relative_to(path)): sha256(p) for p in files}
 
 
 def sha256(path: Path) -> str:

@@ -7,8 +7,9 @@ and `edit` for generator families. Modules are imported lazily so `imgen --help`
 
 from __future__ import annotations
 
+import functools
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,11 +159,17 @@ def load_trained(ckpt: str | None, device: Any = "cpu", ema: bool = True, runs_r
     return TrainedModel(run, checkpoint, config, family, model.to(device).eval())
 
 
-@dataclass(frozen=True)
+@dataclass
 class LoadedTokenizer:
     name: str  # as given: a vqgan run or checkpoint, a diffusers model folder, or an hf: name
     model: Any  # the tokenizer network, eval mode (a vqgan's EMA weights, or models.published's adapter)
-    record: dict[str, Any]  # its identity, as shards made with it record it (data.shards.tokenizer_record)
+    identify: Callable[[], dict[str, Any]]  # -> `record`
+
+    @functools.cached_property
+    def record(self) -> dict[str, Any]:
+        """Its identity, as shards made with it record it (data.shards.tokenizer_record): computed on first use,
+        since it hashes the weights, which building a network on the tokenizer does not need."""
+        return self.identify()
 
 
 def load_tokenizer(name: str, device: Any = "cpu") -> LoadedTokenizer:
@@ -177,7 +184,8 @@ def load_tokenizer(name: str, device: Any = "cpu") -> LoadedTokenizer:
     path = hub.local_path(name, "--vq") if hub.is_hub_name(name) else Path(name)
     published = published_class(path) if path.is_dir() else None
     if published is not None:
-        return LoadedTokenizer(name, load_published(name, path, published).to(device), published_record(name, path))
+        return LoadedTokenizer(name, load_published(name, path, published).to(device),
+                               lambda: published_record(name, path))
     kind = hub.kind_of(path) if path.is_dir() else ""
     if hub.is_hub_name(name) or kind.startswith(("a diffusers", "a transformers", "an open_clip")):
         raise UserError(f"--vq {name} is {kind}, not an image tokenizer (a vqgan run, or a diffusers VQModel or "
@@ -185,5 +193,5 @@ def load_tokenizer(name: str, device: Any = "cpu") -> LoadedTokenizer:
     trained = load_trained(name, device=device, flag="--vq")
     if not trained.family.is_tokenizer:
         raise UserError(f"--vq {name} is a {trained.family.name} run, not an image tokenizer (vqgan).")
-    return LoadedTokenizer(name, trained.model, tokenizer_record(trained))
+    return LoadedTokenizer(name, trained.model, lambda: tokenizer_record(trained))
 

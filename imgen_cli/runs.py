@@ -303,9 +303,8 @@ def pin_tokenizer(vq: str, resuming: RunDir | None) -> str:
     from imgen_cli import hub
     from imgen_cli.models.published import published_class
 
-    if hub.is_hub_name(vq):  # a published tokenizer: pinned to its commit (a resumed run keeps its pin)
-        saved = resuming.read_config().get("model", {}).get("vq") or "" if resuming is not None else ""
-        return saved if hub.is_hub_name(saved) and hub.same_weights(vq, saved, "--vq") else hub.pinned(vq, "--vq")
+    if hub.is_hub_name(vq):  # pinned to its commit with the run's other published weights (train.setup)
+        return vq
     if Path(vq).is_dir() and published_class(Path(vq)):
         return str(Path(vq).resolve())
     tokenizer_run, checkpoint = resolve_run(vq, flag="--vq")

@@ -75,9 +75,9 @@ def test_a_cached_repository_resolves_offline_and_is_pinned_to_its_commit(tmp_pa
     commit = hub_entry("imgen-test/pinned", {"text_encoder": folder})
     path = hub.local_path("hf:imgen-test/pinned/text_encoder", "model.text_encoder")
     assert (path / "config.json").is_file() and hub.commit_of(path) == commit
-    assert hub.pinned("hf:imgen-test/pinned/text_encoder", "x") == f"hf:imgen-test/pinned/text_encoder@{commit}"
-    assert hub.pinned("runs/vq", "x") == "runs/vq"  # a local name stays as it is
-    record = hub.provenance("hf:imgen-test/pinned/text_encoder", "x")
+    pinned, record = hub.pin("hf:imgen-test/pinned/text_encoder", "x")
+    assert pinned == f"hf:imgen-test/pinned/text_encoder@{commit}"
+    assert hub.pin("runs/vq", "x")[0] == "runs/vq"  # a local name stays as it is
     assert record["repository"] == "imgen-test/pinned" and record["commit"] == commit
     import hashlib
 

@@ -121,13 +121,12 @@ def tokenizer_record(trained: Any) -> dict[str, Any]:
 
 def published_record(name: str, path: Path) -> dict[str, Any]:
     """What identifies a published tokenizer (registry.load_tokenizer): its name, and for the hash, the digest of
-    its files' digests (imgen_cli.hub.provenance). It has no training step and no image size of its own."""
+    its files' digests (imgen_cli.hub.file_hashes). It has no training step and no image size of its own."""
     import hashlib
 
     from imgen_cli import hub
 
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(hub.RECORDED))
-    digest = hashlib.sha256("".join(f"{p.relative_to(path)}:{hub.sha256(p)}" for p in files).encode())
+    digest = hashlib.sha256("".join(f"{file}:{sha}" for file, sha in hub.file_hashes(path).items()).encode())
     return {"run": name, "step": None, "hash": digest.hexdigest()[:16], "image_size": None}
 
 

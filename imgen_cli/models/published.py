@@ -29,20 +29,23 @@ CLASSES = ("VQModel", "AutoencoderKL")
 
 def published_class(path: Path) -> str | None:
     """The diffusers class name a model folder was saved as, if it is one imgen takes as a tokenizer."""
-    config = path / "config.json"
-    if not config.is_file():
+    if not (path / "config.json").is_file():
         return None
     try:
-        name = json.loads(config.read_text()).get("_class_name")
+        name = saved_config(path).get("_class_name")
     except (ValueError, OSError):
         return None
     return name if name in CLASSES else None
 
 
-def downsample_factor(path: Path) -> int:
+def downsample_factor(config: dict) -> int:
     """The side of the pixel cell a latent or token stands for: 2 per down block after the first, as diffusers'
-    pipelines compute `vae_scale_factor` (read from the config alone, without loading the weights)."""
-    return 2 ** (len(json.loads((path / "config.json").read_text())["block_out_channels"]) - 1)
+    pipelines compute `vae_scale_factor` (from the config alone: no weights need loading)."""
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def saved_config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())
 
 
 class PublishedAutoencoder(nn.Module):
@@ -56,7 +59,7 @@ class PublishedAutoencoder(nn.Module):
         self.config = model.config
         self.is_vq = type(model).__name__ == "VQModel"
         self.zero_one = any(repo in name for repo in ZERO_ONE_REPOSITORIES)
-        self.downsample_factor = 2 ** (len(self.config.block_out_channels) - 1)
+        self.downsample_factor = downsample_factor(self.config)
         self.latent_channels = (self.config.vq_embed_dim or self.config.latent_channels) if self.is_vq \
             else self.config.latent_channels
         self.codebook_size = self.config.num_vq_embeddings if self.is_vq else 0

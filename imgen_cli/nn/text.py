@@ -193,8 +193,8 @@ class TransformersText(TextEncoder):
         self.kind = model.config.model_type  # "t5" or "clip_text_model"
         self.penultimate = cfg.text_layer == "penultimate"
         self.context = cfg.text_context
-        self.width = model.config.hidden_size if self.kind != "t5" else model.config.d_model
-        self.embed_dim = getattr(model.config, "projection_dim", self.width) if _projects(model) else self.width
+        self.width = model.config.hidden_size  # T5's d_model, under the name every transformers config answers to
+        self.embed_dim = model.config.projection_dim if _projects(model) else self.width
         self.frozen = cfg.text_is_frozen
         if self.frozen:
             self._held = (model.requires_grad_(False).eval(),)
@@ -292,13 +292,14 @@ def _tokenizer_for(cfg: TextEncoderConfig, model_path: Path) -> Callable:
 
     if cfg.text_tokenizer:
         name, path = cfg.text_tokenizer, hub.local_path(cfg.text_tokenizer, "model.text_tokenizer")
-    elif _has_tokenizer(model_path) or not hub.is_hub_name(cfg.text_encoder):
-        name, path = cfg.text_encoder, model_path if _has_tokenizer(model_path) else model_path.parent / "tokenizer"
-    else:  # hf:ORG/REPO/text_encoder -> hf:ORG/REPO/tokenizer at the same revision
+    elif _has_tokenizer(model_path):
+        name, path = cfg.text_encoder, model_path
+    elif hub.is_hub_name(cfg.text_encoder):  # hf:ORG/REPO/text_encoder -> hf:ORG/REPO/tokenizer, same revision
         encoder = hub.parse(cfg.text_encoder, "model.text_encoder")
-        sibling = hub.HubName(encoder.repo, str(Path(encoder.subfolder).parent / "tokenizer").lstrip("./"),
-                              encoder.revision)
+        sibling = hub.HubName(encoder.repo, str(Path(encoder.subfolder).parent / "tokenizer"), encoder.revision)
         name, path = str(sibling), hub.fetch(sibling, "the tokenizer of model.text_encoder")
+    else:
+        name, path = cfg.text_encoder, model_path.parent / "tokenizer"
     if not _has_tokenizer(path):
         raise UserError(f"model.text_encoder {cfg.text_encoder} has no tokenizer beside it ({name}); name one with "
                         f"model.text_tokenizer.")

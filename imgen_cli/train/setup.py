@@ -75,13 +75,13 @@ def prepare(req: TrainRequest, runs_root: Path, recipes: Path, note: Callable[[s
     flags = {**req.flags, "model.vq": pin_tokenizer(req.vq, existing) if req.vq else None}
     cfg = cfg_mod.resolve(name, family.config_cls(), family.presets(), recipe=recipe_values, preset=req.preset,
                           sets=req.sets, flags=flags)
+    pretrained = pin_published_weights(cfg, existing)
     if family.takes_tokenizer and cfg.model.vq and not cfg.model.grid:
         cfg.model.grid = published_tokenizer_grid(cfg) or 0
     # bitdiff models tokens when given --vq; latent DiffiT encodes images itself (it does not read tokens)
     if family.needs_vq_tokens or (family.reads_tokens and cfg.model.vq):
         check_token_data(name, cfg, note)
     run = RunDir(req.out if req.out is not None else runs_root / name)
-    pretrained = pin_published_weights(cfg, existing)
     config = checked_config(run, cfg, pretrained)
     latest = run.latest_checkpoint()
     return PreparedRun(run, cfg, config, latest if latest is not None and latest.step >= cfg.train.steps else None)
@@ -103,16 +103,17 @@ def published_tokenizer_grid(cfg: RunConfig) -> int | None:
     the training shards' image side over its downsampling factor. None for an imgen vqgan run (its own size)."""
     from imgen_cli import hub
     from imgen_cli.data.shards import open_shards
-    from imgen_cli.models.published import downsample_factor, published_class
+    from imgen_cli.models.published import downsample_factor, published_class, saved_config
 
     path = hub.local_path(cfg.model.vq, "--vq")
     if not (path.is_dir() and published_class(path)):
         return None
+    factor = downsample_factor(saved_config(path))
     size = open_shards(cfg.data.shards, "train").image_size
     if size is None:
         raise UserError(f"the tokenizer {cfg.model.vq} has no image size of its own and {cfg.data.shards} does not "
-                        f"say its images' size; set model.grid (the image side / {downsample_factor(path)}).")
-    return size // downsample_factor(path)
+                        f"say its images' size; set model.grid (the image side / {factor}).")
+    return size // factor
 
 
 def check_token_data(name: str, cfg: RunConfig, note: Callable[[str], None]) -> None:
@@ -145,9 +146,9 @@ def pin_published_weights(cfg: RunConfig, existing: RunDir | None) -> dict[str, 
             continue
         what = f"model.{key}"
         kept = saved.get(key, "")
-        pinned = kept if hub.is_hub_name(kept) and hub.same_weights(name, kept, what) else hub.pinned(name, what)
+        pinned, records[what] = hub.pin(kept if hub.is_hub_name(kept) and hub.same_weights(name, kept, what)
+                                        else name, what)
         setattr(cfg.model, key, pinned)
-        records[what] = hub.provenance(pinned, what)
     return records
 
 
