@@ -131,24 +131,36 @@ def tokenize(
     workers: Annotated[int, typer.Option("--workers", min=1, help="Decoding processes.")] = max(1, (os.cpu_count() or 2) - 1),
     shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Samples per shard.")] = 1000,
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Held-out share for sources without a val split.")] = 0.05,
-    vq: Annotated[str | None, typer.Option("--vq", help="Tokenizer run: also store image tokens ({key}.vq.npy).")] = None,
+    vq: Annotated[str | None, typer.Option("--vq", help="Image tokenizer (vqgan run, diffusers VQModel or "
+                                           "AutoencoderKL, hf:ORG/REPO/SUB): also store its tokens ({key}.vq.npy) "
+                                           "or latents ({key}.latents.npy).")] = None,
+    text_encoder: Annotated[str | None, typer.Option("--text-encoder", help="A transformers T5 or CLIP text model "
+                                                     "(folder or hf:ORG/REPO/SUB): also store every caption's "
+                                                     "states ({key}.text.npz).")] = None,
+    text_layer: Annotated[str, typer.Option("--text-layer", help="With --text-encoder: last or penultimate.")] = "last",
+    text_context: Annotated[int, typer.Option("--text-context", help="With --text-encoder: tokens per caption "
+                                              "(the model's model.text_context).")] = 77,
+    text_tokenizer: Annotated[str, typer.Option("--text-tokenizer", help="With --text-encoder: its tokenizer, where "
+                                                "it is not beside the model.")] = "",
     device: Device = None,
     offline: Offline = False,
 ) -> None:
-    """Turn a captioned image dataset into train/val WebDataset shards (images + captions [+ image tokens])."""
+    """Turn a captioned image dataset into train/val WebDataset shards (images + captions [+ image tokens or
+    latents] [+ caption states])."""
     if offline:
         hub.set_offline()
+    from imgen_cli.data.tokenize import caption_encoder, token_encoder
     from imgen_cli.data.tokenize import tokenize as run_tokenize
 
-    tokens = _token_encoder(vq, device, size) if vq is not None else None
+    tokens = token_encoder(vq, device, size) if vq is not None else None
+    text = caption_encoder(text_encoder, device, layer=text_layer, context=text_context,
+                           tokenizer=text_tokenizer) if text_encoder is not None else None
     size = tokens.record["image_size"] if tokens is not None else size
     with _progress("tokenize", None) as advance:
         manifest = run_tokenize(src, out_dir, size=size, workers=workers, shard_size=shard_size,
-                                val_fraction=val_fraction, tokens=tokens, on_total=advance.set_total,
+                                val_fraction=val_fraction, tokens=tokens, text=text, on_total=advance.set_total,
                                 on_item=lambda: advance(1))
-    tokenizer = manifest["tokenizer"]
-    grid = f", {tokenizer['grid'][0]}x{tokenizer['grid'][1]} tokens of {tokenizer['codebook_size']}" if tokenizer else ""
-    table = Table(title=f"{out_dir}/ ({manifest['image_size']}px{grid}, from {manifest['source']['kind']})")
+    table = Table(title=f"{out_dir}/ ({manifest['image_size']}px, from {manifest['source']['kind']})")
     table.add_column("split")
     table.add_column("images", justify="right")
     table.add_column("shards", justify="right")
@@ -158,41 +170,25 @@ def tokenize(
         if count:
             table.add_row(f"skipped: {reason.replace('_', ' ')}", str(count), "")
     out.print(table)
+    for line in _pre_encoded(manifest):
+        out.print(line, highlight=False)
     total = sum(i["count"] for i in manifest["splits"].values()) + sum(manifest["skipped"].values())
     out.print(f"{total / max(manifest['seconds'], 1e-9):.0f} images/s", highlight=False)
 
 
-def _token_encoder(vq: str, device: str | None, size: int | None) -> Any:
-    """A tokenizer (a vqgan run's EMA weights, or a published one) as tokenize's TokenEncoder, at `size` (default:
-    the size a vqgan was trained at; a published tokenizer needs --size)."""
-    import numpy as np
-    import torch
-
-    from imgen_cli import registry
-    from imgen_cli.data.tokenize import TokenEncoder
-    from imgen_cli.train.distributed import pick_device
-
-    dev = pick_device(device)
-    tokenizer = registry.load_tokenizer(vq, dev)
-    model = tokenizer.model
-    if not model.codebook_size:
-        raise UserError(f"--vq {vq} is a continuous autoencoder: it has latents, not tokens to store.")
-    size = size or tokenizer.record["image_size"]
-    if size is None:
-        raise UserError(f"--vq {vq} has no image size of its own; give --size (a multiple of "
-                        f"{model.downsample_factor}).")
-    if size % model.downsample_factor:  # before anything is written, not in the middle of the shards
-        raise UserError(f"--size {size} is not divisible by the tokenizer's downsampling factor "
-                        f"{model.downsample_factor}.")
-    record = {**tokenizer.record, "codebook_size": model.codebook_size, "grid": list(model.grid_shape(size)),
-              "image_size": size}
-
-    @torch.no_grad()
-    def encode(images: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(images).to(dev).permute(0, 3, 1, 2).float().div_(255)
-        return model.encode(x).cpu().numpy()
-
-    return TokenEncoder(encode, record, np.int16 if model.codebook_size <= 32768 else np.int32)
+def _pre_encoded(manifest: dict[str, Any]) -> list[str]:
+    """What a tokenize run pre-encoded, in words."""
+    lines = []
+    tokenizer, text = manifest["tokenizer"], manifest["text_encoder"]
+    if tokenizer is not None:
+        grid = "x".join(map(str, tokenizer["grid"]))
+        what = (f"{grid} tokens of {tokenizer['codebook_size']} codes" if "codebook_size" in tokenizer
+                else f"{tokenizer['latent_channels']}x{grid} latents")
+        lines.append(f"images: {what}, by {tokenizer['run']}")
+    if text is not None:
+        lines.append(f"captions: states of {text['text_encoder']} ({text['text_layer']} layer, "
+                     f"{text['text_context']} tokens)")
+    return lines
 
 
 # --- train ------------------------------------------------------------------------------------------------

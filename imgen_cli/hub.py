@@ -11,6 +11,7 @@ the files read (`pin`), so it reloads the same weights whatever the repository's
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -159,10 +160,12 @@ def file_hashes(path: Path) -> dict[str, str]:
     """The SHA-256 of each file of a model folder that the model is made of (weights, configs, vocabularies), by
     its path in the folder."""
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(RECORDED))
-    return {str(p.relative_to(path)): sha256(p) for p in files}
+    return {str(p.relative_to(path)): _sha256_of(p.resolve(), p.stat().st_size, p.stat().st_mtime_ns) for p in files}
 
 
-def sha256(path: Path) -> str:
+@functools.cache  # a run's start hashes its weights more than once (the pin, the shards' check): T5-XXL's 9 GB once
+def _sha256_of(path: Path, size: int, mtime_ns: int) -> str:
+    """(The size and time are in the cache's key, so a file rewritten in place is hashed again.)"""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -3,6 +3,9 @@
 Shard layout (written by `imgen tokenize`): `train-000000.tar`, `val-000000.tar`, ..., each sample
 `{key}.png` (the image), `{key}.txt` (one caption), `{key}.json` (all captions, source id, original
 size), plus `manifest.json` and `sizes.json`, written last: a shard not listed there is incomplete.
+Pre-encoded, optionally: `{key}.vq.npy` (the image's token grid), `{key}.latents.npy` (an autoencoder's
+latents, fp16) and `{key}.text.npz` (every caption's text-encoder states, fp16; see `pack_text`), each
+with the encoder's identity in the manifest.
 
 Training stream, per rank: the rank takes every world_size-th shard (so ranks never read the same
 data), each loader worker takes every num_workers-th of those when there are enough, and draws shards
@@ -86,6 +89,9 @@ def _manifest_damage(manifest: dict[str, Any]) -> str | None:
     tokenizer = manifest.get("tokenizer")
     if tokenizer is not None and not (isinstance(tokenizer, dict) and {"run", "step", "hash"} <= tokenizer.keys()):
         return "tokenizer lacks its run, step or hash"
+    text = manifest.get("text_encoder")
+    if text is not None and not (isinstance(text, dict) and {"text_encoder", "text_context", "hash"} <= text.keys()):
+        return "text_encoder lacks its name, context or hash"
     return None
 
 
@@ -131,7 +137,7 @@ def published_record(name: str, path: Path) -> dict[str, Any]:
 
 
 def check_tokenizer(shards: ShardSet, expected: dict[str, Any], spec: str) -> None:
-    """Refuse, in one sentence, shards whose tokens came from another tokenizer than `expected`."""
+    """Refuse, in one sentence, shards whose tokens (or latents) came from another tokenizer than `expected`."""
     found = (shards.manifest or {}).get("tokenizer")
     if found is None:
         raise UserError(f"{spec} holds no image tokens; pre-encode them with "
@@ -147,22 +153,72 @@ def _named(record: dict[str, Any]) -> str:
     return f"{record['run']} ({step}weights {record['hash']})"
 
 
+def check_text_encoder(shards: ShardSet, expected: dict[str, Any], spec: str) -> None:
+    """Refuse, in one sentence, shards whose caption states came from another text encoder (or layer, or context
+    length) than `expected` (nn.text.text_encoder_record)."""
+    found = shards.manifest["text_encoder"]
+    if found["hash"] != expected["hash"]:
+        raise UserError(f"{spec} holds caption states of {found['text_encoder']} ({found.get('text_layer')} layer, "
+                        f"identity {found['hash']}), not of the model's {expected['text_encoder']} "
+                        f"({expected['text_layer']} layer, identity {expected['hash']}); re-tokenize with "
+                        f"--text-encoder {expected['text_encoder']}, or train on shards without caption states.")
+    if found["text_context"] != expected["text_context"]:
+        raise UserError(f"{spec} holds caption states of {found['text_context']} tokens, but model.text_context is "
+                        f"{expected['text_context']}; set --set model.text_context={found['text_context']} or "
+                        f"re-tokenize with --text-context {expected['text_context']}.")
+
+
+# --- caption states ---------------------------------------------------------------------------------------------
+
+
+def pack_text(states: np.ndarray, mask: np.ndarray, pooled: np.ndarray) -> bytes:
+    """One sample's `{key}.text.npz`: the states of its captions [C, L, W], their masks [C, L] and pooled vectors
+    [C, E], in fp16. Only the real tokens' states are stored (a mask is the prefix a right-padding tokenizer
+    gives; padding positions are masked out of every attention, so zeros stand in for them exactly)."""
+    lengths = mask.sum(axis=1)
+    if not (mask == (np.arange(mask.shape[1]) < lengths[:, None])).all():
+        raise UserError("the text encoder's tokenizer pads on the left; imgen stores right-padded caption states.")
+    buffer = io.BytesIO()
+    np.savez(buffer, states=np.concatenate([s[:n] for s, n in zip(states, lengths, strict=True)]).astype(np.float16),
+             lengths=lengths.astype(np.int32), pooled=pooled.astype(np.float16), context=np.int32(mask.shape[1]))
+    return buffer.getvalue()
+
+
+def unpack_text(data: bytes, index: int) -> dict[str, torch.Tensor]:
+    """Caption `index` of a `{key}.text.npz`, padded back to its context: fp16 states [L, W], mask [L], pooled."""
+    arrays = np.load(io.BytesIO(data))
+    lengths, context = arrays["lengths"], int(arrays["context"])
+    start, n = int(lengths[:index].sum()), int(lengths[index])
+    states = np.zeros((context, arrays["states"].shape[1]), np.float16)
+    states[:n] = arrays["states"][start : start + n]
+    return {"text_states": torch.from_numpy(states), "text_mask": torch.arange(context) < n,
+            "text_pooled": torch.from_numpy(arrays["pooled"][index].copy())}
+
+
 # --- samples -------------------------------------------------------------------------------------------
 
+TEXT_KEYS = ("text_states", "text_mask", "text_pooled")
 
-def _choose_caption(sample: dict[str, Any], rng: random.Random | None) -> str:
-    """One of the sample's captions: at random for training, the first for evaluation."""
+
+def _choose_caption(sample: dict[str, Any], rng: random.Random | None) -> tuple[int, str]:
+    """One of the sample's captions and its index: at random for training, the first for evaluation."""
     meta = json.loads(sample["json"]) if "json" in sample else {}
     captions = meta.get("captions") or [sample["txt"].decode()]
-    return rng.choice(captions) if rng is not None else captions[0]
+    index = rng.randrange(len(captions)) if rng is not None else 0
+    return index, captions[index]
 
 
 def _decode_sample(sample: dict[str, Any], rng: random.Random | None) -> dict[str, Any]:
     image = Image.open(io.BytesIO(sample["png"]))
     image = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
-    out = {"image": image, "caption": _choose_caption(sample, rng), "key": sample["__key__"]}
+    index, caption = _choose_caption(sample, rng)
+    out = {"image": image, "caption": caption, "key": sample["__key__"]}
     if "vq.npy" in sample:
         out["tokens"] = torch.from_numpy(np.load(io.BytesIO(sample["vq.npy"])).astype(np.int64))
+    if "latents.npy" in sample:
+        out["latents"] = torch.from_numpy(np.load(io.BytesIO(sample["latents.npy"])))
+    if "text.npz" in sample:
+        out.update(unpack_text(sample["text.npz"], index))
     return out
 
 
@@ -173,7 +229,7 @@ def read_captions(shards: ShardSet) -> list[str]:
     captions = []
     for sample in wds.DataPipeline(wds.SimpleShardList(shards.urls), wds.tarfile_to_samples(handler=budget.handler)):
         try:
-            captions.append(_choose_caption(sample, None))
+            captions.append(_choose_caption(sample, None)[1])
         except Exception as err:  # not JSON, or no caption
             budget.handler(err)
             continue
@@ -185,17 +241,21 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch = {"image": torch.stack([s["image"] for s in samples]),
              "caption": [s["caption"] for s in samples],
              "key": [s["key"] for s in samples]}
-    if "tokens" in samples[0]:
-        batch["tokens"] = torch.stack([s["tokens"] for s in samples])
+    for name in ("tokens", "latents", *TEXT_KEYS):
+        if name in samples[0]:
+            batch[name] = torch.stack([s[name] for s in samples])
     return batch
 
 
 def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
-    """uint8 images -> float [0, 1] on the device; the families see only this form."""
+    """uint8 images -> float [0, 1] on the device, fp16 latents and caption states -> float; the families see
+    only this form."""
     out = dict(batch)
     out["image"] = batch["image"].to(device, non_blocking=True).float().div_(255)
-    if "tokens" in batch:
-        out["tokens"] = batch["tokens"].to(device, non_blocking=True)
+    for name in ("tokens", "latents", *TEXT_KEYS):
+        if name in batch:
+            value = batch[name].to(device, non_blocking=True)
+            out[name] = value.float() if value.is_floating_point() else value
     return out
 
 

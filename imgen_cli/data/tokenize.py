@@ -40,10 +40,87 @@ MIN_SIZE, MAX_SIZE = 8, 4096  # --size; a batch of 4096px images in flight is al
 class TokenEncoder:
     """An image tokenizer as tokenize sees it: a function and the identity the manifest records."""
 
-    encode: Callable[[np.ndarray], np.ndarray]  # uint8 [B, H, W, 3] -> integer token grids [B, h, w]
+    encode: Callable[[np.ndarray], np.ndarray]  # uint8 [B, H, W, 3] -> token grids [B, h, w] or latents [B, C, h, w]
     record: dict[str, Any]  # run, step, codebook size, grid, weights hash (see shards.tokenizer_record)
     dtype: type = np.int16
+    field: str = "vq.npy"  # the sample's file: token grids, or "latents.npy"
     batch_size: int = 64
+
+
+@dataclass
+class CaptionEncoder:
+    """A frozen text encoder as tokenize sees it: every caption of a batch of samples -> each sample's
+    `{key}.text.npz` (shards.pack_text), and the identity the manifest records (nn.text.text_encoder_record)."""
+
+    encode: Callable[[list[list[str]]], list[bytes]]
+    record: dict[str, Any]
+    batch_size: int = 64
+
+
+def token_encoder(vq: str, device: str | None, size: int | None) -> TokenEncoder:
+    """`--vq`: a tokenizer (a vqgan run's EMA weights, or a published VQModel or AutoencoderKL) as tokenize's
+    encoder, at `size` (default: the size a vqgan was trained at; a published one needs --size). A VQ tokenizer's
+    token grids are stored; an AutoencoderKL's latents, as fp16: its posterior's mean, unscaled (a latent family
+    scales them as it would scale its own encoding; and a sample drawn once would freeze one draw of noise into
+    every epoch, where the mean is the deterministic encoding)."""
+    import torch
+
+    from imgen_cli import registry
+    from imgen_cli.train.distributed import pick_device
+
+    dev = pick_device(device)
+    tokenizer = registry.load_tokenizer(vq, dev)
+    model = tokenizer.model
+    size = size or tokenizer.record["image_size"]
+    if size is None:
+        raise UserError(f"--vq {vq} has no image size of its own; give --size (a multiple of "
+                        f"{model.downsample_factor}).")
+    if size % model.downsample_factor:  # before anything is written, not in the middle of the shards
+        raise UserError(f"--size {size} is not divisible by the tokenizer's downsampling factor "
+                        f"{model.downsample_factor}.")
+    grid = list(model.grid_shape(size))
+    if model.codebook_size:
+        record = {**tokenizer.record, "codebook_size": model.codebook_size, "grid": grid, "image_size": size}
+    else:
+        record = {**tokenizer.record, "latent_channels": model.latent_channels, "grid": grid, "image_size": size}
+
+    @torch.no_grad()
+    def encode(images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(images).to(dev).permute(0, 3, 1, 2).float().div_(255)
+        return (model.encode(x) if model.codebook_size else model.encode_latents(x)).cpu().numpy()
+
+    if not model.codebook_size:
+        return TokenEncoder(encode, record, np.float16, "latents.npy")
+    return TokenEncoder(encode, record, np.int16 if model.codebook_size <= 32768 else np.int32)
+
+
+def caption_encoder(text_encoder: str, device: str | None, *, layer: str = "last", context: int = 77,
+                    tokenizer: str = "") -> CaptionEncoder:
+    """`--text-encoder`: a transformers T5 or CLIP text model (any weights name; a hub name is pinned to its commit)
+    as tokenize's caption encoder, reading `layer` at `context` tokens."""
+    import torch
+
+    from imgen_cli import hub
+    from imgen_cli.nn.text import TextEncoderConfig, TransformersText, text_encoder_record
+    from imgen_cli.train.distributed import pick_device
+
+    name, pinned = hub.pin(text_encoder, "--text-encoder")
+    cfg = TextEncoderConfig(text_encoder=name, text_tokenizer=tokenizer, text_layer=layer, text_context=context)
+    cfg.validate()
+    encoder = TransformersText(cfg).to(pick_device(device))
+    record = {**text_encoder_record(cfg), "width": encoder.width, "embed_dim": encoder.embed_dim,
+              "pretrained": pinned}
+
+    @torch.no_grad()
+    def encode(captions: list[list[str]]) -> list[bytes]:
+        text = encoder([c for sample in captions for c in sample])
+        states, pooled = text.states.float().cpu().numpy(), text.pooled.float().cpu().numpy()
+        mask = text.mask.cpu().numpy()
+        ends = np.cumsum([len(sample) for sample in captions])
+        return [shard_format.pack_text(states[end - n : end], mask[end - n : end], pooled[end - n : end])
+                for n, end in zip((len(sample) for sample in captions), ends, strict=True)]
+
+    return CaptionEncoder(encode, record)
 
 
 class _SplitWriter:
@@ -134,13 +211,15 @@ def tokenize(
     val_fraction: float = 0.05,
     max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485,
     tokens: TokenEncoder | None = None,
+    text: CaptionEncoder | None = None,
     on_total: Callable[[int | None], None] = lambda total: None,
     on_item: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
     """Write shards + manifest; returns the manifest (which includes the skip counts).
 
     `size` None takes the source's own image size, at most 256. With `tokens`, every sample also gets
-    `{key}.vq.npy`, its image's token grid, and the manifest records the tokenizer.
+    `{key}.vq.npy`, its image's token grid (or `{key}.latents.npy`), and the manifest records the tokenizer; with
+    `text`, `{key}.text.npz`, its captions' states, and the manifest records the text encoder.
 
     The shards are written into a hidden directory beside `out` and moved into `out` only once complete:
     a failed run leaves an earlier run's shards in `out` as they were.
@@ -161,7 +240,7 @@ def tokenize(
     try:
         try:
             manifest = _write_shards(source, staging, size=size, workers=workers, shard_size=shard_size,
-                                     max_pixels=max_pixels, tokens=tokens, on_item=on_item)
+                                     max_pixels=max_pixels, tokens=tokens, text=text, on_item=on_item)
         except OSError as err:  # a full disk, most likely
             reason = err.strerror or err
             raise UserError(f"writing the shards failed ({reason}); nothing in {out} was changed.") from None
@@ -172,7 +251,8 @@ def tokenize(
 
 
 def _write_shards(source: Source, staging: Path, *, size: int, workers: int, shard_size: int, max_pixels: int,
-                  tokens: TokenEncoder | None, on_item: Callable[[], None]) -> dict[str, Any]:
+                  tokens: TokenEncoder | None, text: CaptionEncoder | None,
+                  on_item: Callable[[], None]) -> dict[str, Any]:
     """The shards, sizes.json and manifest.json of `source` in `staging`; returns the manifest."""
     started = time.time()
     writers = {s: _SplitWriter(staging, s, shard_size) for s in SPLITS}
@@ -181,13 +261,18 @@ def _write_shards(source: Source, staging: Path, *, size: int, workers: int, sha
     index = 0
     prepare = functools.partial(_prepare, size=size, max_pixels=max_pixels)
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
-    pending: list[tuple[str, dict[str, Any]]] = []  # samples waiting for a batch of token grids
+    pending: list[tuple[str, dict[str, Any]]] = []  # samples waiting for a batch of encodings
+    batch_size = min(e.batch_size for e in (tokens, text) if e is not None) if tokens or text else 1
 
     def flush() -> None:
         if tokens is not None and pending:
             images = np.stack([np.asarray(Image.open(io.BytesIO(s["png"])).convert("RGB")) for _, s in pending])
             for (_, sample), grid in zip(pending, tokens.encode(images), strict=True):
-                sample["vq.npy"] = grid.astype(tokens.dtype)
+                sample[tokens.field] = grid.astype(tokens.dtype)
+        if text is not None and pending:
+            captions = [json.loads(sample["json"])["captions"] for _, sample in pending]
+            for (_, sample), packed in zip(pending, text.encode(captions), strict=True):
+                sample["text.npz"] = packed
         for split, sample in pending:
             writers[split].write(sample)
         pending.clear()
@@ -206,7 +291,7 @@ def _write_shards(source: Source, staging: Path, *, size: int, workers: int, sha
                     "original_size": list(result.original_size)}
             pending.append((item.split, {"__key__": key, "png": result.png, "txt": item.captions[0],
                                          "json": json.dumps(meta, sort_keys=True).encode()}))
-            if tokens is None or len(pending) >= tokens.batch_size:
+            if len(pending) >= batch_size:
                 flush()
         flush()
     finally:
@@ -229,6 +314,7 @@ def _write_shards(source: Source, staging: Path, *, size: int, workers: int, sha
         "skipped": {reason: skipped.get(reason, 0) for reason in SKIP_REASONS},
         "skipped_examples": skipped_examples,
         "tokenizer": tokens.record if tokens else None,
+        "text_encoder": text.record if text else None,
         "seconds": round(time.time() - started, 2),
     }
     write_json_atomic(staging / "sizes.json", sizes)

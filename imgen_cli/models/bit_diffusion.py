@@ -425,7 +425,7 @@ class BitDiffusion(ContinuousDiffusion):
         eps = torch.randn_like(x0)
         x_t = q_sample(x0, g, eps)
         level = (cfg.noise_level_scale * g).float()
-        text = self.training_condition(batch["caption"])
+        text = self.training_condition(batch)
         x0_prev = self.self_condition(x_t, level, g, text) if cfg.self_conditioning else torch.zeros_like(x0)
         output = self(x_t, x0_prev, level, text).float()
         if cfg.dual_output:

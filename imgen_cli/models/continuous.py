@@ -67,11 +67,11 @@ class ContinuousDiffusion(CarriesTokenizer):
     def null_condition(self, batch: int) -> TextStates:
         return learned_null(self.null_state, self.null_pooled, batch, self.cfg.text_context)
 
-    def training_condition(self, captions: Sequence[str]) -> TextStates:
+    def training_condition(self, batch: dict) -> TextStates:
         """The captions of a training batch, a `cond_dropout` share of them replaced by the null condition."""
-        text = self.text_encoder(list(captions))
+        text = self.text_encoder.from_batch(batch)
         if self.cfg.cond_dropout > 0:
-            text, _ = drop_condition(text, self.null_condition(len(captions)), self.cfg.cond_dropout)
+            text, _ = drop_condition(text, self.null_condition(len(text)), self.cfg.cond_dropout)
         return text
 
     # --- where x0 lives ---

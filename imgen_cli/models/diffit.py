@@ -283,7 +283,7 @@ class DiffiT(ContinuousDiffusion):
         t, g = self.process.noise_levels(x0.shape[0], self.device)
         eps = torch.randn_like(x0)
         x_t = q_sample(x0, g, eps)
-        text = self.training_condition(batch["caption"])
+        text = self.training_condition(batch)
         if self.cfg.dual_output:
             # EDM weighs the x0-space terms by lambda(sigma), as its single head (reference/dual_output.md section 8)
             total, estimate, logged = self.dual_output_loss(self(x_t, t, g, text), x0, eps, x_t, t, g,

@@ -360,7 +360,7 @@ class Muse(TokenFamily):
         tokens, lowres = self._training_tokens(batch)
         inputs, masked = training_mask(tokens, self.mask_id, schedule=cfg.schedule, exponent=cfg.schedule_exponent,
                                        min_rate=cfg.min_mask_rate, contiguous_prob=cfg.contiguous_mask_prob)
-        text = self.text_encoder(batch["caption"])
+        text = self.text_encoder.from_batch(batch)
         if cfg.cond_dropout > 0:  # on this batch's encoded captions, so the dropped ones really are null
             text, _ = drop_condition(text, self.text_encoder.null(len(text)), cfg.cond_dropout)
         logits = self(inputs.flatten(1), self.condition(text, lowres))

@@ -370,6 +370,11 @@ def token_mask_start(schedule: MaskReplaceSchedule, hole_fraction: float) -> int
 # --- network ----------------------------------------------------------------------------------------------------
 
 
+def normalized(text: TextStates) -> TextStates:
+    """The text states as the blocks attend to them: each token's state L2-normalised (VQ-Diffusion's choice)."""
+    return TextStates(F.normalize(text.states, dim=-1), text.mask, text.pooled)
+
+
 class VQDiffusion(TokenFamily):
     """The denoising transformer (VQ-Diffusion-B's block): token + row + column embeddings; blocks of
     self-attention and cross-attention to the L2-normalised text states, both after LayerNorms modulated by
@@ -408,13 +413,11 @@ class VQDiffusion(TokenFamily):
         return self.head.weight.device
 
     def encode_text(self, captions: Sequence[str]) -> TextStates:
-        text = self.text_encoder(list(captions))
-        return TextStates(F.normalize(text.states, dim=-1), text.mask, text.pooled)
+        return normalized(self.text_encoder(list(captions)))
 
     def null_condition(self, batch: int) -> TextStates:
         if self.null_states is None:
-            empty = self.text_encoder.null(batch)
-            return TextStates(F.normalize(empty.states, dim=-1), empty.mask, empty.pooled)
+            return normalized(self.text_encoder.null(batch))
         states = self.null_states.expand(batch, -1, -1)
         return TextStates(states, torch.ones(states.shape[:2], dtype=torch.bool, device=states.device),
                           states.new_zeros(batch, self.text_encoder.embed_dim))
@@ -436,7 +439,7 @@ class VQDiffusion(TokenFamily):
             t = torch.randint(0, cfg.timesteps, (b,), device=x0.device)
             p_t = torch.full((b,), 1 / cfg.timesteps, dtype=torch.float64, device=x0.device)
         x_t = q_sample(x0, t, self.schedule)
-        text = self.encode_text(batch["caption"])
+        text = normalized(self.text_encoder.from_batch(batch))
         if cfg.cond_dropout > 0:
             text, _ = drop_condition(text, self.null_condition(b), cfg.cond_dropout)
         log_x0 = log_x0_from_logits(self(x_t, t, text))

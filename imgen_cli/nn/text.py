@@ -14,6 +14,9 @@ real tokens; and a pooled vector, a global condition for adaptive norms.
 
 A pretrained encoder is frozen unless `text_frozen=false`. A frozen transformers model is held outside the
 state dict (as a tokenizer is): a run stores its pinned name, not a copy of T5-XXL's weights in every checkpoint.
+A frozen encoder's states can be computed once, by `imgen tokenize --text-encoder`: the shards then carry them
+(`text_encoder_record` names the encoder they came from) and training reads them (`from_batch`) instead of
+running the encoder every step; prompts at sampling time go through the same encoder.
 
 Classifier-free guidance needs a null condition. imgen's (as aMUSEd's) is this encoder's encoding of the
 empty prompt, sequence and pooled vector alike; `drop_condition` swaps it in for training.
@@ -25,6 +28,7 @@ import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
@@ -131,15 +135,30 @@ class TextEncoder(nn.Module):
     def encode(self, captions: list[str]) -> TextStates:
         raise NotImplementedError
 
+    _empty: TextStates | None = None  # a frozen encoder's encoding of the empty prompt, computed once
+
     def forward(self, captions: list[str]) -> TextStates:
         with torch.no_grad() if self.frozen else contextlib.nullcontext():
             return self.encode(list(captions))
 
+    def from_batch(self, batch: dict) -> TextStates:
+        """A training batch's captions encoded: the states the shards carry (`imgen tokenize --text-encoder`, checked
+        to be this encoder's when the run starts) where the encoder is frozen, else the encoder run on them."""
+        if self.frozen and "text_states" in batch:
+            return TextStates(batch["text_states"], batch["text_mask"], batch["text_pooled"])
+        return self(batch["caption"])
+
     def null(self, batch_size: int) -> TextStates:
         """The null condition of classifier-free guidance: the empty prompt's encoding, repeated."""
-        empty = self([""])
+        empty = self._empty if self._empty is not None else self([""])
+        if self.frozen:  # a frozen encoder's is a constant: not one more encoder call every training step
+            self._empty = empty
         return TextStates(empty.states.expand(batch_size, -1, -1), empty.mask.expand(batch_size, -1),
                           empty.pooled.expand(batch_size, -1))
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> TextEncoder:
+        self._empty = None  # moved or cast: encode the empty prompt again where the encoder now is
+        return super()._apply(fn, recurse)
 
 
 def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
@@ -284,10 +303,14 @@ def load_transformers_text(cfg: TextEncoderConfig) -> tuple[nn.Module, Callable]
 
 
 def _tokenizer_for(cfg: TextEncoderConfig, model_path: Path) -> Callable:
-    """The encoder's tokenizer: `text_tokenizer` if set, else the model's own folder, else the `tokenizer` folder
-    beside it (a pipeline's layout: text_encoder/ and tokenizer/ side by side)."""
     import transformers
 
+    return transformers.AutoTokenizer.from_pretrained(_tokenizer_source(cfg, model_path)[1])
+
+
+def _tokenizer_source(cfg: TextEncoderConfig, model_path: Path) -> tuple[str, Path]:
+    """The name and folder of the encoder's tokenizer: `text_tokenizer` if set, else the model's own folder, else
+    the `tokenizer` folder beside it (a pipeline's layout: text_encoder/ and tokenizer/ side by side)."""
     from imgen_cli import hub
 
     if cfg.text_tokenizer:
@@ -303,7 +326,25 @@ def _tokenizer_for(cfg: TextEncoderConfig, model_path: Path) -> Callable:
     if not _has_tokenizer(path):
         raise UserError(f"model.text_encoder {cfg.text_encoder} has no tokenizer beside it ({name}); name one with "
                         f"model.text_tokenizer.")
-    return transformers.AutoTokenizer.from_pretrained(path)
+    return name, path
+
+
+def text_encoder_record(cfg: TextEncoderConfig) -> dict[str, Any]:
+    """What identifies the caption states a transformers encoder gives (the shards' record of `imgen tokenize
+    --text-encoder`): a hash of its weights and tokenizer (their files' SHA-256, not their names: a pinned and an
+    unpinned name of the same commit are the same encoder) and the layer read; and the context length."""
+    import hashlib
+    import json
+
+    from imgen_cli import hub
+
+    model_path = hub.local_path(cfg.text_encoder, "model.text_encoder")
+    tokenizer_name, tokenizer_path = _tokenizer_source(cfg, model_path)
+    files = {"encoder": hub.file_hashes(model_path), "tokenizer": hub.file_hashes(tokenizer_path),
+             "layer": cfg.text_layer}
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+    return {"text_encoder": cfg.text_encoder, "text_tokenizer": tokenizer_name, "text_layer": cfg.text_layer,
+            "text_context": cfg.text_context, "hash": digest}
 
 
 def _has_tokenizer(path: Path) -> bool:

@@ -78,9 +78,13 @@ def prepare(req: TrainRequest, runs_root: Path, recipes: Path, note: Callable[[s
     pretrained = pin_published_weights(cfg, existing)
     if family.takes_tokenizer and cfg.model.vq and not cfg.model.grid:
         cfg.model.grid = published_tokenizer_grid(cfg) or 0
-    # bitdiff models tokens when given --vq; latent DiffiT encodes images itself (it does not read tokens)
+    # bitdiff models tokens when given --vq; latent DiffiT encodes images itself or reads pre-encoded latents
     if family.needs_vq_tokens or (family.reads_tokens and cfg.model.vq):
         check_token_data(name, cfg, note)
+    if family.reads_latents and cfg.model.vq:
+        check_latent_data(cfg)
+    if family.generates_images:
+        check_caption_states(cfg, note)
     run = RunDir(req.out if req.out is not None else runs_root / name)
     config = checked_config(run, cfg, pretrained)
     latest = run.latest_checkpoint()
@@ -129,6 +133,38 @@ def check_token_data(name: str, cfg: RunConfig, note: Callable[[str], None]) -> 
     else:
         note(f"{cfg.data.shards} holds no pre-encoded tokens: the tokenizer encodes every batch on the fly "
              f"(`imgen tokenize {cfg.data.shards} --vq {cfg.model.vq} --out SHARDS_VQ` makes training faster).")
+
+
+def check_latent_data(cfg: RunConfig) -> None:
+    """Shards with pre-encoded latents must come from the autoencoder the run stands on (shards without them, or
+    with tokens, are encoded on the fly)."""
+    from imgen_cli.data.shards import check_tokenizer, open_shards
+
+    shards = open_shards(cfg.data.shards, "train")
+    found = (shards.manifest or {}).get("tokenizer")
+    if found is not None and "latent_channels" in found:
+        check_tokenizer(shards, registry.load_tokenizer(cfg.model.vq).record, cfg.data.shards)
+
+
+def check_caption_states(cfg: RunConfig, note: Callable[[str], None]) -> None:
+    """Shards with caption states (`imgen tokenize --text-encoder`) serve a run whose frozen transformers encoder
+    is the one that made them; another encoder is refused, and an encoder that trains cannot use them."""
+    from imgen_cli.data.shards import check_text_encoder, open_shards
+    from imgen_cli.nn.text import text_encoder_record
+
+    shards = open_shards(cfg.data.shards, "train")
+    found = (shards.manifest or {}).get("text_encoder")
+    if found is None:
+        return
+    if cfg.model.text_encoder and cfg.model.text_is_frozen:
+        check_text_encoder(shards, text_encoder_record(cfg.model), cfg.data.shards)
+    elif cfg.model.text_is_pretrained and cfg.model.text_is_frozen:
+        raise UserError(f"{cfg.data.shards} holds caption states of {found['text_encoder']}, but the model's text "
+                        f"encoder is open_clip's {cfg.model.text_name}; set model.text_encoder="
+                        f"{found['text_encoder']}, or train on shards without caption states.")
+    else:
+        note(f"{cfg.data.shards} holds caption states of {found['text_encoder']}, which a text encoder that trains "
+             f"cannot use: it encodes the captions itself.")
 
 
 def pin_published_weights(cfg: RunConfig, existing: RunDir | None) -> dict[str, Any]:
