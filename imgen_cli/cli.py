@@ -88,6 +88,8 @@ CacheContext = Annotated[bool, typer.Option(
     "--cache-context/--no-cache-context",
     help="Compute the prompts' cross-attention keys and values once per run, not per step (same images).")]
 Seed = Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Same seed, same images.")]
+TokenDecoder = Annotated[str | None, typer.Option("--decoder", help="Token models: decode with this decoder "
+                                                 "fine-tuned on the tokenizer's codes (a vqgan run trained with --vq).")]
 Offline = Annotated[bool, typer.Option("--offline", help="Read published weights (hf:, open_clip tags, Inception) "
                                        "from the caches only, as HF_HUB_OFFLINE=1 does.")]
 
@@ -247,9 +249,10 @@ def train(
 # --- sample / edit / eval -------------------------------------------------------------------------------------
 
 
-def _generator(ckpt: str | None, what: str, device: Any, flag: str = "--ckpt", say: bool = True) -> Any:
-    """A trained text-to-image run (without `ckpt`: the newest one anywhere under runs/, named on stderr), or one
-    sentence saying why this run cannot do `what`."""
+def _generator(ckpt: str | None, what: str, device: Any, flag: str = "--ckpt", say: bool = True,
+               decoder: str | None = None) -> Any:
+    """A trained text-to-image run (without `ckpt`: the newest one anywhere under runs/, named on stderr), decoding
+    with `decoder` where given, or one sentence saying why this run cannot do `what`."""
     from imgen_cli import registry
 
     trained = registry.load_trained(ckpt, device, runs_root=str(RUNS_ROOT), flag=flag,
@@ -261,6 +264,8 @@ def _generator(ckpt: str | None, what: str, device: Any, flag: str = "--ckpt", s
     if ckpt is None and say:
         err.print(f"{flag} {trained.run.path} (the newest text-to-image run under {RUNS_ROOT}/, step "
                   f"{trained.checkpoint.step})", highlight=False)
+    if decoder is not None:
+        registry.use_decoder(trained, decoder, device)
     return trained
 
 
@@ -282,6 +287,7 @@ def sample(
     seed: Seed = 0,
     out_dir: Annotated[Path, typer.Option("--out", help="Where the PNGs, prompts.txt and grid.png go.")] = Path("samples"),
     device: Device = None,
+    decoder: TokenDecoder = None,
     offline: Offline = False,
     bf16: Bf16 = False,
     compile_model: Compile = False,
@@ -302,7 +308,7 @@ def sample(
         truncation=truncation, sampler=sampler, seed=seed, batch_size=batch_size,
         speed=pipeline.Speed(cache_context=cache_context, bf16=bf16, compile=compile_model))
     dev = pick_device(device)
-    trained = _generator(ckpt, "sampling", dev)
+    trained = _generator(ckpt, "sampling", dev, decoder=decoder)
     model, refiner = trained.model, None
     if super_res is not None:
         refining = _generator(super_res, "super-resolution", dev, flag="--sr")
@@ -344,6 +350,7 @@ def edit(
     seed: Seed = 0,
     out_dir: Annotated[Path, typer.Option("--out", help="Where the PNGs, prompts.txt and grid.png go.")] = Path("edits"),
     device: Device = None,
+    decoder: TokenDecoder = None,
     offline: Offline = False,
     bf16: Bf16 = False,
     cache_context: CacheContext = True,
@@ -361,7 +368,7 @@ def edit(
     pipeline.check_prompts([prompt])
     pipeline.check_out_dir(out_dir)
     dev = pick_device(device)
-    trained = _generator(ckpt, "editing", dev)
+    trained = _generator(ckpt, "editing", dev, decoder=decoder)
     model = trained.model
     size = model.image_size
     source = pipeline.load_image(image, size)
@@ -409,6 +416,7 @@ def evaluate(
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write every number to this file.")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="With several --steps: metric vs seconds per image, PNG \\[default: next to --json].")] = None,
     device: Device = None,
+    decoder: TokenDecoder = None,
     offline: Offline = False,
     bf16: Bf16 = False,
     compile_model: Compile = False,
@@ -439,7 +447,7 @@ def evaluate(
         if images is not None:
             folder = ImageFolder.open(images, prompts)
         else:
-            trained = _generator(ckpt, "evaluation", env.device, say=env.is_main)
+            trained = _generator(ckpt, "evaluation", env.device, say=env.is_main, decoder=decoder)
             sampling.check(trained.model.generate, trained.family.name)
             model, subject = sampling.speed.prepare(trained.model), f"{trained.run.path} step {trained.checkpoint.step}"
             data = data or trained.config.data.shards

@@ -32,6 +32,7 @@ class Family:
     generates_tokens: bool = False  # `generate_tokens`: a token grid a super-resolution Muse can refine
     refines_tokens: bool = False  # a run with model.lowres_grid > 0 is a super-resolution stage (`sample --sr`)
     is_tokenizer: bool = False  # an image tokenizer (encode/decode): `tokenize --vq`, `--vq`, `eval --recon`
+    decodes_tokenizer: bool = False  # given a tokenizer (`model.vq`), keeps its encoder and codebook, trains a decoder
     generates_images: bool = False  # text-to-image generator (sample/edit/eval --fid apply)
     supports_dual_output: bool = False  # a continuous diffusion family: model.dual_output is its head option
     presets_name: str = "PRESETS"  # the module's dict of size presets
@@ -63,7 +64,7 @@ class Family:
     def build(self, model_config: Any) -> Any:
         """The network; a family that takes a tokenizer is handed the one `model.vq` names (families load
         nothing themselves)."""
-        if self.takes_tokenizer and model_config.vq:
+        if (self.takes_tokenizer or self.decodes_tokenizer) and model_config.vq:
             return self.model_cls()(model_config, load_tokenizer(model_config.vq).model)
         return self.model_cls()(model_config)
 
@@ -77,7 +78,7 @@ FAMILIES: dict[str, Family] = {
         Family(
             "vqgan", "VQGAN image tokenizer", "Esser et al. 2021",
             module="imgen_cli.models.vqgan", config_class="VQGANConfig", model_class="VQGAN", is_tokenizer=True,
-            trains_at_image_size=True,
+            decodes_tokenizer=True, trains_at_image_size=True,
         ),
         Family("muse", "masked generative transformer", "Chang et al. 2023",
                module="imgen_cli.models.muse", config_class="MuseConfig", model_class="Muse",
@@ -193,5 +194,24 @@ def load_tokenizer(name: str, device: Any = "cpu") -> LoadedTokenizer:
     trained = load_trained(name, device=device, flag="--vq")
     if not trained.family.is_tokenizer:
         raise UserError(f"--vq {name} is a {trained.family.name} run, not an image tokenizer (vqgan).")
+    source = trained.config.model.vq
+    if source:  # a decoder fine-tuned on another tokenizer's codes: its tokens are that one's, and so is its identity
+        return LoadedTokenizer(name, trained.model, lambda: {**load_tokenizer(source).record, "decoder": name,
+                                                             "image_size": trained.config.model.image_size})
     return LoadedTokenizer(name, trained.model, lambda: tokenizer_record(trained))
 
+
+
+def use_decoder(trained: TrainedModel, decoder: str, device: Any = "cpu") -> None:
+    """`--decoder RUN`: a token model's images decoded by a decoder fine-tuned on its tokenizer's codes (Muse's
+    decoder fine-tuning, a vqgan run with `model.vq`) instead of the tokenizer's own decoder. Refused unless its
+    tokens are the ones the model was trained on."""
+    vq = trained.config.model.vq if trained.family.reads_tokens else ""
+    if not vq:
+        raise UserError(f"--decoder is for models of image tokens (muse, vqdiffusion, bitdiff with --vq); "
+                        f"{trained.run.path} is not one.")
+    replacement = load_tokenizer(decoder, device)
+    if replacement.record["hash"] != load_tokenizer(vq).record["hash"]:
+        raise UserError(f"--decoder {decoder} does not decode the tokens of {vq}, the tokenizer of "
+                        f"{trained.run.path}; give a vqgan run trained with --vq {vq}.")
+    trained.model.carry_tokenizer(replacement.model.eval())

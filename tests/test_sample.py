@@ -90,9 +90,6 @@ def test_token_family_checks_its_data(vq_run: Path, shapes_shards: Path, vq_shar
     result = train("--model", "muse", "--preset", "tiny", "--data", str(shapes_shards), "--vq", str(vq_run),
                    "--out", str(tmp_path / "c"), "--steps", "1")  # no tokens in the shards: encoded on the fly
     assert "holds no pre-encoded tokens" in one_line(result)
-    result = invoke("train", "--model", "vqgan", "--data", str(shapes_shards), "--vq", str(vq_run), "--out",
-                    str(tmp_path / "d"))
-    assert result.exit_code == 2 and "--vq is for the families that stand on a tokenizer" in one_line(result)
 
 
 def test_sample_writes_files_prompts_and_a_grid_reproducibly(muse_run: Path, tmp_path: Path) -> None:

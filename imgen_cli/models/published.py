@@ -95,12 +95,16 @@ class PublishedAutoencoder(nn.Module):
         """Images [B, 3, H, W] in [0, 1] from code indices [B, h, w] (a VQModel)."""
         b, h, w = tokens.shape
         shape = (b, h, w, self.latent_channels)
-        if self.config.lookup_from_codebook:
+        if self.config.lookup_from_codebook:  # then diffusers looks the codes up itself, from the ids
             pixels = self.model.decode(tokens.reshape(b, -1), force_not_quantize=True, shape=shape).sample
         else:
-            codes = self.model.quantize.get_codebook_entry(tokens.reshape(-1), shape)
-            pixels = self.model.decode(codes, force_not_quantize=True).sample
+            pixels = self.model.decode(self.code_vectors(tokens), force_not_quantize=True).sample
         return self._images(pixels)
+
+    def code_vectors(self, tokens: Tensor) -> Tensor:
+        """The codebook's vectors [B, C, h, w] of code indices [B, h, w] (a VQModel): what its decoder reads."""
+        b, h, w = tokens.shape
+        return self.model.quantize.get_codebook_entry(tokens.reshape(-1), (b, h, w, self.latent_channels))
 
     def encode_latents(self, images: Tensor) -> Tensor:
         """Latents [B, C, h, w] of images in [0, 1], unscaled: an AutoencoderKL's posterior mean, a VQModel's

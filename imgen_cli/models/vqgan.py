@@ -21,7 +21,17 @@ lambda = |grad L_rec| / (|grad L_adv| + 1e-4) at the decoder's last layer. Both 
 shared loop with one optimizer: the discriminator loss sees detached reconstructions and the generator's
 adversarial term sees a detached copy of the discriminator, so one backward gives each player only its own
 gradient.
+
+Muse's decoder fine-tuning (Chang et al. 2023, section 2.2): a run with `model.vq` (an imgen vqgan run, or a
+diffusers VQModel) keeps that tokenizer's encoder and codebook, frozen and outside the state dict, and trains
+only a decoder of its own, grown with more residual blocks per level (`decoder_res_blocks`) and more channels
+(`decoder_channels`). Its token ids are the tokenizer's, so the shards and every model trained on them stay
+valid. Grown from an imgen vqgan of the same widths, the decoder starts as that one's: its blocks are copied and
+each added residual block starts as the identity (its last convolution zero), so fine-tuning starts from the
+old reconstructions; wider, or on a VQModel, it starts fresh.
 """
+
+from __future__ import annotations
 
 import math
 from dataclasses import dataclass
@@ -34,7 +44,7 @@ from torch import Tensor, nn
 
 from imgen_cli import pretrained
 from imgen_cli.errors import UserError, require
-from imgen_cli.nn.family import FamilyNetwork
+from imgen_cli.nn.tokens import CarriesTokenizer
 
 QUANTIZERS = ("cosine", "ema")
 DOWNSAMPLE_FACTORS = (4, 8, 16)
@@ -64,6 +74,10 @@ class VQGANConfig:
     disc_start: int = 2000  # training steps before the adversarial terms switch on
     disc_channels: int = 64
     disc_layers: int = 3
+    # decoder fine-tuning (see the module docstring): the tokenizer whose encoder and codebook are kept, frozen
+    vq: str = ""
+    decoder_channels: int = 0  # the decoder's base width (0 = channels)
+    decoder_res_blocks: int = 0  # residual blocks per decoder level (0 = num_res_blocks + 1, taming's)
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(self.channel_mult)  # configs read from TOML or JSON carry lists
@@ -72,12 +86,16 @@ class VQGANConfig:
     def downsample_factor(self) -> int:
         return 2 ** (len(self.channel_mult) - 1)
 
+    @property
+    def decoder_widths(self) -> list[int]:
+        return [(self.decoder_channels or self.channels) * m for m in self.channel_mult]
+
     def validate(self) -> None:
         mult = list(self.channel_mult)
         require(len(mult) > 0 and all(m >= 1 for m in mult),
                 f"channel_mult must be a non-empty list of positive integers, got {mult}.")
         f = self.downsample_factor
-        require(f in DOWNSAMPLE_FACTORS,
+        require(f in DOWNSAMPLE_FACTORS or self.vq,  # a decoder follows its tokenizer's factor, whatever it is
                 f"channel_mult {mult} gives a downsampling factor of {f}, but VQGAN supports only 4, 8 or 16.",
                 "Use 3, 4 or 5 entries in channel_mult.")
         require(self.image_size >= f and self.image_size % f == 0,
@@ -102,6 +120,8 @@ class VQGANConfig:
                 "perceptual_weight > 0 needs model.perceptual_weights, the path of a local VGG16 state dict.",
                 "e.g. torchvision's vgg16-397923af.pth; imgen downloads nothing.")
         require(self.disc_layers >= 1 and self.disc_channels >= 1, "disc_layers and disc_channels must be >= 1.")
+        require(self.decoder_channels >= 0 and self.decoder_res_blocks >= 0,
+                "decoder_channels and decoder_res_blocks must be >= 0 (0 = the encoder's).")
 
 
 def _norm(width: int) -> nn.GroupNorm:
@@ -187,13 +207,13 @@ class _Decoder(nn.Module):
 
     def __init__(self, cfg: VQGANConfig) -> None:
         super().__init__()
-        widths = [cfg.channels * m for m in cfg.channel_mult]
+        widths = cfg.decoder_widths
         self.mid = _middle(widths[-1], cfg.attn_at_lowest)
         blocks: list[nn.Module] = []
         cin = widths[-1]
         for level in reversed(range(len(widths))):
-            # one block more than the encoder, as in taming: generating detail is the harder direction
-            for _ in range(cfg.num_res_blocks + 1):
+            # one block more than the encoder by default, as in taming: generating detail is the harder direction
+            for _ in range(cfg.decoder_res_blocks or cfg.num_res_blocks + 1):
                 blocks.append(_ResBlock(cin, widths[level]))
                 cin = widths[level]
             if level > 0:
@@ -204,6 +224,34 @@ class _Decoder(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         return self.conv_out(F.silu(self.norm_out(self.up(self.mid(h)))))
+
+    def levels(self) -> list[list[nn.Module]]:
+        """The modules of `up` level by level, coarsest first; each level's upsampling ends it."""
+        levels: list[list[nn.Module]] = [[]]
+        for module in self.up:
+            levels[-1].append(module)
+            if isinstance(module, _Upsample):
+                levels.append([])
+        return levels
+
+    @torch.no_grad()
+    def grow_from(self, old: _Decoder) -> None:
+        """Start as `old`, a decoder of the same widths with fewer (or as many) residual blocks per level: its
+        modules are copied, and each added block starts as the identity (cin = cout, so a zero last convolution
+        leaves only the shortcut)."""
+        for name in ("mid", "norm_out", "conv_out"):
+            getattr(self, name).load_state_dict(getattr(old, name).state_dict())
+        for new_level, old_level in zip(self.levels(), old.levels(), strict=True):
+            new_blocks = [m for m in new_level if isinstance(m, _ResBlock)]
+            old_blocks = [m for m in old_level if isinstance(m, _ResBlock)]
+            for i, block in enumerate(new_blocks):
+                if i < len(old_blocks):
+                    block.load_state_dict(old_blocks[i].state_dict())
+                else:
+                    nn.init.zeros_(block.conv2.weight)
+                    nn.init.zeros_(block.conv2.bias)
+            for new, prior in zip(new_level[len(new_blocks):], old_level[len(old_blocks):], strict=True):
+                new.load_state_dict(prior.state_dict())  # the level's upsampling
 
 
 class _VectorQuantizer(nn.Module):
@@ -390,24 +438,36 @@ class _PerceptualDistance(nn.Module):
         return total
 
 
-class VQGAN(FamilyNetwork):
-    """Image tokenizer: images in [0, 1] <-> [B, H/f, W/f] grids of code indices in [0, K)."""
+class VQGAN(CarriesTokenizer):
+    """Image tokenizer: images in [0, 1] <-> [B, H/f, W/f] grids of code indices in [0, K). Given a tokenizer
+    (`model.vq`), its encoder and codebook are that one's and only the decoder is this network's."""
+
+    family = "vqgan"
 
     # the units the training engine shards (FSDP2) and recomputes (activation checkpointing)
     block_types = (_ResBlock, _Attention)
     # the EMA copies the codebook instead of averaging it: a restarted code must not blend with its dead self
     ema_copied = ("quantizer.weight",)
 
-    def __init__(self, cfg: VQGANConfig) -> None:
+    def __init__(self, cfg: VQGANConfig, tokenizer: nn.Module | None = None) -> None:
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        top = cfg.channels * cfg.channel_mult[-1]
-        self.encoder = _Encoder(cfg)
-        self.quant_conv = nn.Conv2d(top, cfg.code_dim, 1)
-        self.quantizer = _VectorQuantizer(cfg)
-        self.post_quant_conv = nn.Conv2d(cfg.code_dim, top, 1)
+        if tokenizer is None:
+            self.encoder = _Encoder(cfg)
+            self.quant_conv = nn.Conv2d(cfg.channels * cfg.channel_mult[-1], cfg.code_dim, 1)
+            self.quantizer = _VectorQuantizer(cfg)
+        else:
+            self.carry_tokenizer(tokenizer)
+            if tokenizer.downsample_factor != cfg.downsample_factor:
+                raise UserError(f"the tokenizer {cfg.vq} downsamples by {tokenizer.downsample_factor}, but "
+                                f"model.channel_mult {list(cfg.channel_mult)} upsamples by {cfg.downsample_factor}.",
+                                "Give the decoder as many levels as the tokenizer's encoder.")
+        self.post_quant_conv = nn.Conv2d(self.latent_channels, cfg.decoder_widths[-1], 1)
         self.decoder = _Decoder(cfg)
+        if isinstance(tokenizer, VQGAN) and tokenizer.cfg.decoder_widths == cfg.decoder_widths:
+            self.post_quant_conv.load_state_dict(tokenizer.post_quant_conv.state_dict())
+            self.decoder.grow_from(tokenizer.decoder)
         self.discriminator = _PatchDiscriminator(cfg.disc_channels, cfg.disc_layers) if cfg.disc_weight else None
         # outside the module tree: frozen, and not worth 56 MB in every checkpoint
         self._perceptual = [_PerceptualDistance(cfg.perceptual_weights)] if cfg.perceptual_weight else []
@@ -415,7 +475,7 @@ class VQGAN(FamilyNetwork):
 
     @property
     def codebook_size(self) -> int:
-        return self.cfg.codebook_size
+        return self.tokenizer.codebook_size if self.tokenizer is not None else self.cfg.codebook_size
 
     @property
     def downsample_factor(self) -> int:
@@ -437,17 +497,26 @@ class VQGAN(FamilyNetwork):
     # where it is known (a cosine codebook's latents lie on the unit sphere, so sqrt(channels))
     @property
     def latent_channels(self) -> int:
-        return self.cfg.code_dim
+        return self.tokenizer.latent_channels if self.tokenizer is not None else self.cfg.code_dim
 
     @property
     def latent_scale(self) -> float | None:
         return math.sqrt(self.cfg.code_dim) if self.cfg.quantizer == "cosine" else None
 
     def encode_latents(self, images: Tensor) -> Tensor:
-        return self.quantizer.project(self.encode_continuous(images), dim=1)
+        return self.quantizer.project(self.own_encoder("give latents").encode_continuous(images), dim=1)
 
     def decode_latents(self, latents: Tensor) -> Tensor:
+        self.own_encoder("decode latents")
         return self.decode_continuous(latents)
+
+    def own_encoder(self, action: str) -> VQGAN:
+        """This network, where its encoder is its own; a decoder on another tokenizer's codes serves token ids
+        only (the latents are that tokenizer's)."""
+        if self.tokenizer is not None:
+            raise UserError(f"this vqgan run is a decoder on the codes of {self.cfg.vq}, so it cannot {action}; "
+                            f"use {self.cfg.vq} itself.")
+        return self
 
     def encode_continuous(self, images: Tensor) -> Tensor:
         """Pre-quantisation latents [B, d, h, w] of images [B, 3, H, W] in [0, 1]."""
@@ -455,22 +524,41 @@ class VQGAN(FamilyNetwork):
 
     def decode_continuous(self, latents: Tensor) -> Tensor:
         """Images in [0, 1] from latents [B, d, h, w], quantised or not (projected as the codes are)."""
-        h = self.post_quant_conv(self.quantizer.project(latents, dim=1))
-        return ((self.decoder(h) + 1) / 2).clamp(0, 1)
+        return self.decode_codes(self.quantizer.project(latents, dim=1))
+
+    def decode_codes(self, codes: Tensor) -> Tensor:
+        """Images in [0, 1] from code vectors [B, d, h, w]."""
+        return ((self.decoder(self.post_quant_conv(codes)) + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
         """Code indices [B, h, w] (int64) of images [B, 3, H, W] in [0, 1]."""
+        if self.tokenizer is not None:
+            return self.tokenizer.encode(images)
         return self.quantizer.assign(self.encode_continuous(images))
+
+    def code_vectors(self, tokens: Tensor) -> Tensor:
+        """The codebook's vectors [B, d, h, w] of code indices [B, h, w]: what the decoder reads."""
+        if self.tokenizer is not None:
+            return self.tokenizer.code_vectors(tokens)
+        return self.quantizer.lookup(tokens).permute(0, 3, 1, 2)
 
     def decode(self, tokens: Tensor) -> Tensor:
         """Images [B, 3, H, W] in [0, 1] from code indices [B, h, w]."""
-        return self.decode_continuous(self.quantizer.lookup(tokens).permute(0, 3, 1, 2))
+        return self.decode_codes(self.code_vectors(tokens))
+
+    def quantized(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The code vectors of a training batch and the quantiser's loss terms (none where the encoder and
+        codebook are a frozen tokenizer's)."""
+        if self.tokenizer is not None:
+            return self.code_vectors(self.encode(images)), {}
+        zq, stats = self.quantizer(self.encode_continuous(images))
+        return zq, stats
 
     def loss(self, batch: dict) -> dict[str, Tensor]:
         cfg = self.cfg
         x = batch["image"] * 2 - 1
-        zq, stats = self.quantizer(self.encode_continuous(batch["image"]))
+        zq, stats = self.quantized(batch["image"])
         rec = self.decoder(self.post_quant_conv(zq)).float()
         l1 = (rec - x).abs().mean()
         l2 = (rec - x).pow(2).mean()
@@ -480,7 +568,7 @@ class VQGAN(FamilyNetwork):
             perceptual = self._perceptual[0].to(x.device)(rec, x)
             reconstruction = reconstruction + cfg.perceptual_weight * perceptual
             parts["perceptual"] = perceptual.detach()
-        total = reconstruction + stats["commit"] + stats["codebook"]
+        total = reconstruction + (stats["commit"] + stats["codebook"] if stats else 0)
         if self.discriminator is not None:
             adversarial = self._adversarial(x, rec, reconstruction)
             total = total + adversarial.pop("total")

@@ -92,8 +92,8 @@ def prepare(req: TrainRequest, runs_root: Path, recipes: Path, note: Callable[[s
 
 
 def _check_family_options(family: registry.Family, req: TrainRequest) -> None:
-    if req.vq is not None and not family.takes_tokenizer:
-        with_it = [f.name for f in registry.FAMILIES.values() if f.takes_tokenizer]
+    if req.vq is not None and not (family.takes_tokenizer or family.decodes_tokenizer):
+        with_it = [f.name for f in registry.FAMILIES.values() if f.takes_tokenizer or f.decodes_tokenizer]
         raise UserError(f"--vq is for the families that stand on a tokenizer ({', '.join(with_it)}); {family.name} "
                         "does not.")
     if not family.supports_dual_output and any(s.split("=")[0].strip() == "model.dual_output" for s in req.sets):
