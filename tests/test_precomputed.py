@@ -165,3 +165,17 @@ def test_tokenize_stores_an_autoencoder_kls_posterior_mean_and_latent_diffit_tra
     line = error_line(invoke("train", *common, "--vq", str(tmp_path / "vae-other"), "--out", str(tmp_path / "d2"),
                              "--steps", "1"))
     assert f"was tokenized with {tmp_path / 'vae'} (weights " in line
+
+
+def test_a_frozen_encoders_empty_prompt_is_encoded_once_per_autocast_state(tmp_path: Path) -> None:
+    save_tiny_t5(tmp_path / "t5")
+    encoder = TransformersText(TextEncoderConfig(text_encoder=str(tmp_path / "t5"), text_context=8))
+    calls = []
+    encode = encoder.encode
+    encoder.encode = lambda captions: calls.append(captions) or encode(captions)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        encoder.null(2), encoder.null(3)
+    outside = encoder.null(2)
+    assert calls == [[""], [""]] and outside.states.dtype == torch.float32 and outside.states.shape == (2, 8, 32)
+    encoder.to(torch.float64)  # moved or cast: encoded again where the encoder now is
+    assert encoder.null(1).states.dtype == torch.float64 and len(calls) == 3

@@ -135,7 +135,8 @@ class TextEncoder(nn.Module):
     def encode(self, captions: list[str]) -> TextStates:
         raise NotImplementedError
 
-    _empty: TextStates | None = None  # a frozen encoder's encoding of the empty prompt, computed once
+    # a frozen encoder's encoding of the empty prompt, computed once per autocast state (bf16 under autocast)
+    _empty: dict[tuple[bool, bool], TextStates] | None = None
 
     def forward(self, captions: list[str]) -> TextStates:
         with torch.no_grad() if self.frozen else contextlib.nullcontext():
@@ -150,9 +151,13 @@ class TextEncoder(nn.Module):
 
     def null(self, batch_size: int) -> TextStates:
         """The null condition of classifier-free guidance: the empty prompt's encoding, repeated."""
-        empty = self._empty if self._empty is not None else self([""])
-        if self.frozen:  # a frozen encoder's is a constant: not one more encoder call every training step
-            self._empty = empty
+        autocast = (torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"))
+        cache = self._empty if self._empty is not None else {}
+        empty = cache.get(autocast)
+        if empty is None:
+            empty = self([""])
+            if self.frozen:  # a frozen encoder's is a constant: not one more encoder call every training step
+                self._empty = {**cache, autocast: empty}
         return TextStates(empty.states.expand(batch_size, -1, -1), empty.mask.expand(batch_size, -1),
                           empty.pooled.expand(batch_size, -1))
 
