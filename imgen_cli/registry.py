@@ -201,7 +201,6 @@ def load_tokenizer(name: str, device: Any = "cpu") -> LoadedTokenizer:
     return LoadedTokenizer(name, trained.model, lambda: tokenizer_record(trained))
 
 
-
 def use_decoder(trained: TrainedModel, decoder: str, device: Any = "cpu") -> None:
     """`--decoder RUN`: a token model's images decoded by a decoder fine-tuned on its tokenizer's codes (Muse's
     decoder fine-tuning, a vqgan run with `model.vq`) instead of the tokenizer's own decoder. Refused unless its
