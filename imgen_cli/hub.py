@@ -163,6 +163,13 @@ def file_hashes(path: Path) -> dict[str, str]:
     return {str(p.relative_to(path)): _sha256_of(p.resolve(), p.stat().st_size, p.stat().st_mtime_ns) for p in files}
 
 
+def folder_digest(path: Path) -> str:
+    """One short hash of a model folder: the digest of its files' digests (`file_hashes`), what identifies
+    published weights in shard manifests."""
+    listing = "".join(f"{file}:{sha}" for file, sha in file_hashes(path).items())
+    return hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+
 @functools.cache  # a run's start hashes its weights more than once (the pin, the shards' check): T5-XXL's 9 GB once
 def _sha256_of(path: Path, size: int, mtime_ns: int) -> str:
     """(The size and time are in the cache's key, so a file rewritten in place is hashed again.)"""

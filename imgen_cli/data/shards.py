@@ -127,13 +127,10 @@ def tokenizer_record(trained: Any) -> dict[str, Any]:
 
 def published_record(name: str, path: Path) -> dict[str, Any]:
     """What identifies a published tokenizer (registry.load_tokenizer): its name, and for the hash, the digest of
-    its files' digests (imgen_cli.hub.file_hashes). It has no training step and no image size of its own."""
-    import hashlib
-
+    its files' digests (imgen_cli.hub.folder_digest). It has no training step and no image size of its own."""
     from imgen_cli import hub
 
-    digest = hashlib.sha256("".join(f"{file}:{sha}" for file, sha in hub.file_hashes(path).items()).encode())
-    return {"run": name, "step": None, "hash": digest.hexdigest()[:16], "image_size": None}
+    return {"run": name, "step": None, "hash": hub.folder_digest(path), "image_size": None}
 
 
 def check_tokenizer(shards: ShardSet, expected: dict[str, Any], spec: str) -> None:

@@ -78,11 +78,9 @@ def token_encoder(vq: str, device: str | None, size: int | None) -> TokenEncoder
     if size % model.downsample_factor:  # before anything is written, not in the middle of the shards
         raise UserError(f"--size {size} is not divisible by the tokenizer's downsampling factor "
                         f"{model.downsample_factor}.")
-    grid = list(model.grid_shape(size))
-    if model.codebook_size:
-        record = {**tokenizer.record, "codebook_size": model.codebook_size, "grid": grid, "image_size": size}
-    else:
-        record = {**tokenizer.record, "latent_channels": model.latent_channels, "grid": grid, "image_size": size}
+    contents = {"codebook_size": model.codebook_size} if model.codebook_size else \
+        {"latent_channels": model.latent_channels}
+    record = {**tokenizer.record, **contents, "grid": list(model.grid_shape(size)), "image_size": size}
 
     @torch.no_grad()
     def encode(images: np.ndarray) -> np.ndarray:
@@ -116,9 +114,10 @@ def caption_encoder(text_encoder: str, device: str | None, *, layer: str = "last
         text = encoder([c for sample in captions for c in sample])
         states, pooled = text.states.float().cpu().numpy(), text.pooled.float().cpu().numpy()
         mask = text.mask.cpu().numpy()
-        ends = np.cumsum([len(sample) for sample in captions])
-        return [shard_format.pack_text(states[end - n : end], mask[end - n : end], pooled[end - n : end])
-                for n, end in zip((len(sample) for sample in captions), ends, strict=True)]
+        counts = [len(sample) for sample in captions]
+        starts = np.cumsum([0, *counts[:-1]])
+        return [shard_format.pack_text(states[a : a + n], mask[a : a + n], pooled[a : a + n])
+                for a, n in zip(starts, counts, strict=True)]
 
     return CaptionEncoder(encode, record)
 

@@ -339,15 +339,13 @@ def text_encoder_record(cfg: TextEncoderConfig) -> dict[str, Any]:
     --text-encoder`): a hash of its weights and tokenizer (their files' SHA-256, not their names: a pinned and an
     unpinned name of the same commit are the same encoder) and the layer read; and the context length."""
     import hashlib
-    import json
 
     from imgen_cli import hub
 
     model_path = hub.local_path(cfg.text_encoder, "model.text_encoder")
     tokenizer_name, tokenizer_path = _tokenizer_source(cfg, model_path)
-    files = {"encoder": hub.file_hashes(model_path), "tokenizer": hub.file_hashes(tokenizer_path),
-             "layer": cfg.text_layer}
-    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+    parts = f"{hub.folder_digest(model_path)}:{hub.folder_digest(tokenizer_path)}:{cfg.text_layer}"
+    digest = hashlib.sha256(parts.encode()).hexdigest()[:16]
     return {"text_encoder": cfg.text_encoder, "text_tokenizer": tokenizer_name, "text_layer": cfg.text_layer,
             "text_context": cfg.text_context, "hash": digest}
 
