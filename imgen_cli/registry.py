@@ -69,8 +69,8 @@ class Family:
         return self.model_cls()(model_config)
 
 
-# dual-output runs trained before model.gate_start existed had the paper's gate
-DUAL_OUTPUT_BEFORE_GATE_START = (("gate_start", "even"),)
+# dual-output runs trained before model.gate_start and model.eps_head existed had the paper's gate and shared trunk
+DUAL_OUTPUT_FORMER_DEFAULTS = (("gate_start", "even"), ("eps_head", "shared"))
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -92,15 +92,15 @@ FAMILIES: dict[str, Family] = {
         Family("bitdiff", "Bit Diffusion with analog bits", "Chen et al. 2022",
                module="imgen_cli.models.bit_diffusion", config_class="BitDiffusionConfig", model_class="BitDiffusion",
                takes_tokenizer=True, reads_tokens=True, generates_images=True, supports_dual_output=True,
-               former_defaults=DUAL_OUTPUT_BEFORE_GATE_START),
+               former_defaults=DUAL_OUTPUT_FORMER_DEFAULTS),
         Family("diffit", "DiffiT vision-transformer diffusion in image space", "Hatamizadeh et al. 2023",
                module="imgen_cli.models.diffit_image", config_class="ImageDiffiTConfig", model_class="ImageDiffiT",
-               generates_images=True, supports_dual_output=True, former_defaults=DUAL_OUTPUT_BEFORE_GATE_START,
+               generates_images=True, supports_dual_output=True, former_defaults=DUAL_OUTPUT_FORMER_DEFAULTS,
                retired_keys=("vq", "latent_channels", "grid", "latent_scale", "patch", "width", "depth", "heads")),
         Family("diffit-latent", "DiffiT over a vqgan's continuous latents", "Hatamizadeh et al. 2023",
                module="imgen_cli.models.diffit_latent", config_class="LatentDiffiTConfig", model_class="LatentDiffiT",
                takes_tokenizer=True, reads_latents=True, generates_images=True, supports_dual_output=True,
-               former_defaults=DUAL_OUTPUT_BEFORE_GATE_START,
+               former_defaults=DUAL_OUTPUT_FORMER_DEFAULTS,
                retired_keys=("image_size", "time_dim", "widths", "depths", "window", "head_dim",
                              "cross_attention_resolution")),
         Family("clip", "in-project CLIP evaluator", "Radford et al. 2021",

@@ -348,7 +348,7 @@ def test_clear_errors_for_bad_configs() -> None:
              (dict(gate_loss="l1"), "unknown model.gate_loss"),
              (dict(gate_start="half"), "unknown model.gate_start 'half'; choose one of v, even"),
              (dict(time_spacing="log"), "unknown model.time_spacing 'log'"),
-             (dict(eps_head="own"), "unknown model.eps_head 'own'; choose one of shared, separate"),
+             (dict(eps_head="own"), "unknown model.eps_head 'own'; choose one of separate, shared"),
              (dict(time_spacing="respaced", td=0.5), "leave it at 0 with model.time_spacing=respaced")]
     for overrides, message in cases:
         with pytest.raises(UserError, match=message):
@@ -367,9 +367,12 @@ def test_recipe_and_config_round_trip() -> None:
     saved = json.loads(json.dumps(cfg.to_dict()))
     entry = registry.get("bitdiff")
     assert from_dict(saved, BitDiffusionConfig, entry.retired_keys, entry.former_defaults).model == cfg.model
-    # a dual-output run trained before model.gate_start existed keeps the paper's gate it was trained with
-    del saved["model"]["gate_start"]
-    assert from_dict(saved, BitDiffusionConfig, entry.retired_keys, entry.former_defaults).model.gate_start == "even"
+    # a dual-output run trained before model.gate_start and model.eps_head existed keeps the paper's gate and
+    # shared trunk it was trained with
+    assert (cfg.model.gate_start, cfg.model.eps_head) == ("v", "separate")
+    del saved["model"]["gate_start"], saved["model"]["eps_head"]
+    old = from_dict(saved, BitDiffusionConfig, entry.retired_keys, entry.former_defaults).model
+    assert (old.gate_start, old.eps_head) == ("even", "shared")
 
 
 # --- the commands ----------------------------------------------------------------------------------------------------

@@ -476,15 +476,19 @@ OLD_FIELDS = dict(vq="", latent_channels=0, grid=0, latent_scale=0.0, image_size
                                                          ("diffit-latent", LatentDiffiTConfig, LATENT_PRESETS)])
 def test_config_json_of_an_older_version_still_loads(family: str, cls: type, presets: dict) -> None:
     """A run saved by the single-config DiffiT keeps loading (and resuming): the other space's keys are dropped,
-    its own keep their saved values, and a key added since (model.gate_start) takes what the old run did."""
+    its own keep their saved values, and keys added since (model.gate_start, model.eps_head) take what the old run
+    did."""
     cfg = resolve(family, cls, presets, sets=["model.p_mean=-0.4", "model.dual_output=true"])
     saved = json.loads(json.dumps(cfg.to_dict()))
-    old = {**saved, "model": {**OLD_FIELDS, **{k: v for k, v in saved["model"].items() if k != "gate_start"}}}
+    old = {**saved, "model": {**OLD_FIELDS, **{k: v for k, v in saved["model"].items()
+                                               if k not in ("gate_start", "eps_head")}}}
     entry = registry.get(family)
     assert set(old["model"]) - set(saved["model"]) == set(entry.retired_keys)
     loaded = from_dict(old, cls, entry.retired_keys, entry.former_defaults).model
-    assert loaded.gate_start == "even" and cfg.model.gate_start == "v"  # the paper's gate, as trained then
-    assert dataclasses.replace(loaded, gate_start="v") == cfg.model
+    # the paper's gate and shared trunk, as trained then
+    assert (loaded.gate_start, loaded.eps_head) == ("even", "shared")
+    assert (cfg.model.gate_start, cfg.model.eps_head) == ("v", "separate")
+    assert dataclasses.replace(loaded, gate_start="v", eps_head="separate") == cfg.model
 
 
 # --- the commands ----------------------------------------------------------------------------------------------------

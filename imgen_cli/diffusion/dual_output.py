@@ -16,6 +16,12 @@ amplifies a head's error. An even gate must learn a logit above 9.2 to keep the 
 Mixing the posterior means with r is the same as mixing the x0 estimates, because both means are affine in
 their estimate with the same x_t coefficient. Training gives each head its own plain loss and trains the gate
 alone through the posterior-mean loss, in which both heads are stop-gradiented (reference/dual_output.md).
+
+Where the eps head reads the trunk (`eps_head`): the paper trains both heads on one shared trunk ("shared").
+imgen's default ("separate") gives the eps rows of the last layer the trunk's features detached, so the eps loss
+trains only those rows: measured on Bit Diffusion's shapes recipe, the shared trunk's eps loss (3x the x0 loss
+there) spoilt the x head itself (R-precision 0.22 at 5 DDIM steps with the x head alone, against 0.49 with the
+trunk kept apart and 0.53 for an x0-only run; BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from imgen_cli.errors import UserError
 
 GATE_LOSSES = ("posterior", "x0")
 GATE_STARTS = ("v", "even")
-EPS_HEADS = ("shared", "separate")
+EPS_HEADS = ("separate", "shared")
 GATE_STEP = 1e-3  # u = max(t - 1/1000, 0) for the gate's posterior: continuous time mirroring T = 1000
 
 
