@@ -518,6 +518,50 @@ def _evaluate_recon(ckpt: str | None, data: str | None, n: int, json_path: Path 
         json_path.write_text(json.dumps(report, indent=2) + "\n")
 
 
+# --- published pipelines ---------------------------------------------------------------------------------------
+
+
+@app.command(name="import", epilog="Examples: imgen import hf:amused/amused-256 --out runs/amused-256 | "
+                                   "imgen import ./my-amused-pipeline --out runs/mine")
+@guarded
+def import_(
+    source: Annotated[str, typer.Argument(help="A diffusers pipeline: hf:ORG/REPO[@REVISION] or a local folder.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="The new run directory.")],
+    offline: Offline = False,
+) -> None:
+    """Make a published pipeline (aMUSEd) an imgen run: sample, edit, eval and export it like any run."""
+    if offline:
+        hub.set_offline()
+    from imgen_cli.pipelines import import_pipeline
+
+    imported = import_pipeline(source, out_dir)
+    revision = f" at {imported['revision']}" if imported["revision"] else ""
+    out.print(f"{imported['pipeline']} {imported['source']}{revision} -> {out_dir}/ (a muse run on the uvit2d "
+              f"backbone); try: imgen sample \"a photo of a cat\" --ckpt {out_dir}", highlight=False)
+
+
+@app.command(epilog="Example: imgen export runs/amused-256 --format diffusers --out amused-export/")
+@guarded
+def export(
+    run: Annotated[str, typer.Argument(help="The run directory (or one of its checkpoints) to export.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="The pipeline folder to write (new or empty).")],
+    fmt: Annotated[str, typer.Option("--format", help="diffusers: a pipeline folder its from_pretrained loads.")]
+    = "diffusers",
+    raw: Annotated[bool, typer.Option("--raw", help="Export the raw weights, not the EMA ones.")] = False,
+    offline: Offline = False,
+) -> None:
+    """Write a run as a diffusers pipeline (AmusedPipeline for Muse on the uvit2d backbone)."""
+    if offline:
+        hub.set_offline()
+    from imgen_cli import registry
+    from imgen_cli.pipelines import export_pipeline
+
+    trained = registry.load_trained(run, "cpu", ema=not raw, flag="imgen export")
+    kind = export_pipeline(trained, out_dir, fmt)
+    out.print(f"{trained.run.path} (step {trained.checkpoint.step}) -> {out_dir}/, a diffusers {kind}",
+              highlight=False)
+
+
 # --- models ---------------------------------------------------------------------------------------------------
 
 
@@ -526,6 +570,7 @@ def _evaluate_recon(ckpt: str | None, data: str | None, n: int, json_path: Path 
 def models() -> None:
     """List the model families, their size presets and parameter counts."""
     from imgen_cli import registry
+    from imgen_cli.pipelines import IMPORTS
 
     table = Table(title="imgen model families")
     for col in ("model", "what", "paper", "presets (parameters)"):
@@ -535,7 +580,8 @@ def models() -> None:
     table.caption = (f"* token families are counted with K={NOMINAL_TOKENS[0]} codes and {NOMINAL_TOKENS[1]}x"
                      f"{NOMINAL_TOKENS[1]} tokens, diffit-latent with {NOMINAL_LATENTS[0]}-channel {NOMINAL_LATENTS[1]}x"
                      f"{NOMINAL_LATENTS[1]} latents (SD's VAE at 256px), where the preset leaves them to the --vq "
-                     f"tokenizer")
+                     f"tokenizer; `imgen import` makes published pipelines runs: "
+                     f"{', '.join(f'{k} -> {v}' for k, v in IMPORTS.items())}")
     out.print(table)
 
 

@@ -73,8 +73,9 @@ def cache_dir() -> str:
     return constants.HF_HUB_CACHE
 
 
-def fetch(name: HubName, what: str) -> Path:
-    """The local snapshot folder of `name` (its subfolder), downloaded into the cache first where it is missing."""
+def fetch(name: HubName, what: str, only: str | None = None) -> Path:
+    """The local snapshot folder of `name` (its subfolder), downloaded into the cache first where it is missing;
+    with `only`, a file name, just that file of the folder (a pipeline's model_index.json, not its weights)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -84,7 +85,8 @@ def fetch(name: HubName, what: str) -> Path:
         RevisionNotFoundError,
     )
 
-    patterns = [f"{name.subfolder}/*"] if name.subfolder else None
+    folder = f"{name.subfolder}/" if name.subfolder else ""
+    patterns = [folder + only] if only else [f"{folder}*"] if folder else None
     try:
         root = Path(snapshot_download(name.repo, revision=name.revision, allow_patterns=patterns,
                                       local_files_only=offline()))

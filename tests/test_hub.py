@@ -125,14 +125,18 @@ def test_clip_text_states_of_the_penultimate_layer_and_the_projected_pool(tmp_pa
     assert encoder.width == 32 and encoder.embed_dim == 24
     out = encoder(CAPTIONS)
     ids = clip_tokenizer()(CAPTIONS, padding="max_length", max_length=20, truncation=True, return_tensors="pt")
-    with torch.no_grad():
-        expected = model(input_ids=ids.input_ids, attention_mask=ids.attention_mask, output_hidden_states=True)
+    with torch.no_grad():  # as CLIP pipelines run it: no attention mask, padding states included
+        expected = model(input_ids=ids.input_ids, output_hidden_states=True)
+        masked = model(input_ids=ids.input_ids, attention_mask=ids.attention_mask, output_hidden_states=True)
     assert torch.allclose(out.states, expected.hidden_states[-2], atol=1e-5)  # aMUSEd's choice
     assert torch.allclose(out.pooled, expected.text_embeds, atol=1e-5)
+    # CLIP is causal: the real tokens' states are the masked run's too, and the mask marks them
+    real = ids.attention_mask.bool()
+    assert torch.equal(out.mask, real) and torch.allclose(out.states[real], masked.hidden_states[-2][real], atol=1e-5)
     plain = save_tiny_clip_text(tmp_path / "plain", projection=False)
     encoder = build_text_encoder(TextEncoderConfig(text_encoder=str(tmp_path / "plain"), text_context=20))
     with torch.no_grad():
-        expected = plain(input_ids=ids.input_ids, attention_mask=ids.attention_mask)
+        expected = plain(input_ids=ids.input_ids)
     out = encoder(CAPTIONS)
     assert encoder.embed_dim == 32 and torch.allclose(out.pooled, expected.pooler_output, atol=1e-5)
     assert torch.allclose(out.states, expected.last_hidden_state, atol=1e-5)  # VQ-Diffusion's choice

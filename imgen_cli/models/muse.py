@@ -8,6 +8,10 @@ confident, re-mask the rest so that floor(U0 gamma((k+1)/T)) stay masked; the la
 Editing reuses that loop: inpainting starts from the source tokens with a hole of MASK, and mask-free editing
 repeatedly re-masks a few random tokens and resamples them under the target prompt.
 
+The network is imgen's transformer by default; `backbone = "uvit2d"` is aMUSEd's (diffusers' UVit2DModel: conv
+stages around a transformer with RMSNorm, GEGLU and micro-conditioning), which `imgen import` brings in with its
+published weights. The masking, decoding, guidance and editing below drive either one alike.
+
 Classifier-free guidance mixes the conditional and unconditional logits, l_c + t (l_c - l_u) with s = 1 + t;
 the unconditional branch sees the text encoder's empty-prompt encoding, which training substitutes for a
 fraction of the captions. A super-resolution stage is this model on a finer grid that also sees the coarse
@@ -23,8 +27,8 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +43,7 @@ from imgen_cli.nn.transformer import TransformerStack
 SCHEDULES = ("cosine", "linear", "power")
 LOSS_NORMS = ("token", "sequence")
 CHOICE_SCHEDULES = ("amused", "maskgit")
+BACKBONES = ("transformer", "uvit2d")
 
 # guided logits [B, N, K] for the current tokens [B, N] (MASK where unknown) at step k
 Predictor = Callable[[Tensor, int], Tensor]
@@ -60,9 +65,29 @@ class MuseConfig(TokenTransformerConfig):
     # downsampled by grid / lowres_grid, encoded by lowres_depth self-attention blocks
     lowres_grid: int = 0
     lowres_depth: int = 2
+    guidance: float = 4.0  # the guidance scale sample, edit and eval use unless told (aMUSEd's pipeline: 10)
+    # the network: imgen's transformer (width, depth, heads, mlp_ratio) | uvit2d, aMUSEd's UVit2DModel of diffusers
+    backbone: str = "transformer"
+    uvit2d: dict[str, Any] = field(default_factory=dict)  # uvit2d: the UVit2DModel config, as diffusers saves it
+    # uvit2d: aMUSEd's micro-conditioning [original width, original height, crop top, crop left, aesthetic score];
+    # [] = its pipeline's default, [image size, image size, 0, 0, 6]
+    micro_conds: list[float] = field(default_factory=list)
 
     def validate(self) -> None:
         super().validate()
+        require(self.backbone in BACKBONES,
+                f"unknown model.backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}.")
+        require(self.backbone != "uvit2d" or bool(self.uvit2d),
+                "model.backbone uvit2d needs model.uvit2d, the UVit2DModel config (imgen import writes it).")
+        require(self.backbone == "uvit2d" or not (self.uvit2d or self.micro_conds),
+                "model.uvit2d and model.micro_conds belong to model.backbone uvit2d.")
+        require(not self.micro_conds or len(self.micro_conds) == 5,
+                f"model.micro_conds has 5 values (width, height, crop top, crop left, aesthetic score), "
+                f"got {self.micro_conds!r}.")
+        require(self.backbone == "transformer" or not self.lowres_grid,
+                "a super-resolution Muse (model.lowres_grid) has imgen's transformer as its backbone.")
+        require(math.isfinite(self.guidance) and self.guidance >= 0,
+                f"model.guidance must be a finite scale >= 0, got {self.guidance}.")
         require(self.schedule in SCHEDULES,
                 f"unknown model.schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
         require(self.schedule_exponent > 0, f"model.schedule_exponent must be > 0, got {self.schedule_exponent}.")
@@ -300,9 +325,13 @@ class Muse(TokenFamily):
         k, d = self.codebook_size, cfg.width
         self.mask_id = k
         self.text_encoder = build_text_encoder(cfg)
+        self.uvit = self.lowres = None
+        if cfg.backbone == "uvit2d":
+            size = self.image_size
+            self.uvit = UVit2D(cfg.uvit2d, k, self.grid, self.text_encoder, cfg.micro_conds or [size, size, 0, 0, 6])
+            return
         self.embed = GridEmbedding(k + 1, self.grid, d)
         self.context = nn.Sequential(nn.Linear(self.text_encoder.width, d), nn.LayerNorm(d))
-        self.lowres = None
         if cfg.lowres_grid:  # low-res tokens are always known: no MASK row
             self.lowres = nn.Sequential(GridEmbedding(k, cfg.lowres_grid, d),
                                         TransformerStack(d, cfg.lowres_depth, cfg.heads, cfg.mlp_ratio))
@@ -315,7 +344,7 @@ class Muse(TokenFamily):
 
     @property
     def device(self) -> torch.device:
-        return self.head.weight.device
+        return self.uvit.model.device if self.uvit is not None else self.head.weight.device
 
     def _lowres_tokens(self, images: Tensor) -> Tensor:
         """The coarse tokens a super-res model sees: the images downsampled by grid / lowres_grid, encoded."""
@@ -327,6 +356,8 @@ class Muse(TokenFamily):
     def condition(self, text: TextStates, lowres_tokens: Tensor | None = None) -> TextStates:
         """Encoded captions -> what the blocks attend to: the projected text states (then, for a super-res
         model, the encoded low-res tokens [B, h', w']) with their mask, and the pooled vector for the norms."""
+        if self.uvit is not None:  # UVit2D projects the text states itself
+            return text
         context, mask = self.context(text.states), text.mask
         if self.lowres is not None:
             side = self.cfg.lowres_grid
@@ -340,6 +371,8 @@ class Muse(TokenFamily):
 
     def forward(self, tokens: Tensor, condition: TextStates) -> Tensor:
         """Logits [B, N, K] for token ids [B, N] (row-major grid, MASK = K) under `condition`."""
+        if self.uvit is not None:
+            return self.uvit(tokens, self.mask_id, condition)
         h = self.transformer(self.embed(tokens), condition.states, condition.mask, condition.pooled)
         return self.head(h)
 
@@ -389,7 +422,7 @@ class Muse(TokenFamily):
         return predict
 
     @torch.no_grad()
-    def generate_tokens(self, prompts: Sequence[str], *, steps: int = 12, guidance: float = 4.0,
+    def generate_tokens(self, prompts: Sequence[str], *, steps: int = 12, guidance: float | None = None,
                         guidance_ramp: bool = False, negative_prompts: Sequence[str] | None = None,
                         token_temperature: float = 1.0, choice_temperature: float | Sequence[float] = (2.0, 0.0),
                         choice_schedule: str = "amused", generator: torch.Generator | None = None,
@@ -397,11 +430,11 @@ class Muse(TokenFamily):
                         known_mask: Tensor | None = None) -> Tensor:
         """Token grids [B, g, g] for B prompts by iterative parallel decoding.
 
-        guidance is s (1 = unguided); guidance_ramp grows it from 1 over the steps; negative prompts take the
-        place of the null in the unconditional branch. choice_temperature and choice_schedule set tau_k (see
-        `choice_temperatures`). init_tokens [B, g, g] start the decoding instead of all-MASK: their MASK
-        entries, and with known_mask [B, g, g] (True = keep) every position it leaves out, are generated;
-        the kept ones come out bit-identical. The generator must live on the model's device.
+        guidance is s (1 = unguided; None = the run's model.guidance); guidance_ramp grows it from 1 over the
+        steps; negative prompts take the place of the null in the unconditional branch. choice_temperature and
+        choice_schedule set tau_k (see `choice_temperatures`). init_tokens [B, g, g] start the decoding instead
+        of all-MASK: their MASK entries, and with known_mask [B, g, g] (True = keep) every position it leaves
+        out, are generated; the kept ones come out bit-identical. The generator must live on the model's device.
         """
         if steps < 1:
             raise UserError(f"steps must be at least 1, got {steps}.")
@@ -411,6 +444,7 @@ class Muse(TokenFamily):
             x = init_tokens.flatten(1).to(self.device)
             if known_mask is not None:
                 x = torch.where(known_mask.flatten(1).to(self.device), x, self.mask_id)
+        guidance = self.cfg.guidance if guidance is None else guidance
         predict = self._predictor(prompts, guidance_scales(steps, guidance, guidance_ramp), negative_prompts,
                                   lowres_tokens)
         decoded = decode_steps(predict, x, self.mask_id, steps=steps,
@@ -420,7 +454,7 @@ class Muse(TokenFamily):
         return _last(decoded).view(b, self.grid, self.grid)
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], *, steps: int = 12, guidance: float = 4.0,
+    def generate(self, prompts: Sequence[str], *, steps: int = 12, guidance: float | None = None,
                  guidance_ramp: bool = False, negative_prompts: Sequence[str] | None = None,
                  generator: torch.Generator | None = None, lowres_tokens: Tensor | None = None) -> Tensor:
         """Images [B, 3, H, W] in [0, 1] for B prompts: `generate_tokens` (same options), decoded."""
@@ -433,7 +467,7 @@ class Muse(TokenFamily):
 
     @torch.no_grad()
     def edit_tokens(self, tokens: Tensor, token_mask: Tensor | None, prompts: Sequence[str], *, steps: int = 12,
-                    guidance: float = 4.0, generator: torch.Generator | None = None, iterations: int = 100,
+                    guidance: float | None = None, generator: torch.Generator | None = None, iterations: int = 100,
                     edit_fraction: float = 0.08, top_k: int = 3, guidance_ramp: bool = False,
                     negative_prompts: Sequence[str] | None = None, lowres_tokens: Tensor | None = None) -> Tensor:
         """Edit token grids [B, g, g] towards the prompts.
@@ -448,6 +482,7 @@ class Muse(TokenFamily):
                                         generator=generator, negative_prompts=negative_prompts,
                                         lowres_tokens=lowres_tokens, init_tokens=tokens, known_mask=~token_mask)
         n_edit = max(1, round(edit_fraction * self.grid * self.grid))
+        guidance = self.cfg.guidance if guidance is None else guidance
         predict = self._predictor(prompts, [guidance] * iterations, negative_prompts, lowres_tokens)
         flat = tokens.flatten(1).to(self.device)
         edited = mask_free_edit_steps(predict, flat, self.mask_id, iterations=iterations, n_edit=n_edit,
@@ -456,7 +491,7 @@ class Muse(TokenFamily):
 
     @torch.no_grad()
     def edit(self, images: Tensor, mask: Tensor | None, prompts: Sequence[str], *, steps: int = 12,
-             guidance: float = 4.0, guidance_ramp: bool = False, negative_prompts: Sequence[str] | None = None,
+             guidance: float | None = None, guidance_ramp: bool = False, negative_prompts: Sequence[str] | None = None,
              generator: torch.Generator | None = None, iterations: int = 100,
              lowres_tokens: Tensor | None = None) -> Tensor:
         """Edit images [B, 3, H, W] in [0, 1]: inpaint where the pixel mask [B, 1, H, W] is True (a token is
@@ -476,6 +511,40 @@ class Muse(TokenFamily):
     def preview_options(self, images: Tensor) -> dict:
         """A super-res model's preview samples are conditioned on the real images' low-res tokens."""
         return {} if self.lowres is None else {"lowres_tokens": self._lowres_tokens(images)}
+
+
+class UVit2D(nn.Module):
+    """aMUSEd's network, diffusers' UVit2DModel (reused: it is the published checkpoints' own module), behind
+    Muse's forward. Its MASK is its last vocabulary row (8255 for K = 8192, the rows between unused), not K; it
+    reads every text state (aMUSEd's CLIP penultimate states, padding included: it takes no text mask) and the
+    pooled one, and a micro-conditioning vector that imgen holds fixed per run."""
+
+    def __init__(self, config: dict[str, Any], codebook_size: int, grid: int, text: nn.Module,
+                 micro_conds: Sequence[float]):
+        from diffusers import UVit2DModel
+
+        super().__init__()
+        try:
+            self.model = UVit2DModel(**config)
+        except TypeError as err:
+            raise UserError(f"model.uvit2d is not a UVit2DModel config ({err}).") from None
+        c = self.model.config
+        require(c.codebook_size == codebook_size,
+                f"model.uvit2d predicts {c.codebook_size} codes, but the tokenizer has {codebook_size}.")
+        require((c.encoder_hidden_size, c.cond_embed_dim) == (text.width, text.embed_dim),
+                f"model.uvit2d reads text states of width {c.encoder_hidden_size} and a pooled vector of "
+                f"{c.cond_embed_dim}, but the text encoder gives {text.width} and {text.embed_dim}.")
+        require(not c.downsample or grid % 2 == 0, f"model.uvit2d halves the token grid, which is {grid}x{grid}.")
+        self.grid, self.mask_row = grid, c.vocab_size - 1
+        self.register_buffer("micro_conds", torch.tensor([float(v) for v in micro_conds]), persistent=False)
+
+    def forward(self, tokens: Tensor, mask_id: int, condition: TextStates) -> Tensor:
+        """Logits [B, N, K] for token ids [B, N] whose MASK is `mask_id`."""
+        b = tokens.shape[0]
+        ids = torch.where(tokens == mask_id, self.mask_row, tokens).view(b, self.grid, self.grid)
+        micro = self.micro_conds.to(condition.states.dtype).expand(b, -1)
+        logits = self.model(ids, condition.states, condition.pooled, micro)  # [B, K, h, w]
+        return logits.flatten(2).transpose(1, 2)
 
 
 PRESETS: dict[str, dict] = {

@@ -4,7 +4,8 @@
 diffusers does the encoding and decoding; this module only adapts the calling conventions:
 - pixels: imgen's images are in [0, 1]; most published autoencoders take [-1, 1] (diffusers' default
   `VaeImageProcessor(do_normalize=True)`), aMUSEd's VQ-GAN takes [0, 1] (its pipeline sets do_normalize=False).
-  The range is not in the weights' config, so it is known per repository (`ZERO_ONE_REPOSITORIES`).
+  The range is not in the weights' config, so it is known per repository (`ZERO_ONE_REPOSITORIES`) or from the
+  pipeline the folder belongs to (an AmusedPipeline's model_index.json beside it).
 - tokens: indices [B, h, w] from `quantize(encode(x).latents)`; decoding looks them up in the codebook.
 - latents: the posterior mean of an AutoencoderKL (deterministic, so latents cached in shards and latents
   encoded on the fly are the same numbers), whose `latent_scale` is the config's `scaling_factor` (the latent
@@ -24,6 +25,7 @@ from imgen_cli.errors import UserError
 
 # repositories whose autoencoder was trained on [0, 1] pixels (the rest take [-1, 1])
 ZERO_ONE_REPOSITORIES = ("amused/amused-256", "amused/amused-512", "openMUSE/")
+ZERO_ONE_PIPELINES = ("AmusedPipeline",)
 CLASSES = ("VQModel", "AutoencoderKL")
 
 
@@ -52,13 +54,13 @@ class PublishedAutoencoder(nn.Module):
     """A diffusers autoencoder as an imgen tokenizer: `encode`/`decode` token ids (a VQModel), and
     `encode_latents`/`decode_latents` (both kinds) for the latent families."""
 
-    def __init__(self, model: nn.Module, name: str):
+    def __init__(self, model: nn.Module, name: str, zero_one: bool):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.name = name
         self.config = model.config
         self.is_vq = type(model).__name__ == "VQModel"
-        self.zero_one = any(repo in name for repo in ZERO_ONE_REPOSITORIES)
+        self.zero_one = zero_one  # pixels in [0, 1], not [-1, 1]
         self.downsample_factor = downsample_factor(self.config)
         self.latent_channels = (self.config.vq_embed_dim or self.config.latent_channels) if self.is_vq \
             else self.config.latent_channels
@@ -132,4 +134,14 @@ def load_published(name: str, path: Path, class_name: str) -> PublishedAutoencod
     if info.get("missing_keys"):
         raise UserError(f"--vq {name} does not hold the weights its config describes ({len(info['missing_keys'])} "
                         f"missing, e.g. {sorted(info['missing_keys'])[0]}).")
-    return PublishedAutoencoder(model, name)
+    return PublishedAutoencoder(model, name, takes_zero_one(name, path))
+
+
+def takes_zero_one(name: str, path: Path) -> bool:
+    """Whether the autoencoder at `path` takes [0, 1] pixels: by its repository, or by its pipeline's class."""
+    index = path.parent / "model_index.json"
+    try:
+        pipeline = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    except (ValueError, OSError):
+        pipeline = None
+    return any(repo in name for repo in ZERO_ONE_REPOSITORIES) or pipeline in ZERO_ONE_PIPELINES

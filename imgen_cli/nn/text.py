@@ -238,8 +238,11 @@ class TransformersText(TextEncoder):
         model = self.transformer
         tokens = self.tokenizer(captions, padding="max_length", max_length=self.context, truncation=True,
                                 return_tensors="pt").to(model.device)
-        out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
-                    output_hidden_states=self.penultimate)
+        # CLIP's attention is causal, so a real token's states never see the padding after it; run as every CLIP
+        # pipeline runs it (no attention mask), its padding positions' states are the ones a consumer that reads
+        # all positions (aMUSEd's UVit2D) was trained on. T5 attends both ways and needs the mask.
+        mask = tokens.attention_mask if self.kind == "t5" else None
+        out = model(input_ids=tokens.input_ids, attention_mask=mask, output_hidden_states=self.penultimate)
         states = out.hidden_states[-2] if self.penultimate else out.last_hidden_state
         mask = tokens.attention_mask.bool()
         if self.kind == "t5":  # no pooled output: the mean of the real tokens' final states

@@ -1,0 +1,197 @@
+"""Published diffusers pipelines as imgen runs (`imgen import`) and back (`imgen export`): a tiny aMUSEd pipeline built
+and saved by diffusers and transformers (UVit2DModel, VQModel, CLIPTextModelWithProjection, AmusedScheduler), imported,
+checked against the pipeline's own modules, sampled and edited through the CLI, and exported to what
+`AmusedPipeline.from_pretrained` loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import error_line, hub_entry
+from diffusers import AmusedPipeline, AmusedScheduler, UVit2DModel, VQModel
+from safetensors.torch import load_file
+from test_hub import clip_tokenizer
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+from typer.testing import CliRunner
+
+from imgen_cli import registry
+from imgen_cli.cli import app
+from imgen_cli.diffusion.guidance import guided
+
+PROMPTS = ["a red circle", "three blue squares on the left"]
+
+
+def save_tiny_amused(folder: Path) -> AmusedPipeline:
+    """An AmusedPipeline with the published layout and small modules: a 2-block VQModel (16 px -> 8x8 tokens of 16
+    codes, looked up from the codebook), a CLIP text model with projection, a UVit2DModel that halves the grid."""
+    torch.manual_seed(0)
+    tokenizer = clip_tokenizer()
+    tokenizer.model_max_length = 77
+    text = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=24, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    transformer = UVit2DModel(hidden_size=32, cond_embed_dim=24, micro_cond_encode_dim=4, micro_cond_embed_dim=20,
+                              encoder_hidden_size=32, vocab_size=24, codebook_size=16, in_channels=16,
+                              block_out_channels=16, num_res_blocks=1, downsample=True, upsample=True,
+                              block_num_heads=2, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                              sample_size=8)
+    with torch.no_grad():  # diffusers zero-initialises parts of the network: random weights everywhere show more
+        for p in transformer.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    vqvae = VQModel(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                    block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                    sample_size=16, num_vq_embeddings=16, lookup_from_codebook=True)
+    pipeline = AmusedPipeline(vqvae=vqvae, tokenizer=tokenizer, text_encoder=text, transformer=transformer,
+                              scheduler=AmusedScheduler(mask_token_id=23))
+    pipeline.save_pretrained(folder)
+    return pipeline
+
+
+@pytest.fixture(scope="module")
+def amused(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("amused") / "pipeline"
+    save_tiny_amused(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def imported(amused: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "amused"
+    result = invoke("import", str(amused), "--out", str(run))
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def published_logits(pipeline: AmusedPipeline, tokens: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """The published network's logits [B, N, K] as AmusedPipeline computes them: CLIP's penultimate states and
+    projected EOT embedding of the prompts padded to 77, micro-conditioning [16, 16, 0, 0, 6], MASK = 23."""
+    ids = pipeline.tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt").input_ids
+    out = pipeline.text_encoder(ids, return_dict=True, output_hidden_states=True)
+    micro = torch.tensor([16.0, 16, 0, 0, 6]).expand(len(prompts), -1)
+    grid = tokens.view(len(prompts), 8, 8)
+    logits = pipeline.transformer(grid, out.hidden_states[-2], out.text_embeds, micro)
+    return logits.flatten(2).transpose(1, 2)
+
+
+def test_import_writes_a_muse_run_with_the_published_defaults(amused: Path, imported: Path) -> None:
+    config = json.loads((imported / "config.json").read_text())
+    model = config["model"]
+    assert config["family"] == "muse" and model["backbone"] == "uvit2d"
+    assert model["vq"] == str((amused / "vqvae").resolve())
+    assert model["text_encoder"] == str((amused / "text_encoder").resolve())
+    assert (model["text_layer"], model["text_context"], model["guidance"]) == ("penultimate", 77, 10.0)
+    assert (model["codebook_size"], model["grid"], model["schedule"]) == (16, 8, "cosine")
+    assert model["uvit2d"] == {k: v for k, v in json.loads((amused / "transformer" / "config.json").read_text()).items()
+                               if not k.startswith("_")}
+    record = config["imported"]
+    assert record["pipeline"] == "AmusedPipeline" and record["source"] == str(amused)
+    assert set(record["files"]) == {"config.json", "diffusion_pytorch_model.safetensors"}
+    weights = load_file(imported / "checkpoints" / "step-000000" / "ema.safetensors")
+    published = load_file(amused / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert set(weights) == {f"uvit.model.{k}" for k in published}
+    assert all(torch.equal(weights[f"uvit.model.{k}"], v) for k, v in published.items())
+
+
+def test_the_imported_network_computes_what_the_published_one_computes(amused: Path, imported: Path) -> None:
+    """Logits for a half-masked grid equal the pipeline's modules' own, conditional and guided (guidance 10 against
+    the empty prompt's encoding, aMUSEd's null)."""
+    model = registry.load_trained(str(imported)).model
+    pipeline = AmusedPipeline.from_pretrained(amused)
+    tokens = torch.randint(0, 16, (2, 64), generator=torch.Generator().manual_seed(0))
+    masked = torch.rand(2, 64, generator=torch.Generator().manual_seed(1)) < 0.5
+    with torch.no_grad():
+        ours = model(torch.where(masked, model.mask_id, tokens), model.condition(model.text_encoder(PROMPTS)))
+        theirs = published_logits(pipeline, torch.where(masked, 23, tokens), PROMPTS)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+        guided_ours = model._predictor(PROMPTS, [10.0], None, None)(torch.where(masked, model.mask_id, tokens), 0)
+        uncond = published_logits(pipeline, torch.where(masked, 23, tokens), ["", ""])
+    torch.testing.assert_close(guided_ours, guided(theirs, uncond, 10.0), rtol=0, atol=1e-4)
+    assert not torch.allclose(theirs, uncond, atol=1e-3)  # the prompts matter to the network
+
+
+def test_imported_images_and_tokens_go_through_the_published_vq(amused: Path, imported: Path) -> None:
+    """The VQ-GAN of an AmusedPipeline folder takes [0, 1] pixels (its pipeline's class says so, not its name)."""
+    model = registry.load_trained(str(imported)).model
+    vq = VQModel.from_pretrained(amused / "vqvae").eval()
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tokens = model.tokenizer.encode(images)
+        expected = vq.quantize(vq.encode(images).latents)[2][2].view(2, 8, 8)
+        assert torch.equal(tokens, expected)
+        decoded = vq.decode(tokens.view(2, -1), force_not_quantize=True, shape=(2, 8, 8, 4)).sample.clamp(0, 1)
+        assert torch.equal(model.decode(tokens), decoded)
+
+
+def test_sample_and_edit_an_imported_run(imported: Path, tmp_path: Path) -> None:
+    result = invoke("sample", "a red circle", "--ckpt", str(imported), "--n", "2", "--out", str(tmp_path / "s"))
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "s").glob("0*.png"))) == 2
+    again = invoke("sample", "a red circle", "--ckpt", str(imported), "--n", "2", "--out", str(tmp_path / "t"))
+    assert again.exit_code == 0
+    assert (tmp_path / "s" / "0000.png").read_bytes() == (tmp_path / "t" / "0000.png").read_bytes()
+    source = tmp_path / "s" / "0000.png"
+    for extra, label in ((["--box", "0,0,8,8"], "repainted"), (["--iterations", "3"], "mask-free")):
+        result = invoke("edit", str(source), "a blue square", "--ckpt", str(imported), "--n", "1",
+                        "--out", str(tmp_path / label), *extra)
+        assert result.exit_code == 0, result.output
+        assert label in result.output
+
+
+def test_export_gives_the_published_pipeline_back(amused: Path, imported: Path, tmp_path: Path) -> None:
+    """diffusers loads the export and runs it; every tensor of every component is the one imported."""
+    out = tmp_path / "export"
+    result = invoke("export", str(imported), "--format", "diffusers", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "AmusedPipeline" and index["transformer"] == ["diffusers", "UVit2DModel"]
+    for component in ("transformer", "vqvae", "text_encoder"):
+        (ours,), (theirs,) = ((folder / component).glob("*.safetensors") for folder in (out, amused))
+        ours, theirs = load_file(ours), load_file(theirs)
+        assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs), component
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["mask_token_id"] == 23
+    pipeline = AmusedPipeline.from_pretrained(out)
+    images = pipeline("a red circle", num_inference_steps=2, height=16, width=16, output_type="pt",
+                      generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_import_from_the_hub_cache_pins_the_revision(amused: Path, tmp_path: Path) -> None:
+    commit = hub_entry("imgen-test/amused-tiny", {"": amused})
+    run = tmp_path / "run"
+    result = invoke("import", "hf:imgen-test/amused-tiny", "--out", str(run), "--offline")
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["vq"] == f"hf:imgen-test/amused-tiny/vqvae@{commit}"
+    assert config["model"]["text_encoder"] == f"hf:imgen-test/amused-tiny/text_encoder@{commit}"
+    assert config["imported"]["revision"] == commit
+    assert invoke("sample", "a red circle", "--ckpt", str(run), "--n", "1", "--steps", "2", "--offline",
+                  "--out", str(tmp_path / "s")).exit_code == 0
+
+
+def test_what_cannot_be_imported_or_exported_is_one_sentence(amused: Path, imported: Path, tmp_path: Path,
+                                                             vq_run: Path) -> None:
+    cases = [
+        (["import", str(tmp_path / "nothing"), "--out", str(tmp_path / "a")], "no such folder"),
+        (["import", str(amused / "vqvae"), "--out", str(tmp_path / "b")], "not a diffusers pipeline"),
+        (["import", "hf:imgen-test/amused-tiny/vqvae", "--out", str(tmp_path / "c")], "a whole pipeline repository"),
+        (["import", "hf:imgen-test/not-cached", "--out", str(tmp_path / "d"), "--offline"], "not in the Hugging Face"),
+        (["import", str(amused), "--out", str(imported)], "is not empty"),
+        (["export", str(vq_run), "--out", str(tmp_path / "e")], "no diffusers pipeline loads"),
+        (["export", str(imported), "--format", "onnx", "--out", str(tmp_path / "f")], "unknown --format 'onnx'"),
+    ]
+    other = tmp_path / "other-pipeline"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    cases.append((["import", str(other), "--out", str(tmp_path / "g")], "a diffusers StableDiffusionPipeline"))
+    for args, expected in cases:
+        result = invoke(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert expected in error_line(result), (args, error_line(result))
