@@ -205,6 +205,9 @@ def train(
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory \\[default: runs/MODEL]; "
                                                  "an existing run resumes.")] = None,
     vq: Annotated[str | None, typer.Option("--vq", help="Tokenizer run for the token families (and bitdiff's token mode).")] = None,
+    init: Annotated[str | None, typer.Option("--init", help="Start from this run's network and EMA weights (an imgen "
+                                             "or imported run, or a checkpoint): fine-tuning.")] = None,
+    init_raw: Annotated[bool, typer.Option("--init-raw", help="With --init: its raw weights, not the EMA ones.")] = False,
     recipe: Annotated[Path | None, typer.Option("--recipe", help="TOML recipe \\[default: recipes/shapes/MODEL.toml].")] = None,
     preset: Annotated[str | None, typer.Option("--preset", help="Size preset: tiny, small, base, ...")] = None,
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Total optimizer steps.")] = None,
@@ -223,7 +226,10 @@ def train(
     from imgen_cli.train.setup import TrainRequest, prepare
 
     main_rank = os.environ.get("RANK", "0") == "0"
-    request = TrainRequest(model=model, out=out_dir, recipe=recipe, preset=preset, vq=vq, sets=sets or [],
+    if init_raw and init is None:
+        raise UserError("--init-raw goes with --init RUN, the run whose raw weights to start from.")
+    request = TrainRequest(model=model, out=out_dir, recipe=recipe, preset=preset, vq=vq, init=init,
+                           init_raw=init_raw, sets=sets or [],
                            flags={"data.shards": data, "train.steps": steps, "train.seed": seed,
                                   "train.compile": compile_model, "train.tensorboard": tensorboard})
     prepared = prepare(request, RUNS_ROOT, recipes_dir(),

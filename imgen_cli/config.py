@@ -60,6 +60,8 @@ class TrainConfig:
     val_max_batches: int = 0  # cap on val batches per rank; 0 = the whole split
     keep_last: int = 3  # complete checkpoints kept on disk
     tensorboard: bool = False  # also log to RUN/tensorboard (needs the tensorboard package)
+    init: str = ""  # a new run starts from this checkpoint's weights (`imgen train --init RUN`); "" = from scratch
+    init_weights: str = "ema"  # which of them: ema | raw (--init-raw)
 
     def validate(self) -> None:
         _positive(self, "train", ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every",
@@ -73,7 +75,7 @@ class TrainConfig:
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}.")
         for name, choices in (("precision", ("auto", "bf16", "fp16", "fp32")), ("parallel", ("ddp", "fsdp")),
-                              ("nan_policy", ("stop", "skip"))):
+                              ("nan_policy", ("stop", "skip")), ("init_weights", ("ema", "raw"))):
             if getattr(self, name) not in choices:
                 raise UserError(f"train.{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")
         if min(self.warmup_steps, self.grad_clip, self.val_every, self.val_max_batches) < 0:

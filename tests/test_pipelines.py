@@ -195,3 +195,27 @@ def test_what_cannot_be_imported_or_exported_is_one_sentence(amused: Path, impor
         result = invoke(*args)
         assert result.exit_code == 2, (args, result.output)
         assert expected in error_line(result), (args, error_line(result))
+
+
+def test_an_imported_run_fine_tunes_into_a_new_run(imported: Path, shapes_shards: Path, tmp_path: Path) -> None:
+    """`imgen train --init` starts from the imported weights (tokens encoded on the fly by the published VQ-GAN, the
+    CLIP states by the published encoder) with a fresh optimizer and step; the imported run itself is refused."""
+    run = tmp_path / "ft"
+    args = ["train", "--init", str(imported), "--data", str(shapes_shards), "--out", str(run), "--steps", "2",
+            "--set", "train.batch_size=4", "--set", "train.ckpt_every=2", "--set", "train.sample_every=2",
+            "--set", "data.num_workers=0"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "config.json").read_text())
+    source = json.loads((imported / "config.json").read_text())
+    assert config["model"] == source["model"] and config["preset"] == "imported"
+    assert config["train"]["init"] == str(imported / "checkpoints" / "step-000000")
+    before = load_file(imported / "checkpoints" / "step-000000" / "model.safetensors")
+    after = load_file(run / "checkpoints" / "step-000002" / "model.safetensors")
+    assert set(after) == set(before) and any(not torch.equal(after[k], before[k]) for k in before)
+    refused = invoke("train", "--out", str(imported), "--data", str(shapes_shards), "--steps", "2")
+    assert refused.exit_code == 2 and "imgen train --init" in error_line(refused)
+    for extra, expected in ((["--model", "vqdiffusion"], "cannot start a vqdiffusion run"),
+                            (["--preset", "tiny"], "--preset cannot change it")):
+        result = invoke(*args[:-8], "--out", str(tmp_path / "x"), *extra)
+        assert result.exit_code == 2 and expected in error_line(result), (extra, result.output)

@@ -290,3 +290,31 @@ def test_compiled_training_matches_eager(shapes_shards: Path, tmp_path: Path) ->
         return [json.loads(x)["loss"] for x in run.metrics_path.read_text().splitlines()]
 
     assert losses(compiled) == pytest.approx(losses(eager), rel=1e-3)
+
+
+def test_init_starts_a_new_run_from_another_runs_weights(shapes_shards: Path, tmp_path: Path) -> None:
+    """`--init RUN`: the new run's network is RUN's and its weights start as RUN's EMA weights (with a vanishing
+    learning rate they stay there, where a fresh initialisation is far away); a network they do not fit, and
+    `--init-raw` alone, are one sentence each."""
+    from conftest import error_line, train_tiny
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from imgen_cli.cli import app
+
+    base = train_tiny("bitdiff", shapes_shards, tmp_path / "base", steps=2)
+    args = ["train", "--init", str(base), "--data", str(shapes_shards), "--steps", "1", "--set",
+            "train.batch_size=8", "--set", "data.num_workers=0", "--set", "train.lr=1e-12", "--set",
+            "train.warmup_steps=0"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "ft"), "--set", "model.cond_dropout=0.2"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert config["family"] == "bitdiff" and config["preset"] == "tiny" and config["model"]["cond_dropout"] == 0.2
+    start = load_file(base / "checkpoints" / "step-000002" / "ema.safetensors")
+    tuned = load_file(tmp_path / "ft" / "checkpoints" / "step-000001" / "model.safetensors")
+    assert set(tuned) == set(start)
+    assert all(torch.allclose(tuned[k].float(), start[k].float(), atol=1e-6) for k in start)
+    resized = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "wide"), "--set", "model.width=48"])
+    assert resized.exit_code == 2 and "its weights do not fit this network" in error_line(resized)
+    alone = CliRunner().invoke(app, ["train", "--model", "bitdiff", "--init-raw", "--out", str(tmp_path / "r")])
+    assert alone.exit_code == 2 and "--init-raw goes with --init" in error_line(alone)

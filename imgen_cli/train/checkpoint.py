@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from imgen_cli.errors import UserError
 from imgen_cli.runs import Checkpoint, RunDir
 from imgen_cli.train.distributed import DistEnv, gather_objects
 from imgen_cli.train.ema import EMA
@@ -109,3 +110,26 @@ def resume(run: RunDir, state: TrainingState, env: DistEnv, warn: Any) -> Checkp
             torch.manual_seed(int(train_state["step"]) * 1000 + env.rank)
         return Checkpoint(ckpt.path, int(train_state["step"]))
     return None
+
+
+def start_from(state: TrainingState, source: str, weights: str, note: Any) -> None:
+    """`train.init`: a new run's model and its EMA start as the weights ("ema" or "raw") of the checkpoint
+    `source`; the optimizer, schedule and step start fresh. A network they do not fit is one sentence."""
+    from imgen_cli.runs import resolve_run, weights_file
+
+    _, ckpt = resolve_run(source, flag="--init")
+    try:
+        loaded = ckpt.load_weights(ema=weights == "ema")
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"--init {source}: {weights_file(ckpt.path, weights == 'ema')} is damaged ({err}).") from None
+    own = get_model_state_dict(state.model, options=_FULL)
+    missing, extra = sorted(own.keys() - loaded.keys()), sorted(loaded.keys() - own.keys())
+    resized = sorted(k for k in own.keys() & loaded.keys() if own[k].shape != loaded[k].shape)
+    if missing or extra or resized:
+        example = (resized or missing or extra)[0]
+        raise UserError(f"--init {source}: its weights do not fit this network ({len(resized)} of another shape, "
+                        f"{len(missing)} missing, {len(extra)} not in it, e.g. {example}); leave the model's shape "
+                        f"as the run it starts from has it.")
+    set_model_state_dict(state.model, loaded, options=_LOAD)
+    set_model_state_dict(state.ema.module, loaded, options=_LOAD)
+    note(f"starting from {ckpt.path} (its {weights} weights; a fresh optimizer, schedule and step)")

@@ -185,6 +185,8 @@ def train(cfg: RunConfig, run: RunDir, env: DistEnv, console: Console,
     if saved:
         monitor.note(f"resuming {run.path} from step {step}")
     else:
+        if cfg.train.init:
+            checkpoint.start_from(state, cfg.train.init, cfg.train.init_weights, monitor.note)
         random.seed(cfg.train.seed + env.rank)
         np.random.seed(cfg.train.seed + env.rank)
         torch.manual_seed(cfg.train.seed + env.rank)  # different noise, masks, timesteps per rank

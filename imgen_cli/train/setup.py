@@ -25,7 +25,7 @@ from imgen_cli.runs import Checkpoint, RunDir, check_pinned_tokenizer, pin_token
 RESUMABLE_KEYS = {"train.steps", "train.log_every", "train.ckpt_every", "train.sample_every", "train.keep_last",
                   "train.val_every", "train.val_max_batches", "train.compile", "train.tensorboard",
                   "train.activation_checkpointing", "train.nan_policy", "data.shards", "data.num_workers",
-                  "data.resume"}
+                  "data.resume", "train.init", "train.init_weights"}  # (a resumed run's weights are its own)
 # recorded in config.json, never compared on resume
 PROVENANCE_KEYS = {"imgen_version", "tokenizer_hash", "pretrained"}
 # model keys that name published weights (imgen_cli.hub): a hub name is pinned to its commit when the run starts
@@ -41,6 +41,8 @@ class TrainRequest:
     recipe: Path | None = None
     preset: str | None = None
     vq: str | None = None
+    init: str | None = None  # a run (or checkpoint) whose network and weights a new run starts from
+    init_raw: bool = False  # its raw weights, not its EMA ones
     sets: list[str] = field(default_factory=list)
     flags: dict[str, Any] = field(default_factory=dict)  # dotted config keys set by their own flags
 
@@ -58,7 +60,13 @@ def prepare(req: TrainRequest, runs_root: Path, recipes: Path, note: Callable[[s
     if req.out is not None and req.out.exists() and not req.out.is_dir():
         raise UserError(f"--out {req.out} is a file, not a run directory.")
     existing = RunDir(req.out) if req.out is not None and RunDir(req.out).exists() else None
-    name = req.model
+    if existing is not None and "imported" in existing.read_config():
+        raise UserError(f"{existing.path} is an imported published model, not a run to train on; fine-tune it "
+                        f"into a new run: imgen train --init {existing.path} --out NEW_RUN.")
+    name, init, init_checkpoint = req.model, None, None
+    if req.init is not None:
+        init, init_checkpoint = init_network(req)
+        name = init["family"]
     if name is None:
         if existing is None:
             raise UserError("--model is required for a new run; choose one of: "
@@ -73,8 +81,13 @@ def prepare(req: TrainRequest, runs_root: Path, recipes: Path, note: Callable[[s
     if recipe_values.get("family", name) != name:
         raise UserError(f"recipe {recipe} is for {recipe_values['family']}, not {name}.")
     flags = {**req.flags, "model.vq": pin_tokenizer(req.vq, existing) if req.vq else None}
+    if init is not None:  # the network is the --init run's; the recipe gives the training and the data
+        recipe_values = {**recipe_values, "model": init["model"]}
+        flags |= {"train.init": init_checkpoint, "train.init_weights": "raw" if req.init_raw else "ema"}
     cfg = cfg_mod.resolve(name, family.config_cls(), family.presets(), recipe=recipe_values, preset=req.preset,
                           sets=req.sets, flags=flags)
+    if init is not None:
+        cfg.preset = init["preset"]
     pretrained = pin_published_weights(cfg, existing)
     if family.takes_tokenizer and cfg.model.vq and not cfg.model.grid:
         cfg.model.grid = published_tokenizer_grid(cfg) or 0
@@ -89,6 +102,24 @@ def prepare(req: TrainRequest, runs_root: Path, recipes: Path, note: Callable[[s
     config = checked_config(run, cfg, pretrained)
     latest = run.latest_checkpoint()
     return PreparedRun(run, cfg, config, latest if latest is not None and latest.step >= cfg.train.steps else None)
+
+
+def init_network(req: TrainRequest) -> tuple[dict[str, Any], str]:
+    """`--init RUN`: the config of the run a new one starts from (its family, preset and network, which the new
+    run's --set may still change where the weights allow), and the checkpoint whose weights the training loop
+    loads."""
+    from imgen_cli.runs import resolve_run
+
+    source, checkpoint = resolve_run(req.init, flag="--init")
+    saved = source.read_config()
+    family = registry.get(saved["family"])
+    if req.model is not None and req.model != family.name:
+        raise UserError(f"--init {req.init} is a {family.name} run, so it cannot start a {req.model} run; drop "
+                        f"--model or give a {req.model} run.")
+    if req.preset is not None:
+        raise UserError(f"--init {req.init} brings its network; --preset cannot change it (--set model.KEY=VALUE "
+                        f"changes what the weights allow).")
+    return family.current_config(saved), str(checkpoint.path)
 
 
 def _check_family_options(family: registry.Family, req: TrainRequest) -> None:
