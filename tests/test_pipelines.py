@@ -219,3 +219,12 @@ def test_an_imported_run_fine_tunes_into_a_new_run(imported: Path, shapes_shards
                             (["--preset", "tiny"], "--preset cannot change it")):
         result = invoke(*args[:-8], "--out", str(tmp_path / "x"), *extra)
         assert result.exit_code == 2 and expected in error_line(result), (extra, result.output)
+
+
+def test_eval_scores_an_imported_run(imported: Path, shapes_shards: Path, clip_run: Path, tmp_path: Path) -> None:
+    report = tmp_path / "eval.json"
+    result = invoke("eval", "--ckpt", str(imported), "--data", str(shapes_shards), "--fid", "--features", "clip",
+                    "--clip-score", "--clip-model", str(clip_run), "--n", "8", "--steps", "2,3", "--json", str(report))
+    assert result.exit_code == 0, result.output
+    rows = json.loads(report.read_text())["rows"]
+    assert [r["steps"] for r in rows] == [2, 3] and all(r["images"] == 8 and r["fid"] >= 0 for r in rows)
