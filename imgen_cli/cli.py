@@ -535,15 +535,15 @@ def import_(
     out_dir: Annotated[Path, typer.Option("--out", help="The new run directory.")],
     offline: Offline = False,
 ) -> None:
-    """Make a published pipeline (aMUSEd) an imgen run: sample, edit, eval and export it like any run."""
+    """Make a published pipeline (aMUSEd, VQ-Diffusion) an imgen run: sample, edit, eval, fine-tune, export it."""
     if offline:
         hub.set_offline()
-    from imgen_cli.pipelines import import_pipeline
+    from imgen_cli.pipelines import IMPORTS, import_pipeline
 
     imported = import_pipeline(source, out_dir)
     revision = f" at {imported['revision']}" if imported["revision"] else ""
-    out.print(f"{imported['pipeline']} {imported['source']}{revision} -> {out_dir}/ (a muse run on the uvit2d "
-              f"backbone); try: imgen sample \"a photo of a cat\" --ckpt {out_dir}", highlight=False)
+    out.print(f"{imported['pipeline']} {imported['source']}{revision} -> {out_dir}/ (a {IMPORTS[imported['pipeline']]} "
+              f"run); try: imgen sample \"a photo of a cat\" --ckpt {out_dir}", highlight=False)
 
 
 @app.command(epilog="Example: imgen export runs/amused-256 --format diffusers --out amused-export/")
@@ -556,7 +556,7 @@ def export(
     raw: Annotated[bool, typer.Option("--raw", help="Export the raw weights, not the EMA ones.")] = False,
     offline: Offline = False,
 ) -> None:
-    """Write a run as a diffusers pipeline (AmusedPipeline for Muse on the uvit2d backbone)."""
+    """Write a run on a published network as its diffusers pipeline (AmusedPipeline, VQDiffusionPipeline)."""
     if offline:
         hub.set_offline()
     from imgen_cli import registry

@@ -228,3 +228,140 @@ def test_eval_scores_an_imported_run(imported: Path, shapes_shards: Path, clip_r
     assert result.exit_code == 0, result.output
     rows = json.loads(report.read_text())["rows"]
     assert [r["steps"] for r in rows] == [2, 3] and all(r["images"] == 8 and r["fid"] >= 0 for r in rows)
+
+
+# --- VQ-Diffusion (microsoft/vq-diffusion-ithq's layout) ----------------------------------------------------------
+
+T = 10  # diffusion steps of the tiny model (ITHQ: 100)
+
+
+def save_tiny_vq_diffusion(folder: Path) -> dict:
+    """A VQDiffusionPipeline folder as the hub has microsoft/vq-diffusion-ithq: each component saved by its library,
+    and a model_index.json naming the null embeddings' class by its original module (which diffusers 0.42's loader
+    cannot resolve). A 2-block VQModel of [-1, 1] pixels (16 px -> 8x8 tokens of 16 codes), a CLIP text model, a
+    Transformer2DModel for discrete latents, learned null embeddings. Returns the components."""
+    from diffusers import Transformer2DModel, VQDiffusionScheduler
+    from diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diffusion import (
+        LearnedClassifierFreeSamplingEmbeddings,
+    )
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    tokenizer = clip_tokenizer()
+    tokenizer.model_max_length = 77
+    parts = {
+        "tokenizer": tokenizer,
+        "text_encoder": CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)),
+        "transformer": Transformer2DModel(num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                                          cross_attention_dim=32, num_vector_embeds=17, sample_size=8,
+                                          num_embeds_ada_norm=T, activation_fn="geglu-approximate",
+                                          attention_bias=True),
+        "vqvae": VQModel(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                         sample_size=16, num_vq_embeddings=16, vq_embed_dim=4),  # set, as ITHQ's (128)
+        "scheduler": VQDiffusionScheduler(num_vec_classes=17, num_train_timesteps=T),
+        "learned_classifier_free_sampling_embeddings": LearnedClassifierFreeSamplingEmbeddings(
+            learnable=True, hidden_size=32, length=77),
+    }
+    with torch.no_grad():
+        parts["learned_classifier_free_sampling_embeddings"].embeddings.normal_()
+        for p in parts["transformer"].parameters():  # away from diffusers' zero initialisations
+            p.add_(torch.randn_like(p) * 0.05)
+    for name, part in parts.items():
+        part.save_pretrained(folder / name)
+    index = {"_class_name": "VQDiffusionPipeline", "_diffusers_version": "0.12.0",
+             "learned_classifier_free_sampling_embeddings": ["vq_diffusion", "LearnedClassifierFreeSamplingEmbeddings"],
+             "scheduler": ["diffusers", "VQDiffusionScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "transformer": ["diffusers", "Transformer2DModel"],
+             "vqvae": ["diffusers", "VQModel"]}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return parts
+
+
+def load_vq_diffusion(folder: Path):
+    """The published pipeline loaded the way diffusers 0.42 still can: component by component."""
+    from diffusers import Transformer2DModel, VQDiffusionPipeline, VQDiffusionScheduler
+    from diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diffusion import (
+        LearnedClassifierFreeSamplingEmbeddings,
+    )
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    return VQDiffusionPipeline(
+        vqvae=VQModel.from_pretrained(folder / "vqvae"),
+        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        transformer=Transformer2DModel.from_pretrained(folder / "transformer"),
+        scheduler=VQDiffusionScheduler.from_pretrained(folder / "scheduler"),
+        learned_classifier_free_sampling_embeddings=LearnedClassifierFreeSamplingEmbeddings.from_pretrained(
+            folder / "learned_classifier_free_sampling_embeddings"))
+
+
+@pytest.fixture(scope="module")
+def ithq(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("ithq") / "pipeline"
+    save_tiny_vq_diffusion(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def imported_ithq(ithq: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "ithq"
+    result = invoke("import", str(ithq), "--out", str(run))
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def test_an_imported_vq_diffusion_computes_what_the_published_one_computes(ithq: Path, imported_ithq: Path) -> None:
+    """log p(x0 | x_t) equals the published transformer's on the pipeline's L2-normalised CLIP states, and the
+    guided prediction equals the pipeline's formula with its learned null (guidance 5, the published default)."""
+    config = json.loads((imported_ithq / "config.json").read_text())
+    model_cfg = config["model"]
+    assert config["family"] == "vqdiffusion" and model_cfg["backbone"] == "transformer2d"
+    assert (model_cfg["codebook_size"], model_cfg["grid"], model_cfg["timesteps"]) == (16, 8, T)
+    assert (model_cfg["guidance"], model_cfg["learnable_null"], model_cfg["text_layer"]) == (5.0, True, "last")
+    model = registry.load_trained(str(imported_ithq)).model
+    pipeline = load_vq_diffusion(ithq)
+    x_t = torch.randint(0, 16, (2, 64), generator=torch.Generator().manual_seed(0))
+    x_t[:, ::3] = 16  # MASK
+    t = 6
+    with torch.no_grad():
+        ids = pipeline.tokenizer(PROMPTS, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        states = pipeline.text_encoder(ids)[0]
+        states = states / states.norm(dim=-1, keepdim=True)
+        cond = pipeline.transformer(x_t, states, timestep=torch.tensor(t)).sample
+        null = pipeline.learned_classifier_free_sampling_embeddings.embeddings.expand(2, -1, -1)
+        uncond = pipeline.transformer(x_t, null, timestep=torch.tensor(t)).sample
+        guided_theirs = uncond + 5.0 * (cond - uncond)
+        guided_theirs = (guided_theirs - torch.logsumexp(guided_theirs, dim=1, keepdim=True)).clamp(-70)
+        steps = torch.full((2,), t)
+        ours = model(x_t, steps, model.encode_text(PROMPTS))
+        torch.testing.assert_close(ours.transpose(1, 2), cond, rtol=0, atol=1e-5)
+        guided_ours = model._predictor(PROMPTS, 5.0, 1.0, None)(x_t, t)
+    torch.testing.assert_close(guided_ours[..., :16].float().transpose(1, 2), guided_theirs, rtol=0, atol=1e-4)
+    mixed = model(x_t, torch.tensor([t, 2]), model.encode_text(PROMPTS))  # one step per sample, as training draws
+    with torch.no_grad():
+        second = pipeline.transformer(x_t[1:], states[1:], timestep=torch.tensor(2)).sample
+    torch.testing.assert_close(mixed[1:].transpose(1, 2), second, rtol=0, atol=1e-5)
+
+
+def test_an_imported_vq_diffusion_samples_edits_and_exports_the_published_layout(ithq: Path, imported_ithq: Path,
+                                                                                 tmp_path: Path) -> None:
+    result = invoke("sample", "a red circle", "--ckpt", str(imported_ithq), "--n", "2", "--out", str(tmp_path / "s"))
+    assert result.exit_code == 0, result.output
+    result = invoke("edit", str(tmp_path / "s" / "0000.png"), "a blue square", "--ckpt", str(imported_ithq), "--n",
+                    "1", "--box", "0,0,8,8", "--out", str(tmp_path / "e"))
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "export"
+    result = invoke("export", str(imported_ithq), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "model_index.json").read_text()) | {"_diffusers_version": "0.12.0"} == \
+        json.loads((ithq / "model_index.json").read_text())
+    for component in ("transformer", "vqvae", "text_encoder", "learned_classifier_free_sampling_embeddings"):
+        (ours,), (theirs,) = ((folder / component).glob("*.safetensors") for folder in (out, ithq))
+        ours, theirs = load_file(ours), load_file(theirs)
+        assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs), component
+    images = load_vq_diffusion(out)("a red circle", num_inference_steps=T, output_type="pt",
+                                    generator=torch.Generator().manual_seed(0)).images
+    assert tuple(images.shape) == (1, 16, 16, 3) and bool(torch.isfinite(torch.as_tensor(images)).all())

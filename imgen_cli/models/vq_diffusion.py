@@ -18,9 +18,11 @@ specification (reference/vq_diffusion.md) can be checked on its own.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -39,6 +41,7 @@ FLOOR = 1e-30  # probabilities are floored here before a log, so no -inf (and no
 # ends almost fully masked; the paper's masks 90% at the end and replaces the other 10%.
 SCHEDULES = {"released": (0.99999, 0.000009, 0.000009, 0.99999), "paper": (0.99999, 0.000009, 0.000009, 0.9)}
 SAMPLERS = ("posterior", "purity")
+BACKBONES = ("transformer", "transformer2d")
 FAST_MODES = ("exact", "official")
 
 # (tokens x_t [B, L], step t) -> log p(x0 | x_t) [B, L, K+1], guided and truncated, MASK entry log-zero
@@ -56,9 +59,21 @@ class VQDiffusionConfig(TokenTransformerConfig):
     importance_sampling: bool = True  # draw t by sqrt of its recent loss once every t has been seen 10 times
     cond_dropout: float = 0.1  # share of captions replaced by the null condition
     learnable_null: bool = True  # the null is a learned array of text states (Improved); else the empty prompt
+    guidance: float = 3.0  # the guidance scale sample, edit and eval use unless told (ITHQ's pipeline: 5)
+    # the network: imgen's transformer (width, depth, heads, mlp_ratio) | transformer2d, diffusers'
+    # Transformer2DModel for discrete latents (the released VQ-Diffusion as diffusers holds it)
+    backbone: str = "transformer"
+    transformer2d: dict[str, Any] = field(default_factory=dict)  # its config, as diffusers saves it
 
     def validate(self) -> None:
         super().validate()
+        require(self.backbone in BACKBONES,
+                f"unknown model.backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}.")
+        require((self.backbone == "transformer2d") == bool(self.transformer2d),
+                "model.transformer2d (the Transformer2DModel config, which imgen import writes) goes with "
+                "model.backbone transformer2d.")
+        require(math.isfinite(self.guidance) and self.guidance >= 0,
+                f"model.guidance must be a finite scale >= 0, got {self.guidance}.")
         require(self.timesteps >= 2, f"model.timesteps must be at least 2, got {self.timesteps}.")
         require(self.schedule in SCHEDULES,
                 f"unknown model.schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
@@ -398,6 +413,11 @@ class VQDiffusion(TokenFamily):
         self.null_states = None
         if cfg.learnable_null:
             self.null_states = nn.Parameter(torch.randn(cfg.text_context, self.text_encoder.width))
+        self.timestep_sampler = TimestepSampler(cfg.timesteps, cfg.importance_sampling)
+        self.transformer2d = None
+        if cfg.backbone == "transformer2d":
+            self.transformer2d = Transformer2D(cfg.transformer2d, k, self.grid, cfg.timesteps, self.text_encoder.width)
+            return
         self.embed = GridEmbedding(k + 1, self.grid, d)
         self.time_embed = nn.Embedding(cfg.timesteps, d)
         nn.init.trunc_normal_(self.time_embed.weight, std=0.02)
@@ -406,11 +426,10 @@ class VQDiffusion(TokenFamily):
         self.head = nn.Linear(d, k)  # K classes: x0 is never MASK
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
-        self.timestep_sampler = TimestepSampler(cfg.timesteps, cfg.importance_sampling)
 
     @property
     def device(self) -> torch.device:
-        return self.head.weight.device
+        return self.transformer2d.model.device if self.transformer2d is not None else self.head.weight.device
 
     def encode_text(self, captions: Sequence[str]) -> TextStates:
         return normalized(self.text_encoder(list(captions)))
@@ -424,6 +443,8 @@ class VQDiffusion(TokenFamily):
 
     def forward(self, tokens: Tensor, t: Tensor, text: TextStates) -> Tensor:
         """Logits [B, L, K] of p(x0 | x_t = tokens [B, L], t [B], text)."""
+        if self.transformer2d is not None:
+            return self.transformer2d(tokens, t, text.states)
         h = self.transformer(self.embed(tokens), text.states, text.mask, self.time_embed(t))
         return self.head(h)
 
@@ -461,6 +482,7 @@ class VQDiffusion(TokenFamily):
         encoded once; the unconditional branch (the null, or negative prompts) runs in the same forward."""
         if not 0 < truncation <= 1:
             raise UserError(f"truncation is the probability mass kept, in (0, 1]; got {truncation}.")
+        guidance = self.cfg.guidance if guidance is None else guidance
         cond = self.encode_text(prompts)
         b = len(prompts)
 
@@ -504,16 +526,16 @@ class VQDiffusion(TokenFamily):
                         generator)
 
     @torch.no_grad()
-    def generate_tokens(self, prompts: Sequence[str], *, steps: int = 50, guidance: float = 3.0,
+    def generate_tokens(self, prompts: Sequence[str], *, steps: int = 50, guidance: float | None = None,
                         truncation: float = 1.0, sampler: str = "posterior", fast: str = "exact",
                         negative_prompts: Sequence[str] | None = None,
                         generator: torch.Generator | None = None) -> Tensor:
         """Token grids [B, g, g] for B prompts: the reverse process from x_{T-1} in about `steps` calls
         (stride round(T / steps); see `timestep_list`).
 
-        guidance is w (1 = unguided); truncation the top-r rate (1 = off); sampler "posterior" (the standard
-        one) or "purity" (Improved's high-quality sampler); fast "exact" (strided posterior) or "official".
-        The generator must live on the model's device."""
+        guidance is w (1 = unguided; None = the run's model.guidance); truncation the top-r rate (1 = off);
+        sampler "posterior" (the standard one) or "purity" (Improved's high-quality sampler); fast "exact"
+        (strided posterior) or "official". The generator must live on the model's device."""
         timesteps = timestep_list(self.cfg.timesteps - 1, stride_for(self.cfg.timesteps, steps))
         predict = self._predictor(prompts, guidance, truncation, negative_prompts)
         x = self._sampler(predict, self._start(len(prompts), generator), timesteps, sampler, fast, None, None,
@@ -521,7 +543,8 @@ class VQDiffusion(TokenFamily):
         return x.view(len(prompts), self.grid, self.grid)
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], *, steps: int = 50, guidance: float = 3.0, truncation: float = 1.0,
+    def generate(self, prompts: Sequence[str], *, steps: int = 50, guidance: float | None = None,
+                 truncation: float = 1.0,
                  sampler: str = "posterior", fast: str = "exact", negative_prompts: Sequence[str] | None = None,
                  generator: torch.Generator | None = None) -> Tensor:
         """Images [B, 3, H, W] in [0, 1] for B prompts: `generate_tokens` (same options), decoded."""
@@ -533,7 +556,7 @@ class VQDiffusion(TokenFamily):
 
     @torch.no_grad()
     def edit_tokens(self, tokens: Tensor, token_mask: Tensor | None, prompts: Sequence[str], *, steps: int = 50,
-                    guidance: float = 3.0, start: int | None = None, truncation: float = 1.0,
+                    guidance: float | None = None, start: int | None = None, truncation: float = 1.0,
                     sampler: str = "posterior", negative_prompts: Sequence[str] | None = None,
                     generator: torch.Generator | None = None) -> Tensor:
         """Edit token grids [B, g, g] towards the prompts.
@@ -564,7 +587,8 @@ class VQDiffusion(TokenFamily):
 
     @torch.no_grad()
     def edit(self, images: Tensor, mask: Tensor | None, prompts: Sequence[str], *, steps: int = 50,
-             guidance: float = 3.0, start: int | None = None, truncation: float = 1.0, sampler: str = "posterior",
+             guidance: float | None = None, start: int | None = None, truncation: float = 1.0,
+             sampler: str = "posterior",
              negative_prompts: Sequence[str] | None = None, generator: torch.Generator | None = None) -> Tensor:
         """Edit images [B, 3, H, W] in [0, 1]: inpaint where the pixel mask [B, 1, H, W] is True (a token is
         regenerated if any pixel of its cell is), or re-synthesise mask-free without a mask; the options are
@@ -577,6 +601,40 @@ class VQDiffusion(TokenFamily):
                                   start=start, truncation=truncation, sampler=sampler,
                                   negative_prompts=negative_prompts, generator=generator)
         return tokenizer.decode(tokens)
+
+
+class Transformer2D(nn.Module):
+    """The released VQ-Diffusion network as diffusers holds it (Transformer2DModel for discrete latents: AdaLayerNorm
+    on t in every block, GELU-approximate MLPs), reused as the published weights' own module, behind the family's
+    forward. It reads every text state (no text mask, as its pipeline runs it) and returns log p(x0) over the K
+    codes, which `log_x0_from_logits` leaves unchanged."""
+
+    def __init__(self, config: dict[str, Any], codebook_size: int, grid: int, timesteps: int, text_width: int):
+        from diffusers import Transformer2DModel
+
+        super().__init__()
+        try:
+            self.model = Transformer2DModel(**config)
+        except (TypeError, ValueError) as err:
+            raise UserError(f"model.transformer2d is not a Transformer2DModel config ({err}).") from None
+        c = self.model.config
+        for name, value, expected in (("num_vector_embeds", c.num_vector_embeds, codebook_size + 1),
+                                      ("sample_size", c.sample_size, grid),
+                                      ("num_embeds_ada_norm", c.num_embeds_ada_norm, timesteps),
+                                      ("cross_attention_dim", c.cross_attention_dim, text_width)):
+            require(value == expected, f"model.transformer2d has {name} {value}, but this model needs {expected} "
+                                       f"(K + 1 codes, the token grid side, T steps, the text width).")
+
+    def forward(self, tokens: Tensor, t: Tensor, states: Tensor) -> Tensor:
+        """log p(x0) [B, L, K] for tokens [B, L] at steps t [B]. Its AdaLayerNorm takes one step for the whole
+        batch, so a batch of several steps (training's) runs one forward per distinct step."""
+        out = None
+        for step in t.unique():
+            rows = (t == step).nonzero().flatten()
+            log_p = self.model(tokens[rows], states[rows], timestep=step).sample.transpose(1, 2)
+            out = log_p.new_empty(len(t), *log_p.shape[1:]) if out is None else out
+            out[rows] = log_p
+        return out
 
 
 PRESETS: dict[str, dict] = {
