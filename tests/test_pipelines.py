@@ -365,3 +365,24 @@ def test_an_imported_vq_diffusion_samples_edits_and_exports_the_published_layout
     images = load_vq_diffusion(out)("a red circle", num_inference_steps=T, output_type="pt",
                                     generator=torch.Generator().manual_seed(0)).images
     assert tuple(images.shape) == (1, 16, 16, 3) and bool(torch.isfinite(torch.as_tensor(images)).all())
+
+
+def test_an_imported_vq_diffusion_fine_tunes_and_edits_mask_free(imported_ithq: Path, shapes_shards: Path,
+                                                                  tmp_path: Path) -> None:
+    """Training batches draw a step per sample (the published network takes one per call: a call per step), the
+    bound and importance sampling as for imgen's own network; mask-free re-synthesis runs on the import."""
+    run = tmp_path / "ft"
+    result = invoke("train", "--init", str(imported_ithq), "--data", str(shapes_shards), "--out", str(run),
+                    "--steps", "2", "--set", "train.batch_size=4", "--set", "train.ckpt_every=2", "--set",
+                    "train.sample_every=2", "--set", "data.num_workers=0")
+    assert result.exit_code == 0, result.output
+    before = load_file(imported_ithq / "checkpoints" / "step-000000" / "model.safetensors")
+    after = load_file(run / "checkpoints" / "step-000002" / "model.safetensors")
+    assert set(after) == set(before) and any(not torch.equal(after[k], before[k]) for k in before)
+    source = tmp_path / "source.png"
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(source)
+    result = invoke("edit", str(source), "a blue square", "--ckpt", str(run), "--n", "1", "--steps", "5",
+                    "--out", str(tmp_path / "e"))
+    assert result.exit_code == 0 and "mask-free" in result.output, result.output
