@@ -208,6 +208,8 @@ def train(
     init: Annotated[str | None, typer.Option("--init", help="Start from this run's network and EMA weights (an imgen "
                                              "or imported run, or a checkpoint): fine-tuning.")] = None,
     init_raw: Annotated[bool, typer.Option("--init-raw", help="With --init: its raw weights, not the EMA ones.")] = False,
+    lora: Annotated[int | None, typer.Option("--lora", min=1, help="With --init: train LoRA adapters of this rank "
+                                             "(peft) instead of the whole network (train.lora).")] = None,
     recipe: Annotated[Path | None, typer.Option("--recipe", help="TOML recipe \\[default: recipes/shapes/MODEL.toml].")] = None,
     preset: Annotated[str | None, typer.Option("--preset", help="Size preset: tiny, small, base, ...")] = None,
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Total optimizer steps.")] = None,
@@ -230,7 +232,7 @@ def train(
         raise UserError("--init-raw goes with --init RUN, the run whose raw weights to start from.")
     request = TrainRequest(model=model, out=out_dir, recipe=recipe, preset=preset, vq=vq, init=init,
                            init_raw=init_raw, sets=sets or [],
-                           flags={"data.shards": data, "train.steps": steps, "train.seed": seed,
+                           flags={"data.shards": data, "train.steps": steps, "train.seed": seed, "train.lora": lora,
                                   "train.compile": compile_model, "train.tensorboard": tensorboard})
     prepared = prepare(request, RUNS_ROOT, recipes_dir(),
                        note=lambda m: err.print(m, highlight=False) if main_rank else None)
@@ -546,7 +548,8 @@ def import_(
               f"run); try: imgen sample \"a photo of a cat\" --ckpt {out_dir}", highlight=False)
 
 
-@app.command(epilog="Example: imgen export runs/amused-256 --format diffusers --out amused-export/")
+@app.command(epilog="Examples: imgen export runs/amused-256 --format diffusers --out amused-export/ | "
+                    "imgen export runs/muse-lora --merge --out runs/muse-merged")
 @guarded
 def export(
     run: Annotated[str, typer.Argument(help="The run directory (or one of its checkpoints) to export.")],
@@ -554,15 +557,26 @@ def export(
     fmt: Annotated[str, typer.Option("--format", help="diffusers: a pipeline folder its from_pretrained loads.")]
     = "diffusers",
     raw: Annotated[bool, typer.Option("--raw", help="Export the raw weights, not the EMA ones.")] = False,
+    merge: Annotated[bool, typer.Option("--merge", help="A LoRA run: fold its adapters into its base and write "
+                                        "an ordinary imgen run to --out (no pipeline).")] = False,
     offline: Offline = False,
 ) -> None:
-    """Write a run on a published network as its diffusers pipeline (AmusedPipeline, VQDiffusionPipeline)."""
+    """Write a run on a published network as its diffusers pipeline (AmusedPipeline, VQDiffusionPipeline), or a LoRA
+    run as an ordinary run (--merge)."""
     if offline:
         hub.set_offline()
     from imgen_cli import registry
+    from imgen_cli.nn import lora
     from imgen_cli.pipelines import export_pipeline
 
     trained = registry.load_trained(run, "cpu", ema=not raw, flag="imgen export")
+    if merge:
+        lora.write_merged_run(trained, out_dir, "raw" if raw else "ema")
+        out.print(f"{trained.run.path} (step {trained.checkpoint.step}) -> {out_dir}/, its adapters merged into "
+                  f"its base", highlight=False)
+        return
+    if trained.config.train.lora:  # a pipeline has no adapters: they are folded in first
+        lora.merged(trained.model)
     kind = export_pipeline(trained, out_dir, fmt)
     out.print(f"{trained.run.path} (step {trained.checkpoint.step}) -> {out_dir}/, a diffusers {kind}",
               highlight=False)

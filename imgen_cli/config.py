@@ -62,6 +62,9 @@ class TrainConfig:
     tensorboard: bool = False  # also log to RUN/tensorboard (needs the tensorboard package)
     init: str = ""  # a new run starts from this checkpoint's weights (`imgen train --init RUN`); "" = from scratch
     init_weights: str = "ema"  # which of them: ema | raw (--init-raw)
+    lora: int = 0  # > 0: train rank-r LoRA adapters on the --init run's network instead of all of it (--lora R)
+    lora_alpha: float = 0.0  # the adapters' scale is alpha / r; 0 = r (scale 1)
+    lora_targets: tuple[str, ...] = ()  # linear layers adapted (names or suffixes); () = attention and MLP layers
 
     def validate(self) -> None:
         _positive(self, "train", ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every",
@@ -78,6 +81,10 @@ class TrainConfig:
                               ("nan_policy", ("stop", "skip")), ("init_weights", ("ema", "raw"))):
             if getattr(self, name) not in choices:
                 raise UserError(f"train.{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")
+        if self.lora < 0 or self.lora_alpha < 0:
+            raise UserError("train.lora (the adapters' rank) and train.lora_alpha must not be negative.")
+        if self.lora and not self.init:
+            raise UserError("train.lora adapts a trained network: give its run with --init RUN.")
         if min(self.warmup_steps, self.grad_clip, self.val_every, self.val_max_batches) < 0:
             raise UserError("train.warmup_steps, grad_clip, val_every and val_max_batches must not be negative.")
 

@@ -151,6 +151,16 @@ def load_trained(ckpt: str | None, device: Any = "cpu", ema: bool = True, runs_r
     except (SafetensorError, OSError) as err:  # a garbage header, data cut short, an unreadable file
         raise UserError(f"{weights_file(checkpoint.path, ema)} is damaged: {err}.",
                         hint=f"An earlier checkpoint may be intact: --ckpt {run.path}/checkpoints/step-N.") from None
+    if config.train.lora:  # the base run's weights, then this run's adapters around them
+        from imgen_cli.nn import lora
+        from imgen_cli.train.checkpoint import init_weights
+
+        model.load_state_dict(init_weights(config.train.init, config.train.init_weights, model.state_dict()))
+        lora.add_adapters(model, config.train.lora, config.train.lora_alpha, config.train.lora_targets)
+        if set(weights) != set(lora.adapter_state(model.state_dict())):
+            raise UserError(f"{checkpoint.path} does not hold the adapters of this LoRA run's network (rank "
+                            f"{config.train.lora} on {config.train.init}).")
+        weights = {**model.state_dict(), **weights}
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:  # weights from another version of the family's network

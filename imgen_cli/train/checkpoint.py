@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from imgen_cli.errors import UserError
+from imgen_cli.nn.lora import adapter_state
 from imgen_cli.runs import Checkpoint, RunDir
 from imgen_cli.train.distributed import DistEnv, gather_objects
 from imgen_cli.train.ema import EMA
@@ -34,6 +35,7 @@ from imgen_cli.train.ema import EMA
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 TRAIN_STATE_KEYS = {"step", "optimizer", "scheduler", "scaler", "ema_updates", "world_size", "rng"}
 _LOAD = StateDictOptions(full_state_dict=True)
+_LOAD_ADAPTERS = StateDictOptions(full_state_dict=True, strict=False)  # the base is not in a LoRA checkpoint
 
 
 @dataclass
@@ -45,6 +47,7 @@ class TrainingState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    adapters_only: bool = False  # a LoRA run: checkpoints hold the adapters, the base comes from train.init
 
 
 def capture_rng() -> dict[str, Any]:
@@ -70,6 +73,8 @@ def save(run: RunDir, step: int, state: TrainingState, env: DistEnv, keep_last: 
     """Collective: every rank takes part (FSDP gathers shards, RNG states are gathered); rank 0 writes."""
     model_sd = get_model_state_dict(state.model, options=_FULL)
     ema_sd = get_model_state_dict(state.ema.module, options=_FULL)
+    if state.adapters_only:
+        model_sd, ema_sd = adapter_state(model_sd), adapter_state(ema_sd)
     optim_sd = get_optimizer_state_dict(state.model, state.optimizer, options=_FULL)
     rng = gather_objects(capture_rng(), env)  # every rank's, so each resumes its own stream
     checkpoint = None
@@ -97,8 +102,9 @@ def resume(run: RunDir, state: TrainingState, env: DistEnv, warn: Any) -> Checkp
             warn(f"checkpoint {ckpt.path} has a damaged train_state.pt (no {', '.join(sorted(missing))}); "
                  "trying the one before")
             continue
-        set_model_state_dict(state.model, model_sd, options=_LOAD)
-        set_model_state_dict(state.ema.module, ema_sd, options=_LOAD)
+        options = _LOAD_ADAPTERS if state.adapters_only else _LOAD
+        set_model_state_dict(state.model, model_sd, options=options)
+        set_model_state_dict(state.ema.module, ema_sd, options=options)
         state.ema.updates = train_state["ema_updates"]
         set_optimizer_state_dict(state.model, state.optimizer, train_state["optimizer"], options=_LOAD)
         state.scheduler.load_state_dict(train_state["scheduler"])
@@ -112,9 +118,9 @@ def resume(run: RunDir, state: TrainingState, env: DistEnv, warn: Any) -> Checkp
     return None
 
 
-def start_from(state: TrainingState, source: str, weights: str, note: Any) -> None:
-    """`train.init`: a new run's model and its EMA start as the weights ("ema" or "raw") of the checkpoint
-    `source`; the optimizer, schedule and step start fresh. A network they do not fit is one sentence."""
+def init_weights(source: str, weights: str, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`train.init`: the weights ("ema" or "raw") of the checkpoint `source`, checked to fit a network whose
+    state dict is `own` (a network they do not fit is one sentence)."""
     from imgen_cli.runs import resolve_run, weights_file
 
     _, ckpt = resolve_run(source, flag="--init")
@@ -122,7 +128,6 @@ def start_from(state: TrainingState, source: str, weights: str, note: Any) -> No
         loaded = ckpt.load_weights(ema=weights == "ema")
     except (SafetensorError, OSError) as err:
         raise UserError(f"--init {source}: {weights_file(ckpt.path, weights == 'ema')} is damaged ({err}).") from None
-    own = get_model_state_dict(state.model, options=_FULL)
     missing, extra = sorted(own.keys() - loaded.keys()), sorted(loaded.keys() - own.keys())
     resized = sorted(k for k in own.keys() & loaded.keys() if own[k].shape != loaded[k].shape)
     if missing or extra or resized:
@@ -130,6 +135,13 @@ def start_from(state: TrainingState, source: str, weights: str, note: Any) -> No
         raise UserError(f"--init {source}: its weights do not fit this network ({len(resized)} of another shape, "
                         f"{len(missing)} missing, {len(extra)} not in it, e.g. {example}); leave the model's shape "
                         f"as the run it starts from has it.")
+    return loaded
+
+
+def start_from(state: TrainingState, source: str, weights: str, note: Any) -> None:
+    """A new full fine-tuning run's model and its EMA start as the `train.init` weights; the optimizer, schedule
+    and step start fresh."""
+    loaded = init_weights(source, weights, get_model_state_dict(state.model, options=_FULL))
     set_model_state_dict(state.model, loaded, options=_LOAD)
     set_model_state_dict(state.ema.module, loaded, options=_LOAD)
-    note(f"starting from {ckpt.path} (its {weights} weights; a fresh optimizer, schedule and step)")
+    note(f"starting from {source} (its {weights} weights; a fresh optimizer, schedule and step)")

@@ -15,7 +15,7 @@ import math
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ from imgen_cli import registry
 from imgen_cli.config import RunConfig
 from imgen_cli.data import shards as shard_io
 from imgen_cli.errors import RunError, UserError
+from imgen_cli.nn import lora
 from imgen_cli.runs import Checkpoint, RunDir
 from imgen_cli.train import checkpoint
 from imgen_cli.train.distributed import DistEnv, all_agree, apply_activation_checkpointing, shard_fsdp
@@ -129,7 +130,11 @@ def _build(cfg: RunConfig, env: DistEnv) -> tuple[nn.Module, EMA, nn.Module]:
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls; convolutions already use it
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-    model = family.build(cfg.model).to(device)
+    model = family.build(cfg.model)
+    if cfg.train.lora:  # the base first, then the adapters around it (the only weights that train)
+        model.load_state_dict(checkpoint.init_weights(cfg.train.init, cfg.train.init_weights, model.state_dict()))
+        lora.add_adapters(model, cfg.train.lora, cfg.train.lora_alpha, cfg.train.lora_targets)
+    model = model.to(device)
     ema = EMA(model, cfg.train.ema_decay)  # before sharding, so both shard alike
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -171,7 +176,7 @@ def train(cfg: RunConfig, run: RunDir, env: DistEnv, console: Console,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, cfg.train.steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio))
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg, device) == torch.float16)
-    state = checkpoint.TrainingState(model, ema, optimizer, scheduler, scaler)
+    state = checkpoint.TrainingState(model, ema, optimizer, scheduler, scaler, adapters_only=cfg.train.lora > 0)
 
     monitor = Monitor(run, console, env.is_main, cfg.train.steps, cfg.train.tensorboard)
     if env.is_main:
@@ -182,10 +187,14 @@ def train(cfg: RunConfig, run: RunDir, env: DistEnv, console: Console,
     step = saved.step if saved else 0
     if env.is_main:
         run.truncate_metrics(step)  # what was logged after the checkpoint is logged again from here
+    if cfg.train.lora:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        monitor.note(f"LoRA rank {cfg.train.lora} on {cfg.train.init}: {trainable:,} of "
+                     f"{sum(p.numel() for p in model.parameters()):,} parameters train")
     if saved:
         monitor.note(f"resuming {run.path} from step {step}")
     else:
-        if cfg.train.init:
+        if cfg.train.init and not cfg.train.lora:
             checkpoint.start_from(state, cfg.train.init, cfg.train.init_weights, monitor.note)
         random.seed(cfg.train.seed + env.rank)
         np.random.seed(cfg.train.seed + env.rank)
@@ -210,8 +219,7 @@ def train(cfg: RunConfig, run: RunDir, env: DistEnv, console: Console,
     last_loss, bad_in_a_row = math.nan, 0
     sums: dict[str, float] = {}
     window_start, window_steps = time.time(), 0
-    with torch.random.fork_rng(devices=[]):  # the loader draws its worker seed; keep the training RNG exact
-        batches = iter(loader)
+    batches = _apart_from_the_training_rng(iter(loader))
     with _StopRequest() as stop, monitor:
         while step < cfg.train.steps:
             net.train()
@@ -268,6 +276,18 @@ def train(cfg: RunConfig, run: RunDir, env: DistEnv, console: Console,
     seconds = time.time() - started
     monitor.note(f"done: step {step}, loss {last_loss:.4f}, {seconds:.0f}s, run {run.path}")
     return TrainResult(step, last_loss, saved, step < cfg.train.steps, seconds)
+
+
+def _apart_from_the_training_rng(batches: Iterator[Any]) -> Iterator[Any]:
+    """The loader's batches, fetched without touching the training RNG: torch's DataLoader draws its base seed
+    from it on the first next(), which a resumed run makes at its first step, not at step 0, and which would
+    shift all its noise, masks and timesteps by one draw against the uninterrupted run."""
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch
 
 
 def _accumulate(net: nn.Module, batches: Any, cfg: RunConfig, device: torch.device,

@@ -60,9 +60,11 @@ def prepare(req: TrainRequest, runs_root: Path, recipes: Path, note: Callable[[s
     if req.out is not None and req.out.exists() and not req.out.is_dir():
         raise UserError(f"--out {req.out} is a file, not a run directory.")
     existing = RunDir(req.out) if req.out is not None and RunDir(req.out).exists() else None
-    if existing is not None and "imported" in existing.read_config():
-        raise UserError(f"{existing.path} is an imported published model, not a run to train on; fine-tune it "
-                        f"into a new run: imgen train --init {existing.path} --out NEW_RUN.")
+    made = {"imported": "an imported published model", "merged": "a LoRA run's merged weights"}
+    kind = next((v for k, v in made.items() if existing is not None and k in existing.read_config()), None)
+    if kind is not None:
+        raise UserError(f"{existing.path} is {kind}, not a run to train on; fine-tune it into a new run: imgen "
+                        f"train --init {existing.path} --out NEW_RUN.")
     name, init, init_checkpoint = req.model, None, None
     if req.init is not None:
         init, init_checkpoint = init_network(req)
