@@ -137,3 +137,18 @@ def test_lora_mistakes_are_one_sentence(base: Path, lora_run: Path, shapes_shard
     for args, expected in cases:
         result = invoke(*args)
         assert result.exit_code == 2 and expected in error_line(result), (args, result.output)
+
+
+def test_lora_trains_under_ddp(base: Path, shapes_shards: Path, tmp_path: Path) -> None:
+    """Two processes (torchrun, gloo): the frozen base takes no part in DDP's gradient reduction, the adapters do."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "imgen_cli",
+           *lora_args(base, shapes_shards, out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checkpoint = RunDir(out).latest_checkpoint()
+    assert checkpoint.step == 2 and all(lora.is_adapter(k) for k in checkpoint.load_weights())
+    assert checkpoint.load_train_state()["world_size"] == 2
