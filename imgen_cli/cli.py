@@ -123,7 +123,8 @@ def synth(
 # --- tokenize -------------------------------------------------------------------------------------------
 
 
-@app.command(epilog="Examples: imgen tokenize coco/ | imgen tokenize my_images/ --out shards --size 256 --workers 8")
+@app.command(epilog="Examples: imgen tokenize coco/ | imgen tokenize my_images/ --out shards --size 256 --workers 8 | "
+                    "imgen tokenize my_dog/ --caption \"a photo of sks dog\" --out dog_shards")
 @guarded
 def tokenize(
     src: Annotated[Path, typer.Argument(help="COCO directory, folder of images with .txt captions, or WebDataset shards.")],
@@ -133,6 +134,8 @@ def tokenize(
     workers: Annotated[int, typer.Option("--workers", min=1, help="Decoding processes.")] = max(1, (os.cpu_count() or 2) - 1),
     shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Samples per shard.")] = 1000,
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Held-out share for sources without a val split.")] = 0.05,
+    caption: Annotated[str | None, typer.Option("--caption", help="A folder of images: the caption of every image "
+                                                "without a .txt file (fine-tuning on a few images).")] = None,
     vq: Annotated[str | None, typer.Option("--vq", help="Image tokenizer (vqgan run, diffusers VQModel or "
                                            "AutoencoderKL, hf:ORG/REPO/SUB): also store its tokens ({key}.vq.npy) "
                                            "or latents ({key}.latents.npy).")] = None,
@@ -160,7 +163,8 @@ def tokenize(
     size = tokens.record["image_size"] if tokens is not None else size
     with _progress("tokenize", None) as advance:
         manifest = run_tokenize(src, out_dir, size=size, workers=workers, shard_size=shard_size,
-                                val_fraction=val_fraction, tokens=tokens, text=text, on_total=advance.set_total,
+                                val_fraction=val_fraction, caption=caption, tokens=tokens, text=text,
+                                on_total=advance.set_total,
                                 on_item=lambda: advance(1))
     table = Table(title=f"{out_dir}/ ({manifest['image_size']}px, from {manifest['source']['kind']})")
     table.add_column("split")

@@ -139,3 +139,24 @@ def test_tokenize_natural_size_and_errors(shapes_coco: Path, tmp_path: Path) -> 
         tokenize(tmp_path / "empty", tmp_path / "x")
     with pytest.raises(UserError, match="holds the source"):
         tokenize(tmp_path / "auto", tmp_path / "auto")
+
+
+def test_tokenize_a_few_images_with_one_caption(shapes_coco: Path, tmp_path: Path) -> None:
+    """`--caption`: every image of a folder without its own .txt gets the caption (a few photos of one subject);
+    an image with a .txt keeps its own; COCO and shard sources, and an empty caption, are refused."""
+    src = tmp_path / "dog"
+    src.mkdir()
+    for i in range(5):
+        Image.new("RGB", (24, 24), (40 * i, 100, 200)).save(src / f"{i}.png")
+    (src / "4.txt").write_text("a photo of a cat\n")
+    manifest = tokenize(src, tmp_path / "out", size=16, caption="a photo of sks dog", val_fraction=0.0)
+    assert manifest["splits"]["train"]["count"] == 5 and manifest["skipped"]["no_caption"] == 0
+    samples = {}
+    for tar in sorted((tmp_path / "out").glob("*.tar")):
+        samples.update(read_tar(tar))
+    captions = {json.loads(f["json"])["source_id"]: json.loads(f["json"])["captions"] for f in samples.values()}
+    assert captions == {**{f"{i}.png": ["a photo of sks dog"] for i in range(4)}, "4.png": ["a photo of a cat"]}
+    for source, caption, expected in ((shapes_coco, "x", "--caption is for a folder of images"),
+                                      (src, "  ", "--caption is empty")):
+        with pytest.raises(UserError, match=expected):
+            tokenize(source, tmp_path / "refused", size=16, caption=caption)

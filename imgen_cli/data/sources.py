@@ -109,7 +109,9 @@ def _coco_split(path: Path, split: str, ann_path: Path) -> list[SourceItem]:
 # --- a folder of images with same-named .txt captions ------------------------------------------------
 
 
-def _read_folder(path: Path, val_fraction: float) -> Source:
+def _read_folder(path: Path, val_fraction: float, caption: str | None = None) -> Source:
+    """Images with their .txt captions (one per line); `caption` is the caption of every image without one (a
+    folder of a few photos of one subject, for fine-tuning)."""
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
         raise UserError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)}) and no COCO annotations.")
@@ -118,6 +120,7 @@ def _read_folder(path: Path, val_fraction: float) -> Source:
         rel = file.relative_to(path).as_posix()
         txt = file.with_suffix(".txt")
         caps = _clean_captions(txt.read_text(errors="replace").splitlines()) if txt.is_file() else []
+        caps = caps or _clean_captions([caption or ""])
         items.append(SourceItem(hash_split(rel, val_fraction), rel, caps, path=str(file),
                                 skip=None if caps else "no_caption"))
     return Source("folder", path, iter(items), len(items))
@@ -187,18 +190,25 @@ def _shard_item(shard: Path, key: str, files: dict[str, bytes | None], fixed_spl
     return SourceItem(split, source_id, caps, data=image, skip=skip)
 
 
-def open_source(src: str | Path, val_fraction: float = 0.05) -> Source:
-    """Recognise what `src` is and return a reader over it."""
+def open_source(src: str | Path, val_fraction: float = 0.05, caption: str | None = None) -> Source:
+    """Recognise what `src` is and return a reader over it; `caption` captions a folder's images that have no
+    .txt file."""
     path = Path(src)
     if not path.exists():
         raise UserError(f"{src} does not exist.")
-    if path.is_dir() and _is_coco(path):
+    if caption is not None and not caption.strip():
+        raise UserError("--caption is empty; give the caption of the images, e.g. --caption \"a photo of sks dog\".")
+    coco = path.is_dir() and _is_coco(path)
+    shards = [] if coco else _shard_files(path)
+    if caption is not None and (coco or shards):
+        raise UserError(f"--caption is for a folder of images; {src} is {'a COCO directory' if coco else 'shards'}, "
+                        f"whose images have their own captions.")
+    if coco:
         return _read_coco(path)
-    shards = _shard_files(path)
     if shards:
         return Source("shards", path, _iter_shards(shards, val_fraction))
     if path.is_dir():
-        return _read_folder(path, val_fraction)
+        return _read_folder(path, val_fraction, caption)
     raise UserError(f"{src} is neither a COCO directory, an image+caption folder, nor WebDataset shards.")
 
 

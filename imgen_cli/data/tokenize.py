@@ -159,9 +159,9 @@ def _prepared(items: Iterator[SourceItem], prepare: Callable, pool: Any) -> Iter
         yield from pool.imap(prepare, window, chunksize=16)
 
 
-def _natural_size(src: str | Path, val_fraction: float, max_pixels: int) -> int:
+def _natural_size(src: str | Path, val_fraction: float, max_pixels: int, caption: str | None) -> int:
     """The shorter side of the first readable image, capped at 256: shapes stay 64px, COCO becomes 256px."""
-    for item in open_source(src, val_fraction).items:
+    for item in open_source(src, val_fraction, caption).items:
         result = prepare_image(item, 8, max_pixels)
         if isinstance(result, PreparedImage):
             return min(256, min(result.original_size))
@@ -208,6 +208,7 @@ def tokenize(
     workers: int = 1,
     shard_size: int = 1000,
     val_fraction: float = 0.05,
+    caption: str | None = None,
     max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485,
     tokens: TokenEncoder | None = None,
     text: CaptionEncoder | None = None,
@@ -216,7 +217,8 @@ def tokenize(
 ) -> dict[str, Any]:
     """Write shards + manifest; returns the manifest (which includes the skip counts).
 
-    `size` None takes the source's own image size, at most 256. With `tokens`, every sample also gets
+    `size` None takes the source's own image size, at most 256. `caption` captions a folder's images that have
+    no .txt file. With `tokens`, every sample also gets
     `{key}.vq.npy`, its image's token grid (or `{key}.latents.npy`), and the manifest records the tokenizer; with
     `text`, `{key}.text.npz`, its captions' states, and the manifest records the text encoder.
 
@@ -226,12 +228,12 @@ def tokenize(
     out = Path(out)
     _check_paths(Path(src), out)
     if size is None:
-        size = _natural_size(src, val_fraction, max_pixels)
+        size = _natural_size(src, val_fraction, max_pixels, caption)
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise UserError(f"--size must be between {MIN_SIZE} and {MAX_SIZE} pixels, got {size}.")
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}.")
-    source = open_source(src, val_fraction)
+    source = open_source(src, val_fraction, caption)
     on_total(source.total)
     beside = out.resolve().parent  # the same filesystem, so moving the finished shards in is a rename
     beside.mkdir(parents=True, exist_ok=True)
