@@ -318,3 +318,40 @@ def test_init_starts_a_new_run_from_another_runs_weights(shapes_shards: Path, tm
     assert resized.exit_code == 2 and "its weights do not fit this network" in error_line(resized)
     alone = CliRunner().invoke(app, ["train", "--model", "bitdiff", "--init-raw", "--out", str(tmp_path / "r")])
     assert alone.exit_code == 2 and "--init-raw goes with --init" in error_line(alone)
+
+
+def test_init_on_a_finer_token_grid_interpolates_the_position_tables(vq_run: Path, vq_shards: Path,
+                                                                     tmp_path: Path) -> None:
+    """A Muse started from a run on a 4x4 grid with model.grid=8 (a token grid twice as fine): every weight loads,
+    the row and column tables are stretched along the positions (their ends kept, the rest interpolated), and
+    the note says so."""
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from imgen_cli.cli import app
+    from imgen_cli.train.checkpoint import init_weights
+
+    base = tmp_path / "base"
+    result = CliRunner().invoke(app, ["train", "--model", "muse", "--preset", "tiny", "--vq", str(vq_run), "--data",
+                                      str(vq_shards), "--out", str(base), "--steps", "1", "--set",
+                                      "train.batch_size=8", "--set", "data.num_workers=0"])
+    assert result.exit_code == 0, result.output
+    source = str(base / "checkpoints" / "step-000001")
+    start = load_file(Path(source) / "ema.safetensors")
+    fam = registry.get("muse")
+    saved = json.loads((base / "config.json").read_text())["model"]
+    finer = fam.build(fam.config_cls()(**{**saved, "grid": 8, "vq": ""}))
+    notes: list[str] = []
+    loaded = init_weights(source, "ema", finer.state_dict(), finer.position_tables, notes.append)
+    finer.load_state_dict(loaded)
+    for key in ("embed.rows", "embed.cols"):
+        old = start[key]
+        x = torch.arange(8) * 3 / 7  # new position i sits at old position 3i/7 (the ends on the ends)
+        low, frac = x.floor().long(), (x - x.floor())[:, None]
+        expected = old[low] * (1 - frac) + old[(low + 1).clamp(max=3)] * frac
+        assert loaded[key].shape == (8, old.shape[1]) and torch.allclose(loaded[key], expected, atol=1e-6)
+    assert all(torch.equal(loaded[k], v) for k, v in start.items() if k not in ("embed.rows", "embed.cols"))
+    assert "embed.rows: 4 -> 8 positions, interpolated" in notes[0]
+    other = CliRunner().invoke(app, ["train", "--init", str(base), "--data", str(vq_shards), "--out",
+                                     str(tmp_path / "wide"), "--steps", "1", "--set", "model.width=96"])
+    assert other.exit_code == 2 and "do not fit this network" in other.output

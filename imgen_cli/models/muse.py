@@ -313,6 +313,7 @@ class Muse(TokenFamily):
 
     family = "Muse"
     block_types = TransformerStack.block_types  # the units the engine shards and recomputes
+    position_tables = ("embed.rows", "embed.cols")  # the token grid's rows and columns (imgen's backbone)
 
     def __init__(self, cfg: MuseConfig, tokenizer: nn.Module | None = None):
         super().__init__()

@@ -399,6 +399,7 @@ class VQDiffusion(TokenFamily):
 
     family = "VQ-Diffusion"
     block_types = TransformerStack.block_types
+    position_tables = ("embed.rows", "embed.cols")  # the token grid's rows and columns (imgen's backbone)
     preview_steps = 10  # stride 10: 11 calls
 
     def __init__(self, cfg: VQDiffusionConfig, tokenizer: nn.Module | None = None):

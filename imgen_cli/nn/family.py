@@ -14,6 +14,9 @@ class FamilyNetwork(nn.Module):
     block_types: tuple[type[nn.Module], ...] = ()
     # parameters the EMA copies instead of averaging (a VQ codebook whose dead codes restart)
     ema_copied: tuple[str, ...] = ()
+    # learned position tables [positions, width] that `train --init` may stretch to another grid (linear
+    # interpolation along the positions), e.g. the row and column tables of a token grid
+    position_tables: tuple[str, ...] = ()
 
     @property
     def tokens_per_sample(self) -> int | None:

@@ -118,9 +118,15 @@ def resume(run: RunDir, state: TrainingState, env: DistEnv, warn: Any) -> Checkp
     return None
 
 
-def init_weights(source: str, weights: str, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`train.init`: the weights ("ema" or "raw") of the checkpoint `source`, checked to fit a network whose
-    state dict is `own` (a network they do not fit is one sentence)."""
+def init_weights(source: str, weights: str, own: dict[str, torch.Tensor], positions: tuple[str, ...] = (),
+                 note: Any = None) -> dict[str, torch.Tensor]:
+    """`train.init`: the weights ("ema" or "raw") of the checkpoint `source` for a network whose state dict is
+    `own`. A position table of `positions` of another length is stretched to this network's (linear
+    interpolation: a finer token grid); tensors this network has and the source lacks keep their initialisation,
+    and the source's tensors this network lacks are left out, each listed through `note`. Any other tensor of
+    another shape is a network the weights do not fit: one sentence."""
+    import torch.nn.functional as F
+
     from imgen_cli.runs import resolve_run, weights_file
 
     _, ckpt = resolve_run(source, flag="--init")
@@ -128,20 +134,30 @@ def init_weights(source: str, weights: str, own: dict[str, torch.Tensor]) -> dic
         loaded = ckpt.load_weights(ema=weights == "ema")
     except (SafetensorError, OSError) as err:
         raise UserError(f"--init {source}: {weights_file(ckpt.path, weights == 'ema')} is damaged ({err}).") from None
-    missing, extra = sorted(own.keys() - loaded.keys()), sorted(loaded.keys() - own.keys())
     resized = sorted(k for k in own.keys() & loaded.keys() if own[k].shape != loaded[k].shape)
-    if missing or extra or resized:
-        example = (resized or missing or extra)[0]
-        raise UserError(f"--init {source}: its weights do not fit this network ({len(resized)} of another shape, "
-                        f"{len(missing)} missing, {len(extra)} not in it, e.g. {example}); leave the model's shape "
-                        f"as the run it starts from has it.")
-    return loaded
+    stretchable = [k for k in resized if k in positions and own[k].dim() == 2 and own[k].shape[1] == loaded[k].shape[1]]
+    unfit = sorted(set(resized) - set(stretchable))
+    if unfit:
+        raise UserError(f"--init {source}: its weights do not fit this network ({len(unfit)} of another shape, e.g. "
+                        f"{unfit[0]} {tuple(loaded[unfit[0]].shape)} for {tuple(own[unfit[0]].shape)}); leave the "
+                        f"model's shape as the run it starts from has it.")
+    kept = {k: v for k, v in loaded.items() if k in own}
+    for key in stretchable:
+        table = loaded[key].float().T[None]  # [1, width, positions]
+        kept[key] = F.interpolate(table, size=own[key].shape[0], mode="linear", align_corners=True)[0].T.to(own[key])
+    report = [*(f"{k}: {loaded[k].shape[0]} -> {own[k].shape[0]} positions, interpolated" for k in stretchable),
+              *(f"{k}: not in {source}, initialised as the family does" for k in sorted(own.keys() - loaded.keys())),
+              *(f"{k}: not in this network, left out" for k in sorted(loaded.keys() - own.keys()))]
+    if report and note is not None:
+        note(f"--init {source}: " + "; ".join(report))
+    return {**own, **kept}
 
 
 def start_from(state: TrainingState, source: str, weights: str, note: Any) -> None:
     """A new full fine-tuning run's model and its EMA start as the `train.init` weights; the optimizer, schedule
     and step start fresh."""
-    loaded = init_weights(source, weights, get_model_state_dict(state.model, options=_FULL))
+    loaded = init_weights(source, weights, get_model_state_dict(state.model, options=_FULL),
+                          state.model.position_tables, note)
     set_model_state_dict(state.model, loaded, options=_LOAD)
     set_model_state_dict(state.ema.module, loaded, options=_LOAD)
     note(f"starting from {source} (its {weights} weights; a fresh optimizer, schedule and step)")

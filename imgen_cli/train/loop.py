@@ -123,7 +123,8 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def _build(cfg: RunConfig, env: DistEnv) -> tuple[nn.Module, EMA, nn.Module]:
+def _build(cfg: RunConfig, env: DistEnv,
+           note: Callable[[str], None] = lambda message: None) -> tuple[nn.Module, EMA, nn.Module]:
     """The model, its EMA and the module the loop calls (plain, DDP or FSDP2; compiled on request)."""
     family = registry.get(cfg.family)
     device = env.device
@@ -132,7 +133,8 @@ def _build(cfg: RunConfig, env: DistEnv) -> tuple[nn.Module, EMA, nn.Module]:
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     model = family.build(cfg.model)
     if cfg.train.lora:  # the base first, then the adapters around it (the only weights that train)
-        model.load_state_dict(checkpoint.init_weights(cfg.train.init, cfg.train.init_weights, model.state_dict()))
+        model.load_state_dict(checkpoint.init_weights(cfg.train.init, cfg.train.init_weights, model.state_dict(),
+                                                      model.position_tables, note))
         lora.add_adapters(model, cfg.train.lora, cfg.train.lora_alpha, cfg.train.lora_targets)
     model = model.to(device)
     ema = EMA(model, cfg.train.ema_decay)  # before sharding, so both shard alike
@@ -171,7 +173,8 @@ def train(cfg: RunConfig, run: RunDir, env: DistEnv, console: Console,
         raise UserError(f"train.batch_size {cfg.train.batch_size} is larger than the {train_shards.count} training "
                         f"images in {cfg.data.shards}; lower it (--set train.batch_size=N).")
 
-    model, ema, net = _build(cfg, env)
+    model, ema, net = _build(cfg, env, lambda m: console.print(m, markup=False, highlight=False)
+                             if env.is_main else None)
     optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, cfg.train.steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio))
