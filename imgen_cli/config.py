@@ -65,6 +65,7 @@ class TrainConfig:
     lora: int = 0  # > 0: train rank-r LoRA adapters on the --init run's network instead of all of it (--lora R)
     lora_alpha: float = 0.0  # the adapters' scale is alpha / r; 0 = r (scale 1)
     lora_targets: tuple[str, ...] = ()  # linear layers adapted (names or suffixes); () = attention and MLP layers
+    lora_text: bool = False  # LoRA on the text encoder's attention projections too
 
     def validate(self) -> None:
         _positive(self, "train", ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every",
@@ -83,6 +84,8 @@ class TrainConfig:
                 raise UserError(f"train.{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")
         if self.lora < 0 or self.lora_alpha < 0:
             raise UserError("train.lora (the adapters' rank) and train.lora_alpha must not be negative.")
+        if self.lora_text and not self.lora:
+            raise UserError("train.lora_text adds adapters to the text encoder of a LoRA run: give --lora R too.")
         if self.lora and not self.init:
             raise UserError("train.lora adapts a trained network: give its run with --init RUN.")
         if min(self.warmup_steps, self.grad_clip, self.val_every, self.val_max_batches) < 0:

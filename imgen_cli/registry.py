@@ -157,7 +157,8 @@ def load_trained(ckpt: str | None, device: Any = "cpu", ema: bool = True, runs_r
 
         model.load_state_dict(init_weights(config.train.init, config.train.init_weights, model.state_dict(),
                                            model.position_tables))
-        lora.add_adapters(model, config.train.lora, config.train.lora_alpha, config.train.lora_targets)
+        lora.add_adapters(model, config.train.lora, config.train.lora_alpha, config.train.lora_targets,
+                          config.train.lora_text)
         if set(weights) != set(lora.adapter_state(model.state_dict())):
             raise UserError(f"{checkpoint.path} does not hold the adapters of this LoRA run's network (rank "
                             f"{config.train.lora} on {config.train.init}).")

@@ -152,3 +152,21 @@ def test_lora_trains_under_ddp(base: Path, shapes_shards: Path, tmp_path: Path) 
     checkpoint = RunDir(out).latest_checkpoint()
     assert checkpoint.step == 2 and all(lora.is_adapter(k) for k in checkpoint.load_weights())
     assert checkpoint.load_train_state()["world_size"] == 2
+
+
+def test_lora_on_the_text_encoder_too(base: Path, shapes_shards: Path, tmp_path: Path) -> None:
+    """train.lora_text: adapters on the text encoder's attention output projections as well (open_clip's tower is
+    part of the network); the checkpoint still holds adapters only, and sampling loads them."""
+    out = tmp_path / "text"
+    result = invoke(*lora_args(base, shapes_shards, out), "--set", "train.lora_text=true")
+    assert result.exit_code == 0, result.output
+    saved = load_file(out / "checkpoints" / "step-000002" / "model.safetensors")
+    assert all(lora.is_adapter(k) for k in saved)
+    assert any(k.startswith("text_encoder.") and ".out_proj.lora_B." in k for k in saved)
+    assert any(k.startswith("unet.") for k in saved)
+    result = invoke("sample", "a red circle", "--ckpt", str(out), "--n", "1", "--steps", "2", "--out",
+                    str(tmp_path / "s"))
+    assert result.exit_code == 0, result.output
+    alone = invoke("train", "--init", str(base), "--data", str(shapes_shards), "--out", str(tmp_path / "x"),
+                   "--set", "train.lora_text=true")
+    assert alone.exit_code == 2 and "give --lora R too" in error_line(alone)

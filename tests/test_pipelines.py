@@ -386,3 +386,23 @@ def test_an_imported_vq_diffusion_fine_tunes_and_edits_mask_free(imported_ithq: 
     result = invoke("edit", str(source), "a blue square", "--ckpt", str(run), "--n", "1", "--steps", "5",
                     "--out", str(tmp_path / "e"))
     assert result.exit_code == 0 and "mask-free" in result.output, result.output
+
+
+def test_lora_on_an_imported_amused_and_its_clip_encoder(imported: Path, shapes_shards: Path, tmp_path: Path) -> None:
+    """A frozen transformers encoder is outside the network, so LoRA on it asks for model.text_frozen=false; with
+    it, the CLIP attention projections get adapters too, the checkpoint holds only adapters, and the LoRA run
+    exports as a pipeline with the adapters merged in."""
+    args = ["train", "--init", str(imported), "--lora", "4", "--data", str(shapes_shards), "--steps", "2", "--set",
+            "train.batch_size=4", "--set", "train.ckpt_every=2", "--set", "train.sample_every=2", "--set",
+            "data.num_workers=0", "--set", "train.lora_text=true"]
+    refused = invoke(*args, "--out", str(tmp_path / "held"))
+    assert refused.exit_code == 2 and "model.text_frozen=false" in error_line(refused)
+    run = tmp_path / "lora"
+    result = invoke(*args, "--out", str(run), "--set", "model.text_frozen=false")
+    assert result.exit_code == 0, result.output
+    saved = load_file(run / "checkpoints" / "step-000002" / "model.safetensors")
+    assert all(".lora_" in k for k in saved) and any(".q_proj.lora_A." in k for k in saved)
+    out = tmp_path / "export"
+    result = invoke("export", str(run), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert not any(".lora_" in k for k in load_file(out / "transformer" / "diffusion_pytorch_model.safetensors"))

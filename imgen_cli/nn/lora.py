@@ -8,7 +8,8 @@ weights (peft's merge), giving the family's plain network back.
 
 Which layers: `train.lora_targets` (names or name suffixes of linear layers), by default every linear layer of
 the network's attention and MLP modules (`OWNERS`: imgen's Attention and MLP, DiffiT's TMSA, the diffusers
-backbones' Attention and FeedForward), not the embeddings' or the conditioning's; never inside the text encoder.
+backbones' Attention and FeedForward), not the embeddings' or the conditioning's; the text encoder's attention
+projections only with `train.lora_text`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ ADAPTER = "default"  # peft's adapter name; one adapter per run
 # the modules whose linear layers are adapted by default: imgen's Attention and MLP, DiffiT's TMSA, and diffusers'
 # Attention and FeedForward (UVit2DModel's and Transformer2DModel's)
 OWNERS = ("Attention", "MLP", "TMSA", "FeedForward")
+# a text encoder's attention projections: transformers' CLIP (q_proj ... out_proj) and T5 (q, k, v, o), and the
+# output projection of open_clip's attention
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "q", "k", "v", "o")
 
 
 def target_layers(model: nn.Module, targets: Sequence[str] = ()) -> list[str]:
@@ -45,12 +49,26 @@ def target_layers(model: nn.Module, targets: Sequence[str] = ()) -> list[str]:
     return names
 
 
-def add_adapters(model: nn.Module, rank: int, alpha: float, targets: Sequence[str] = ()) -> list[str]:
-    """Wrap the target layers of `model` in place with rank-r adapters (alpha 0 = r: scale 1) and freeze
-    everything else; returns the wrapped layers' names."""
+def text_layers(model: nn.Module) -> list[str]:
+    """The text encoder's attention projections (`TEXT_TARGETS`: transformers' CLIP and T5, open_clip's output
+    projection; open_clip's fused input projection is no linear layer), where it is part of the network."""
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and name.startswith("text_encoder.")
+             and name.rpartition(".")[2] in TEXT_TARGETS]
+    if not names:
+        raise UserError("train.lora_text adapts the text encoder, but a frozen pretrained transformers encoder is "
+                        "kept outside the network; add --set model.text_frozen=false (its weights stay frozen: "
+                        "only the adapters train).")
+    return names
+
+
+def add_adapters(model: nn.Module, rank: int, alpha: float, targets: Sequence[str] = (),
+                 text: bool = False) -> list[str]:
+    """Wrap the target layers of `model` (and with `text`, the text encoder's attention projections) in place
+    with rank-r adapters (alpha 0 = r: scale 1) and freeze everything else; returns the wrapped layers' names."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    layers = target_layers(model, targets)
+    layers = target_layers(model, targets) + (text_layers(model) if text else [])
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=layers, lora_dropout=0.0)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     for name, parameter in model.named_parameters():

@@ -135,7 +135,7 @@ def _build(cfg: RunConfig, env: DistEnv,
     if cfg.train.lora:  # the base first, then the adapters around it (the only weights that train)
         model.load_state_dict(checkpoint.init_weights(cfg.train.init, cfg.train.init_weights, model.state_dict(),
                                                       model.position_tables, note))
-        lora.add_adapters(model, cfg.train.lora, cfg.train.lora_alpha, cfg.train.lora_targets)
+        lora.add_adapters(model, cfg.train.lora, cfg.train.lora_alpha, cfg.train.lora_targets, cfg.train.lora_text)
     model = model.to(device)
     ema = EMA(model, cfg.train.ema_decay)  # before sharding, so both shard alike
     if cfg.train.activation_checkpointing:
