@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # the demo's generator: muse, or vqdiffusion with `make demo MODEL=vqdiffusion`
 MODEL  ?= muse
 
-.PHONY: install install-bench test demo lint bench bench-peers bench-gpu clean
+.PHONY: install install-bench test demo lint bench bench-peers bench-gpu bench-finetune clean
 
 install: $(STAMP)
 
@@ -57,6 +57,11 @@ bench: install-bench
 # imgen against diffusers, muse-maskgit-pytorch and bit-diffusion: one training and one sampling step each
 bench-peers: install-bench
 	$(BIN)/python bench/peers.py --out BENCHMARKS.md
+
+# fine-tuning memory and speed: full against LoRA (ranks 4, 16, 64, with the text encoder) per family;
+# on a GPU: `python bench/finetune.py --preset base --device cuda --batch 32 --out BENCHMARKS.md`
+bench-finetune: install-bench
+	$(BIN)/python bench/finetune.py --out BENCHMARKS.md
 
 # on a GPU machine: every family at its base preset, 256x256, bf16
 bench-gpu: install
