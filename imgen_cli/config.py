@@ -100,10 +100,17 @@ class DataConfig:
     # on resume: "replay" fast-forwards the stream past the batches already seen (exact: the run continues
     # as if never stopped; re-reads, but does not decode, those samples); "reseed" starts a fresh stream
     resume: str = "replay"
+    # prior preservation while fine-tuning on a few images: a second shard set (the base model's samples of
+    # the class, or its original data) supplying `prior_share` of every batch
+    prior: str = ""
+    prior_share: float = 0.0
 
     def validate(self) -> None:
         if self.num_workers < 0 or self.shuffle_buffer < 1:
             raise UserError("data.num_workers must be >= 0 and data.shuffle_buffer >= 1.")
+        if not 0 <= self.prior_share < 1 or bool(self.prior) != (self.prior_share > 0):
+            raise UserError(f"data.prior (shards) and data.prior_share (the part of every batch they supply, in "
+                            f"(0, 1)) go together; got {self.prior!r} and {self.prior_share}.")
         if self.resume not in ("replay", "reseed"):
             raise UserError(f"data.resume must be replay or reseed, got {self.resume!r}.")
 

@@ -94,21 +94,41 @@ def test_merged_weights_compute_what_base_and_adapters_compute(lora_run: Path, t
     assert refused.exit_code == 2 and "a LoRA run's merged weights" in error_line(refused)
 
 
-@pytest.mark.parametrize(("rank", "init"), [(4, True), (0, True), (0, False)],
-                         ids=["lora", "full-fine-tuning", "from-scratch"])
-def test_an_interrupted_run_resumes_to_the_uninterrupted_ones_weights(base: Path, shapes_shards: Path, tmp_path: Path,
-                                                                      rank: int, init: bool) -> None:
+@pytest.fixture(scope="module")
+def few_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six photos of one subject, one caption for all (`tokenize --caption`), at the shapes shards' 16 px."""
+    from PIL import Image
+
+    from imgen_cli.data.tokenize import tokenize
+
+    folder = tmp_path_factory.mktemp("few")
+    for i in range(6):
+        Image.new("RGB", (16, 16), (200, 30 * i, 30)).save(folder / f"{i}.png")
+    tokenize(folder, folder / "shards", size=16, caption="a photo of sks circle", val_fraction=0.0)
+    return folder / "shards"
+
+
+@pytest.mark.parametrize(("rank", "init", "prior"), [(4, True, False), (0, True, False), (0, False, False),
+                                                     (0, True, True)],
+                         ids=["lora", "full-fine-tuning", "from-scratch", "few-images-with-prior"])
+def test_an_interrupted_run_resumes_to_the_uninterrupted_ones_weights(base: Path, shapes_shards: Path,
+                                                                      few_images: Path, tmp_path: Path,
+                                                                      rank: int, init: bool, prior: bool) -> None:
     """A LoRA run stopped (SIGTERM) and resumed ends with the adapters of the run never stopped; so do a full
-    fine-tuning from --init and a stochastic family from scratch (their first post-resume step draws the same
-    noise: the loader never draws from the training RNG)."""
+    fine-tuning from --init, a stochastic family from scratch (their first post-resume step draws the same
+    noise: the loader never draws from the training RNG), and a few-image fine-tuning with half of every batch
+    from the prior-preservation shards (two streams, each resumed)."""
     fam = registry.get("bitdiff")
     saved = json.loads((base / "config.json").read_text())
     train_keys = {"batch_size": 4, "warmup_steps": 0, "log_every": 1, "ckpt_every": 100, "sample_every": 100,
                   "lr": 1e-2, "init": str(base / "checkpoints" / "step-000002") if init else "", "lora": rank}
+    data = {"num_workers": 0, "shuffle_buffer": 8}
+    if prior:
+        data |= {"shards": str(few_images), "prior": str(shapes_shards), "prior_share": 0.5}
     recipe = {"model": saved["model"],  # the base's network, as --init gives it
-              "train": train_keys, "data": {"num_workers": 0, "shuffle_buffer": 8}}
+              "train": train_keys, "data": data}
     cfg = resolve("bitdiff", fam.config_cls(), fam.presets(), recipe=recipe,
-                  flags={"data.shards": str(shapes_shards), "train.steps": 4})
+                  flags={"data.shards": data.get("shards", str(shapes_shards)), "train.steps": 4})
     whole = RunDir(tmp_path / "whole")
     train(cfg, whole, ENV, QUIET)
 
@@ -116,8 +136,10 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_ones_weights(base: Path
         if info.step == 2:
             signal.raise_signal(signal.SIGTERM)
 
+    seen: list[list[str]] = []
     parts = RunDir(tmp_path / "parts")
-    assert train(cfg, parts, ENV, QUIET, on_step=preempt).stopped_early
+    assert train(cfg, parts, ENV, QUIET, on_step=lambda info: seen.append(info.keys) or preempt(info)).stopped_early
+    assert all(len(keys) == 4 for keys in seen)  # 2 of the data and 2 of the prior, with a prior
     train(cfg, parts, ENV, QUIET)
     a, b = (r.latest_checkpoint() for r in (whole, parts))
     assert a.step == b.step == 4
@@ -170,3 +192,24 @@ def test_lora_on_the_text_encoder_too(base: Path, shapes_shards: Path, tmp_path:
     alone = invoke("train", "--init", str(base), "--data", str(shapes_shards), "--out", str(tmp_path / "x"),
                    "--set", "train.lora_text=true")
     assert alone.exit_code == 2 and "give --lora R too" in error_line(alone)
+
+
+def test_prior_preservation_mixes_every_batch(few_images: Path, shapes_shards: Path, tmp_path: Path) -> None:
+    """data.prior: each batch is the data's share followed by the prior shards' (their own captions); shards of
+    another image size are one sentence."""
+    from imgen_cli.data.shards import mixed, open_shards, train_loader
+    from imgen_cli.data.tokenize import tokenize
+    from imgen_cli.errors import UserError
+
+    def loader(shards: Path, size: int, seed: int):
+        return train_loader(open_shards(str(shards), "train"), size, 3, seed=seed, num_workers=0, shuffle_buffer=8)
+
+    batches = list(mixed(loader(few_images, 2, 0), loader(shapes_shards, 2, 1)))
+    assert len(batches) == 3
+    for batch in batches:
+        assert batch["image"].shape[0] == 4 and batch["caption"][:2] == ["a photo of sks circle"] * 2
+        assert "sks" not in " ".join(batch["caption"][2:])
+    bigger = tmp_path / "bigger"
+    tokenize(few_images.parent, bigger, size=32, caption="x", val_fraction=0.0)
+    with pytest.raises(UserError, match="data.prior's shards do not match data.shards"):
+        next(mixed(loader(few_images, 2, 0), loader(bigger, 2, 1)))

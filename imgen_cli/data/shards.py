@@ -28,7 +28,7 @@ import re
 import signal
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,6 +242,17 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         if name in samples[0]:
             batch[name] = torch.stack([s[name] for s in samples])
     return batch
+
+
+def mixed(batches: Iterable[dict[str, Any]], prior: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Each batch of `batches` with the next batch of `prior` appended (prior preservation): the two shard sets
+    must carry the same parts (images of one size; tokens, latents or caption states both or neither)."""
+    for batch, extra in zip(batches, prior, strict=True):  # both loaders give the run's number of batches
+        if batch.keys() != extra.keys() or batch["image"].shape[1:] != extra["image"].shape[1:]:
+            raise UserError(f"data.prior's shards do not match data.shards (they carry {sorted(extra)} of "
+                            f"{tuple(extra['image'].shape[2:])} pixels, the data {sorted(batch)} of "
+                            f"{tuple(batch['image'].shape[2:])}); tokenize both the same way.")
+        yield {k: v + extra[k] if isinstance(v, list) else torch.cat([v, extra[k]]) for k, v in batch.items()}
 
 
 def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:

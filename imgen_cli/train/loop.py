@@ -15,7 +15,7 @@ import math
 import random
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,10 +207,21 @@ def train(cfg: RunConfig, run: RunDir, env: DistEnv, console: Console,
 
     preview_batch = next(iter(shard_io.exact_loader(val_shards or train_shards, 8)))
     remaining = cfg.train.steps - step
-    loader = shard_io.train_loader(
-        train_shards, per_rank, max(remaining, 0) * accum, seed=cfg.train.seed, rank=env.rank,
-        world_size=env.world_size, num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-        start_batch=step * accum, replay=cfg.data.resume == "replay")
+    from_prior = round(per_rank * cfg.data.prior_share)  # prior preservation: this many of each batch
+    if cfg.data.prior and not 0 < from_prior < per_rank:
+        raise UserError(f"data.prior_share {cfg.data.prior_share} of a batch of {per_rank} per rank leaves no "
+                        f"room for {'the prior' if from_prior == 0 else 'the data'}; change the share or the batch.")
+
+    def loader_of(shards: shard_io.ShardSet, size: int, seed: int) -> Any:
+        return shard_io.train_loader(
+            shards, size, max(remaining, 0) * accum, seed=seed, rank=env.rank, world_size=env.world_size,
+            num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer, start_batch=step * accum,
+            replay=cfg.data.resume == "replay")
+
+    loader = loader_of(train_shards, per_rank - from_prior, cfg.train.seed)
+    if cfg.data.prior:  # a stream of its own (another seed), so both resume exactly
+        prior = shard_io.open_shards(cfg.data.prior, "train")
+        loader = shard_io.mixed(loader, loader_of(prior, from_prior, cfg.train.seed + 1))
     dtype = autocast_dtype(cfg, device)
     monitor.note(f"{cfg.family}/{cfg.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                  f"global batch {cfg.train.batch_size} = {env.world_size} rank(s) x {per_rank} x {accum} "
@@ -222,7 +233,7 @@ def train(cfg: RunConfig, run: RunDir, env: DistEnv, console: Console,
     last_loss, bad_in_a_row = math.nan, 0
     sums: dict[str, float] = {}
     window_start, window_steps = time.time(), 0
-    batches = _apart_from_the_training_rng(iter(loader))
+    batches = _apart_from_the_training_rng(loader)
     with _StopRequest() as stop, monitor:
         while step < cfg.train.steps:
             net.train()
@@ -281,10 +292,12 @@ def train(cfg: RunConfig, run: RunDir, env: DistEnv, console: Console,
     return TrainResult(step, last_loss, saved, step < cfg.train.steps, seconds)
 
 
-def _apart_from_the_training_rng(batches: Iterator[Any]) -> Iterator[Any]:
+def _apart_from_the_training_rng(loader: Iterable[Any]) -> Iterator[Any]:
     """The loader's batches, fetched without touching the training RNG: torch's DataLoader draws its base seed
     from it on the first next(), which a resumed run makes at its first step, not at step 0, and which would
     shift all its noise, masks and timesteps by one draw against the uninterrupted run."""
+    with torch.random.fork_rng(devices=[]):
+        batches = iter(loader)
     while True:
         with torch.random.fork_rng(devices=[]):
             batch = next(batches, None)

@@ -8,6 +8,7 @@ it trains; a run without one is new, so a first start that failed never blocks t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,12 +95,15 @@ def prepare(req: TrainRequest, runs_root: Path, recipes: Path, note: Callable[[s
     if family.takes_tokenizer and cfg.model.vq and not cfg.model.grid:
         cfg.model.grid = published_tokenizer_grid(cfg) or 0
     # bitdiff models tokens when given --vq; latent DiffiT encodes images itself or reads pre-encoded latents
-    if family.needs_vq_tokens or (family.reads_tokens and cfg.model.vq):
-        check_token_data(name, cfg, note)
-    if family.reads_latents and cfg.model.vq:
-        check_latent_data(cfg)
-    if family.generates_images:
-        check_caption_states(cfg, note)
+    prior = [dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=cfg.data.prior))] \
+        if cfg.data.prior else []
+    for data in (cfg, *prior):  # the prior-preservation shards must be the data's kind
+        if family.needs_vq_tokens or (family.reads_tokens and cfg.model.vq):
+            check_token_data(name, data, note)
+        if family.reads_latents and cfg.model.vq:
+            check_latent_data(data)
+        if family.generates_images:
+            check_caption_states(data, note)
     run = RunDir(req.out if req.out is not None else runs_root / name)
     config = checked_config(run, cfg, pretrained)
     latest = run.latest_checkpoint()
