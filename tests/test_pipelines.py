@@ -50,19 +50,28 @@ def save_tiny_amused(folder: Path) -> AmusedPipeline:
     return pipeline
 
 
+def saved_pipeline(factory: pytest.TempPathFactory, name: str, save) -> Path:  # noqa: ANN001
+    folder = factory.mktemp(name) / "pipeline"
+    save(folder)
+    return folder
+
+
+def import_run(pipeline: Path, factory: pytest.TempPathFactory, name: str) -> Path:
+    """`imgen import PIPELINE --out RUN` into a fresh folder; the run."""
+    run = factory.mktemp("runs") / name
+    result = invoke("import", str(pipeline), "--out", str(run))
+    assert result.exit_code == 0, result.output
+    return run
+
+
 @pytest.fixture(scope="module")
 def amused(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("amused") / "pipeline"
-    save_tiny_amused(folder)
-    return folder
+    return saved_pipeline(tmp_path_factory, "amused", save_tiny_amused)
 
 
 @pytest.fixture(scope="module")
 def imported(amused: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("runs") / "amused"
-    result = invoke("import", str(amused), "--out", str(run))
-    assert result.exit_code == 0, result.output
-    return run
+    return import_run(amused, tmp_path_factory, "amused")
 
 
 def invoke(*args: str):
@@ -300,17 +309,12 @@ def load_vq_diffusion(folder: Path):
 
 @pytest.fixture(scope="module")
 def ithq(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("ithq") / "pipeline"
-    save_tiny_vq_diffusion(folder)
-    return folder
+    return saved_pipeline(tmp_path_factory, "ithq", save_tiny_vq_diffusion)
 
 
 @pytest.fixture(scope="module")
 def imported_ithq(ithq: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("runs") / "ithq"
-    result = invoke("import", str(ithq), "--out", str(run))
-    assert result.exit_code == 0, result.output
-    return run
+    return import_run(ithq, tmp_path_factory, "ithq")
 
 
 def test_an_imported_vq_diffusion_computes_what_the_published_one_computes(ithq: Path, imported_ithq: Path) -> None:
