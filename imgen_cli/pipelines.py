@@ -97,8 +97,8 @@ def import_pipeline(source: str, out: Path) -> dict[str, Any]:
     from imgen_cli.runs import RunDir
 
     run = RunDir(out)
-    if run.exists() or (out.exists() and any(out.iterdir())):
-        raise UserError(f"--out {out} is not empty; give a new folder for the imported run.")
+    if run.exists() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
+        raise UserError(f"--out {out} is not an empty folder; give a new one for the imported run.")
     pipeline = open_pipeline(source)
     build = _amused_run if pipeline.kind == "AmusedPipeline" else _vq_diffusion_run
     cfg, pretrained, network = build(pipeline)
@@ -196,7 +196,7 @@ def _imported_run(family_name: str, model: dict[str, Any]) -> tuple[Any, dict[st
 
 def _load_diffusers(cls: type, path: Path, pipeline: Pipeline) -> Any:
     try:
-        # low_cpu_mem_usage needs accelerate (not a dependency); without it diffusers warns on every load
+        # every weight materialised (no meta tensors), so a file lacking some shows in missing_keys
         model, info = cls.from_pretrained(path, low_cpu_mem_usage=False, output_loading_info=True)
     except (OSError, ValueError) as err:
         raise UserError(f"the {path.name} of {pipeline.source} cannot be loaded as a diffusers {cls.__name__}: "

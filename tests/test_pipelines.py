@@ -192,7 +192,8 @@ def test_what_cannot_be_imported_or_exported_is_one_sentence(amused: Path, impor
         (["import", str(amused / "vqvae"), "--out", str(tmp_path / "b")], "not a diffusers pipeline"),
         (["import", "hf:imgen-test/amused-tiny/vqvae", "--out", str(tmp_path / "c")], "a whole pipeline repository"),
         (["import", "hf:imgen-test/not-cached", "--out", str(tmp_path / "d"), "--offline"], "not in the Hugging Face"),
-        (["import", str(amused), "--out", str(imported)], "is not empty"),
+        (["import", str(amused), "--out", str(imported)], "is not an empty folder"),
+        (["import", str(amused), "--out", str(amused / "model_index.json")], "is not an empty folder"),
         (["export", str(vq_run), "--out", str(tmp_path / "e")], "no diffusers pipeline loads"),
         (["export", str(imported), "--format", "onnx", "--out", str(tmp_path / "f")], "unknown --format 'onnx'"),
     ]

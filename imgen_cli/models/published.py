@@ -124,7 +124,7 @@ def load_published(name: str, path: Path, class_name: str) -> PublishedAutoencod
     import diffusers
 
     try:
-        # low_cpu_mem_usage needs accelerate (not a dependency); without it diffusers warns on every load
+        # every weight materialised (no meta tensors), so a file lacking some shows in missing_keys
         model, info = getattr(diffusers, class_name).from_pretrained(path, low_cpu_mem_usage=False,
                                                                      output_loading_info=True)
     except (OSError, ValueError) as err:  # weights missing, or of another shape than the config
