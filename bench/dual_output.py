@@ -112,6 +112,7 @@ def plot_errors(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    drawn: list[list[float]] = []  # the v-prediction gates already drawn (one line per noise schedule)
     for run, rows in report["runs"].items():
         t = [r["t"] for r in rows]
         left.plot(t, [r.get("x_head", r["estimate"]) for r in rows], marker="o", label=f"{run}: x head")
@@ -119,7 +120,10 @@ def plot_errors(report: dict, path: Path) -> None:
             left.plot(t, [r["estimate"] for r in rows], marker=".", linestyle="--", label=f"{run}: mixture")
             left.plot(t, [r["eps_head"] for r in rows], marker="x", linestyle=":", label=f"{run}: eps head")
             right.plot(t, [r["gate"] for r in rows], marker="o", label=run)
-            right.plot(t, [1 - r["gamma"] for r in rows], color="gray", linestyle=":", label="1 - gamma (v)")
+            v_gate = [1 - r["gamma"] for r in rows]
+            if v_gate not in drawn:
+                drawn.append(v_gate)
+                right.plot(t, v_gate, color="gray", linestyle=":", label=f"1 - gamma (v) of {run}'s schedule")
     left.set(yscale="log", xlabel="t", ylabel="x0 MSE (clipped), held-out val", title="denoising error")
     right.set(xlabel="t", ylabel="mean gate r (1 = x head)", title="the gate against t", ylim=(-0.02, 1.02))
     for axes in (left, right):
