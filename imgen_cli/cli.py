@@ -110,13 +110,20 @@ def synth(
     size: Annotated[int, typer.Option("--size", min=16, max=1024, help="Image side in pixels.")] = 64,
     seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Same seed, same bytes.")] = 0,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Rendering processes.")] = 1,
+    without: Annotated[str | None, typer.Option("--without", help="A colour and shape no image shows, e.g. "
+                                                "\"red circle\" (a pair held out of a base model's data).")] = None,
+    only: Annotated[str | None, typer.Option("--only", help="A colour and shape every image shows (a few images "
+                                             "of a held-out pair, for fine-tuning).")] = None,
 ) -> None:
     """Write the built-in [bold]shapes[/] world: captioned images in the real COCO 2017 captions layout."""
-    from imgen_cli.data.synthetic import write_coco_layout
+    from imgen_cli.data.synthetic import parse_pair, write_coco_layout
 
+    held_out = parse_pair(without, "--without") if without is not None else None
+    chosen = parse_pair(only, "--only") if only is not None else None
     n_val = n // 10 if n_val is None else n_val
     with _progress("synth", n + n_val) as advance:
-        counts = write_coco_layout(out_dir, n, n_val, size=size, seed=seed, workers=workers, progress=advance)
+        counts = write_coco_layout(out_dir, n, n_val, size=size, seed=seed, workers=workers, progress=advance,
+                                   without=held_out, only=chosen)
     out.print(f"wrote {counts['train']} train + {counts['val']} val images ({size}x{size}) to {out_dir}/", highlight=False)
 
 

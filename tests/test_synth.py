@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
+from imgen_cli.cli import app
 from imgen_cli.data.synthetic import (
     BACKGROUNDS,
     COLOURS,
@@ -268,3 +270,26 @@ def test_rewriting_an_existing_directory_overwrites_its_files(tmp_path):
     write_coco_layout(tmp_path / "b", n_train=4, n_val=2, size=32, seed=0)
     write_coco_layout(tmp_path / "b", n_train=4, n_val=2, size=32, seed=1)
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
+
+
+def test_a_held_out_pair_and_a_few_images_of_it(tmp_path: Path) -> None:
+    """`--without "red circle"`: no scene has a red circle; `--only "red circle"`: every scene has one; the others
+    are drawn as before, and the same arguments give the same scenes. Unknown pairs are one sentence."""
+    from imgen_cli.data.synthetic import has_pair, make_example, parse_pair
+
+    pair = parse_pair("red circle", "--only")
+    held = [make_example(0, "train", i, 16, without=pair)[2] for i in range(200)]
+    chosen = [make_example(0, "train", i, 16, only=pair)[2] for i in range(20)]
+    plain = [make_example(0, "train", i, 16)[2] for i in range(200)]
+    assert not any(has_pair(s, pair) for s in held) and all(has_pair(s, pair) for s in chosen)
+    assert any(has_pair(s, pair) for s in plain)  # the pair is common enough that holding it out is a change
+    assert [s for s in plain if not has_pair(s, pair)] == [s for s, p in zip(held, plain, strict=True)
+                                                           if not has_pair(p, pair)]
+    assert chosen == [make_example(0, "train", i, 16, only=pair)[2] for i in range(20)]
+    result = CliRunner().invoke(app, ["synth", str(tmp_path / "x"), "--n", "2", "--without", "red hexagon"])
+    assert result.exit_code == 2 and "--without takes a colour and a shape" in result.output
+    result = CliRunner().invoke(app, ["synth", str(tmp_path / "y"), "--n", "4", "--val", "0", "--size", "16",
+                                      "--only", "red circle"])
+    assert result.exit_code == 0, result.output
+    captions = json.loads((tmp_path / "y" / "annotations" / "captions_train2017.json").read_text())["annotations"]
+    assert all("red" in c["caption"] for c in captions)

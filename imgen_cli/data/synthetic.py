@@ -35,6 +35,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from imgen_cli.errors import UserError
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -297,17 +299,35 @@ def _grid_cell(obj: ShapeObject) -> tuple[int, int]:
     return third(obj.cy), third(obj.cx)
 
 
-def make_example(seed: int, split: str, index: int, size: int) -> tuple[Image.Image, list[str], Scene]:
-    """Render example `index` of `split`; depends on (seed, split, index, size) only, never on call order."""
+def parse_pair(text: str, flag: str) -> tuple[str, str]:
+    """"red circle" -> ("red", "circle"): a colour and a shape of the shapes world."""
+    words = text.split()
+    if len(words) != 2 or words[0] not in COLOURS or words[1] not in SHAPES:
+        raise UserError(f"{flag} takes a colour and a shape, e.g. \"red circle\" (colours: {', '.join(COLOURS)}; "
+                        f"shapes: {', '.join(SHAPES)}), got {text!r}.")
+    return words[0], words[1]
+
+
+def has_pair(scene: Scene, pair: tuple[str, str]) -> bool:
+    return any((obj.colour, obj.shape) == pair for obj in scene.objects)
+
+
+def make_example(seed: int, split: str, index: int, size: int, without: tuple[str, str] | None = None,
+                 only: tuple[str, str] | None = None) -> tuple[Image.Image, list[str], Scene]:
+    """Render example `index` of `split`; depends on (seed, split, index, size) only, never on call order. Scenes
+    are drawn again (from the same RNG) until none of their objects is the colour-shape pair `without`, or until
+    one is the pair `only` (held-out pairs, and a few images of one, for fine-tuning experiments)."""
     rng = random.Random(f"{seed}/{split}/{index}")
     scene = sample_scene(rng)
+    while (without and has_pair(scene, without)) or (only and not has_pair(scene, only)):
+        scene = sample_scene(rng)
     return render_scene(scene, size), caption_scene(scene, rng), scene
 
 
-def _write_example(task: tuple[int, str, int, int, str]) -> list[str]:
+def _write_example(task: tuple) -> list[str]:
     """Pool worker: render one example, save its PNG, and hand the captions back to the parent."""
-    seed, split, index, size, path = task
-    image, captions, _ = make_example(seed, split, index, size)
+    seed, split, index, size, path, without, only = task
+    image, captions, _ = make_example(seed, split, index, size, without, only)
     # Fixed encoder settings (and no text chunks) keep the PNG bytes reproducible.
     image.save(path, format="PNG", optimize=False, compress_level=6)
     return captions
@@ -321,8 +341,11 @@ def write_coco_layout(
     seed: int = 0,
     workers: int = 1,
     progress: Callable[[int], None] | None = None,
+    without: tuple[str, str] | None = None,
+    only: tuple[str, str] | None = None,
 ) -> dict[str, int]:
-    """Write `n_train` + `n_val` shapes images in the COCO 2017 captions layout under `out`.
+    """Write `n_train` + `n_val` shapes images in the COCO 2017 captions layout under `out`; with `without` or
+    `only` (a colour and a shape), no image has that pair, or every image has it (see `make_example`).
 
     Image ids run 1..n_train for train and continue for val, so they are unique across splits, as are
     annotation ids. `progress(k)` is called with the number of images just written.
@@ -333,6 +356,8 @@ def write_coco_layout(
         raise ValueError(f"workers must be at least 1, got {workers}")
     if size < 16:
         raise ValueError(f"image size must be at least 16 pixels, got {size}")
+    if without is not None and without == only:
+        raise UserError(f"--without and --only name the same pair, {' '.join(without)}; no image can be both.")
     out = Path(out)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     counts = {"train": n_train, "val": n_val}
@@ -346,7 +371,7 @@ def write_coco_layout(
             image_dir.mkdir(parents=True, exist_ok=True)
             image_ids = range(first_image_id, first_image_id + count)
             tasks = [
-                (seed, split, index, size, str(image_dir / _file_name(image_id)))
+                (seed, split, index, size, str(image_dir / _file_name(image_id)), without, only)
                 for index, image_id in enumerate(image_ids)
             ]
             if pool is None:
