@@ -485,10 +485,10 @@ def test_config_json_of_an_older_version_still_loads(family: str, cls: type, pre
     entry = registry.get(family)
     assert set(old["model"]) - set(saved["model"]) == set(entry.retired_keys)
     loaded = from_dict(old, cls, entry.retired_keys, entry.former_defaults).model
-    # the paper's gate and shared trunk, as trained then
+    # the paper's gate and shared trunk, as trained then (DiffiT keeps the shared trunk by default)
     assert (loaded.gate_start, loaded.eps_head) == ("even", "shared")
-    assert (cfg.model.gate_start, cfg.model.eps_head) == ("v", "separate")
-    assert dataclasses.replace(loaded, gate_start="v", eps_head="separate") == cfg.model
+    assert (cfg.model.gate_start, cfg.model.eps_head) == ("v", "shared")
+    assert dataclasses.replace(loaded, gate_start="v") == cfg.model
 
 
 # --- the commands ----------------------------------------------------------------------------------------------------

@@ -17,11 +17,13 @@ Mixing the posterior means with r is the same as mixing the x0 estimates, becaus
 their estimate with the same x_t coefficient. Training gives each head its own plain loss and trains the gate
 alone through the posterior-mean loss, in which both heads are stop-gradiented (reference/dual_output.md).
 
-Where the eps head reads the trunk (`eps_head`): the paper trains both heads on one shared trunk ("shared").
-imgen's default ("separate") gives the eps rows of the last layer the trunk's features detached, so the eps loss
-trains only those rows: measured on Bit Diffusion's shapes recipe, the shared trunk's eps loss (3x the x0 loss
-there) spoilt the x head itself (R-precision 0.22 at 5 DDIM steps with the x head alone, against 0.49 with the
-trunk kept apart and 0.53 for an x0-only run; BENCHMARKS.md).
+Where the eps head reads the trunk (`eps_head`): the paper trains both heads on one shared trunk ("shared");
+"separate" gives the eps rows of the last layer the trunk's features detached, so the eps loss trains only those
+rows. Which is better was measured per family (BENCHMARKS.md), and each family's default follows: on Bit
+Diffusion's shapes recipe the shared trunk's eps loss (3x the x0 loss there) spoilt the x head itself
+(R-precision 0.22 at 5 DDIM steps with the x head alone, against 0.49 with the trunk kept apart and 0.53 for an
+x0-only run): separate. On DiffiT in the paper's setting it helped it (the dual run's x head alone 0.52 at 5
+steps, the x0-only run 0.46): shared.
 """
 
 from __future__ import annotations

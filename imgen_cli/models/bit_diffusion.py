@@ -77,7 +77,8 @@ class BitDiffusionConfig(TextEncoderConfig):
     dual_output: bool = False  # Dynamic Dual-Output: x0 and eps heads plus a per-pixel gate
     gate_start: str = "v"  # dual output: v (a zero logit mixes as v-prediction) | even (the paper's r = 0.5)
     gate_loss: str = "posterior"  # dual output: posterior (the paper's) | x0 (unweighted)
-    eps_head: str = "separate"  # dual output: separate (its loss never reaches the trunk) | shared (the paper's)
+    # dual output: separate (its loss never reaches the trunk; measured to spare Bit Diffusion's x head) | shared
+    eps_head: str = "separate"
     cond_dropout: float = 0.1  # share of captions replaced by the learned null condition
     width: int = 64  # U-Net base channels
     multipliers: tuple[int, ...] = (1, 2, 2)  # channels per level, in units of width; a level halves the side

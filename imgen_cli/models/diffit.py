@@ -75,7 +75,8 @@ class DiffiTConfig(TextEncoderConfig):
     dual_output: bool = False  # Dynamic Dual-Output: x0 and eps heads plus a per-pixel gate
     gate_start: str = "v"  # dual output: v (a zero logit mixes as v-prediction) | even (the paper's r = 0.5)
     gate_loss: str = "posterior"  # dual output: posterior (the paper's) | x0 (unweighted)
-    eps_head: str = "separate"  # dual output: separate (its loss never reaches the trunk) | shared (the paper's)
+    # dual output: shared (the paper's; measured to help DiffiT's x head) | separate (its loss never reaches the trunk)
+    eps_head: str = "shared"
     cond_dropout: float = 0.1  # share of captions replaced by the learned null condition
     cross_attention: bool = True  # False: the pooled caption in the time token is the only condition
     guidance_schedule: str = "constant"  # constant | powercos (DiffiT-256's ramp from 1 at pure noise to w)
