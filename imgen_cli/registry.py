@@ -153,12 +153,9 @@ def load_trained(ckpt: str | None, device: Any = "cpu", ema: bool = True, runs_r
                         hint=f"An earlier checkpoint may be intact: --ckpt {run.path}/checkpoints/step-N.") from None
     if config.train.lora:  # the base run's weights, then this run's adapters around them
         from imgen_cli.nn import lora
-        from imgen_cli.train.checkpoint import init_weights
+        from imgen_cli.train.checkpoint import adapt_base
 
-        model.load_state_dict(init_weights(config.train.init, config.train.init_weights, model.state_dict(),
-                                           model.position_tables))
-        lora.add_adapters(model, config.train.lora, config.train.lora_alpha, config.train.lora_targets,
-                          config.train.lora_text)
+        adapt_base(model, config.train)
         if set(weights) != set(lora.adapter_state(model.state_dict())):
             raise UserError(f"{checkpoint.path} does not hold the adapters of this LoRA run's network (rank "
                             f"{config.train.lora} on {config.train.init}).")

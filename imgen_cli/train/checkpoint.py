@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from imgen_cli.errors import UserError
-from imgen_cli.nn.lora import adapter_state
+from imgen_cli.nn import lora
 from imgen_cli.runs import Checkpoint, RunDir
 from imgen_cli.train.distributed import DistEnv, gather_objects
 from imgen_cli.train.ema import EMA
@@ -74,7 +74,7 @@ def save(run: RunDir, step: int, state: TrainingState, env: DistEnv, keep_last: 
     model_sd = get_model_state_dict(state.model, options=_FULL)
     ema_sd = get_model_state_dict(state.ema.module, options=_FULL)
     if state.adapters_only:
-        model_sd, ema_sd = adapter_state(model_sd), adapter_state(ema_sd)
+        model_sd, ema_sd = lora.adapter_state(model_sd), lora.adapter_state(ema_sd)
     optim_sd = get_optimizer_state_dict(state.model, state.optimizer, options=_FULL)
     rng = gather_objects(capture_rng(), env)  # every rank's, so each resumes its own stream
     checkpoint = None
@@ -151,6 +151,14 @@ def init_weights(source: str, weights: str, own: dict[str, torch.Tensor], positi
     if report and note is not None:
         note(f"--init {source}: " + "; ".join(report))
     return {**own, **kept}
+
+
+def adapt_base(model: nn.Module, train: Any, note: Any = None) -> None:
+    """A LoRA run's network, in place: its base's weights (`train.init`) loaded, then the adapters wrapped around
+    them (the training loop's start, and every later load of the run)."""
+    model.load_state_dict(init_weights(train.init, train.init_weights, model.state_dict(), model.position_tables,
+                                       note))
+    lora.add_adapters(model, train.lora, train.lora_alpha, train.lora_targets, train.lora_text)
 
 
 def start_from(state: TrainingState, source: str, weights: str, note: Any) -> None:

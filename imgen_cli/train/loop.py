@@ -30,7 +30,6 @@ from imgen_cli import registry
 from imgen_cli.config import RunConfig
 from imgen_cli.data import shards as shard_io
 from imgen_cli.errors import RunError, UserError
-from imgen_cli.nn import lora
 from imgen_cli.runs import Checkpoint, RunDir
 from imgen_cli.train import checkpoint
 from imgen_cli.train.distributed import DistEnv, all_agree, apply_activation_checkpointing, shard_fsdp
@@ -133,9 +132,7 @@ def _build(cfg: RunConfig, env: DistEnv,
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     model = family.build(cfg.model)
     if cfg.train.lora:  # the base first, then the adapters around it (the only weights that train)
-        model.load_state_dict(checkpoint.init_weights(cfg.train.init, cfg.train.init_weights, model.state_dict(),
-                                                      model.position_tables, note))
-        lora.add_adapters(model, cfg.train.lora, cfg.train.lora_alpha, cfg.train.lora_targets, cfg.train.lora_text)
+        checkpoint.adapt_base(model, cfg.train, note)
     model = model.to(device)
     ema = EMA(model, cfg.train.ema_decay)  # before sharding, so both shard alike
     if cfg.train.activation_checkpointing:
