@@ -114,9 +114,21 @@ def synth(
                                                 "\"red circle\" (a pair held out of a base model's data).")] = None,
     only: Annotated[str | None, typer.Option("--only", help="A colour and shape every image shows (a few images "
                                              "of a held-out pair, for fine-tuning).")] = None,
+    class_folders: Annotated[str | None, typer.Option("--class-folders", help="shape or colour: single-object "
+                                                      "images in one folder per class, ImageNet's layout, "
+                                                      "no captions.")] = None,
 ) -> None:
     """Write the built-in [bold]shapes[/] world: captioned images in the real COCO 2017 captions layout."""
-    from imgen_cli.data.synthetic import parse_pair, write_coco_layout
+    from imgen_cli.data.synthetic import parse_pair, write_class_folders, write_coco_layout
+
+    if class_folders is not None:
+        if without or only or n_val is not None:
+            raise UserError("--class-folders writes one set of class folders (tokenize splits off the val "
+                            "images); --without, --only and --val are for the captioned layout.")
+        with _progress("synth", n) as advance:
+            per_class = write_class_folders(out_dir, n, class_folders, size=size, seed=seed, progress=advance)
+        out.print(f"wrote {n} images ({size}x{size}) in {len(per_class)} class folders to {out_dir}/", highlight=False)
+        return
 
     held_out = parse_pair(without, "--without") if without is not None else None
     chosen = parse_pair(only, "--only") if only is not None else None
@@ -143,6 +155,10 @@ def tokenize(
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Held-out share for sources without a val split.")] = 0.05,
     caption: Annotated[str | None, typer.Option("--caption", help="A folder of images: the caption of every image "
                                                 "without a .txt file (fine-tuning on a few images).")] = None,
+    classes: Annotated[Path | None, typer.Option("--classes", help="A folder of class folders: its class index "
+                                                 "(JSON {\"0\": [folder, name]} or lines \"FOLDER NAME\") "
+                                                 "\\[default: sorted folder names; ImageNet's 1000 synsets by "
+                                                 "their names].")] = None,
     vq: Annotated[str | None, typer.Option("--vq", help="Image tokenizer (vqgan run, diffusers VQModel or "
                                            "AutoencoderKL, hf:ORG/REPO/SUB): also store its tokens ({key}.vq.npy) "
                                            "or latents ({key}.latents.npy).")] = None,
@@ -170,8 +186,8 @@ def tokenize(
     size = tokens.record["image_size"] if tokens is not None else size
     with _progress("tokenize", None) as advance:
         manifest = run_tokenize(src, out_dir, size=size, workers=workers, shard_size=shard_size,
-                                val_fraction=val_fraction, caption=caption, tokens=tokens, text=text,
-                                on_total=advance.set_total,
+                                val_fraction=val_fraction, caption=caption, classes=classes, tokens=tokens,
+                                text=text, on_total=advance.set_total,
                                 on_item=lambda: advance(1))
     table = Table(title=f"{out_dir}/ ({manifest['image_size']}px, from {manifest['source']['kind']})")
     table.add_column("split")
@@ -185,6 +201,10 @@ def tokenize(
     out.print(table)
     for line in _pre_encoded(manifest):
         out.print(line, highlight=False)
+    if manifest["classes"]:
+        names = [c["name"] for c in manifest["classes"]]
+        out.print(f"{len(names)} classes ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}): {{key}}.cls",
+                  highlight=False)
     total = sum(i["count"] for i in manifest["splits"].values()) + sum(manifest["skipped"].values())
     out.print(f"{total / max(manifest['seconds'], 1e-9):.0f} images/s", highlight=False)
 
@@ -292,7 +312,9 @@ def _generator(ckpt: str | None, what: str, device: Any, flag: str = "--ckpt", s
                     'imgen sample "a green cross" --ckpt runs/muse --sr runs/muse-sr --guidance 3 --guidance-ramp')
 @guarded
 def sample(
-    prompts: Annotated[list[str], typer.Argument(help="One or more prompts.")],
+    prompts: Annotated[list[str] | None, typer.Argument(help="One or more prompts.")] = None,
+    classes: Annotated[list[str] | None, typer.Option("--class", help="A class-conditional run: a class id, a "
+                                                      "class name or random; repeat for more.")] = None,
     ckpt: Annotated[str | None, typer.Option("--ckpt", help="Run directory \\[default: newest under runs/].")] = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Images per prompt.")] = 4,
     steps: SamplerSteps = None,
@@ -312,7 +334,7 @@ def sample(
     compile_model: Compile = False,
     cache_context: CacheContext = True,
 ) -> None:
-    """Generate images from text prompts with a trained run."""
+    """Generate images from text prompts (or class labels) with a trained run."""
     if offline:
         hub.set_offline()
     import time
@@ -320,7 +342,9 @@ def sample(
     from imgen_cli import sample as pipeline
     from imgen_cli.train.distributed import pick_device
 
-    pipeline.check_prompts(prompts)
+    if bool(prompts) == bool(classes):
+        raise UserError("give prompts (a text-to-image run) or --class (a class-conditional run), one of the two.")
+    pipeline.check_prompts(prompts or [])
     pipeline.check_out_dir(out_dir)
     sampling = pipeline.SamplingOptions(
         steps=pipeline.parse_steps(steps), guidance=guidance, guidance_ramp=guidance_ramp, negative=negative,
@@ -334,7 +358,16 @@ def sample(
         pipeline.check_cascade(trained, refining)
         refiner = refining.model
     sampling.check(model.generate_tokens if refiner is not None else model.generate, trained.family.name)
-    all_prompts = [p for p in prompts for _ in range(n)]
+    names = trained.class_names
+    if (names is None) != (classes is None):
+        raise UserError(f"{trained.run.path} is " + ("conditioned on text; give prompts, not --class." if names is None
+                        else "class-conditional; choose classes with --class ID, --class NAME or --class random, "
+                             "not prompts."))
+    if names is not None and negative is not None:
+        raise UserError("--negative is a prompt; a class-conditional run's guidance pushes away from the null class.")
+    all_prompts = (pipeline.class_conditions(classes, names, n, seed) if names is not None
+                   else [p for p in prompts for _ in range(n)])
+    labels = [names[i] for i in all_prompts] if names is not None else all_prompts
     for network in (model, refiner):
         if network is not None:
             sampling.speed.prepare(network)
@@ -344,7 +377,7 @@ def sample(
         with _progress("sample" if count is None else f"sample ({count} steps)", len(all_prompts)) as advance:
             images = pipeline.generate(model, all_prompts, sampling, count, advance=advance, super_res=refiner)
         seconds = time.perf_counter() - started
-        grid = pipeline.save_images(images, all_prompts, folder, per_row=n)
+        grid = pipeline.save_images(images, labels, folder, per_row=n)
         out.print(f"{len(images)} images ({seconds / len(images):.3f} s each on {dev.type}) in {folder}/, "
                   f"grid: {grid}", highlight=False)
 
@@ -355,7 +388,9 @@ def sample(
 @guarded
 def edit(
     image: Annotated[Path, typer.Argument(help="Image to edit (centre-cropped and resized to the model's size).")],
-    prompt: Annotated[str, typer.Argument(help="What the edited image should show.")],
+    prompt: Annotated[str | None, typer.Argument(help="What the edited image should show.")] = None,
+    class_choice: Annotated[str | None, typer.Option("--class", help="A class-conditional run: the class (id or "
+                                                     "name) the edited image should show.")] = None,
     ckpt: Annotated[str | None, typer.Option("--ckpt", help="Run directory \\[default: newest under runs/].")] = None,
     mask: Annotated[Path | None, typer.Option("--mask", help="PNG, white = region to repaint.")] = None,
     box: Annotated[str | None, typer.Option("--box", help="x0,y0,x1,y1: repaint inside this box (inpainting).")] = None,
@@ -384,11 +419,17 @@ def edit(
 
     if not image.is_file():
         raise UserError(f"{image} does not exist.")
-    pipeline.check_prompts([prompt])
+    if (prompt is None) == (class_choice is None):
+        raise UserError("give a prompt (a text-to-image run) or --class (a class-conditional run), one of the two.")
+    pipeline.check_prompts([prompt] if prompt is not None else [])
     pipeline.check_out_dir(out_dir)
     dev = pick_device(device)
     trained = _generator(ckpt, "editing", dev, decoder=decoder)
-    model = trained.model
+    model, names = trained.model, trained.class_names
+    if (names is None) != (class_choice is None):
+        raise UserError(f"{trained.run.path} is " + ("conditioned on text; give a prompt, not --class." if names is None
+                        else "class-conditional; give --class ID or --class NAME, not a prompt."))
+    condition = pipeline.class_conditions([class_choice], names, 1, seed)[0] if names is not None else prompt
     size = model.image_size
     source = pipeline.load_image(image, size)
     region = pipeline.region_mask(size, mask, box, keep_box)
@@ -399,9 +440,10 @@ def edit(
                                         speed=pipeline.Speed(cache_context=cache_context, bf16=bf16))
     sampling.check(model.edit, trained.family.name)
     with _progress("edit", n) as advance:
-        edited = pipeline.edits(model, source, region, prompt, n, sampling, advance)
+        edited = pipeline.edits(model, source, region, condition, n, sampling, advance)
     images = torch.cat([source, edited])
-    grid = pipeline.save_images(images, ["(source)"] + [prompt] * n, out_dir, per_row=n + 1)
+    label = names[condition] if names is not None else prompt
+    grid = pipeline.save_images(images, ["(source)"] + [label] * n, out_dir, per_row=n + 1)
     how = "mask-free" if region is None else f"{int(region.sum())} of {size * size} pixels repainted"
     out.print(f"{n} edits ({how}) in {out_dir}/ (0000.png is the source), grid: {grid}", highlight=False)
 
@@ -462,7 +504,7 @@ def evaluate(
         raise UserError("give either --ckpt (generate, then score) or --images (score a folder), not both.")
     env = distributed.setup(device)
     try:
-        model, folder, subject, weights = None, None, str(images), None
+        model, folder, subject, weights, class_names = None, None, str(images), None, None
         if images is not None:
             folder = ImageFolder.open(images, prompts)
         else:
@@ -471,10 +513,11 @@ def evaluate(
             model, subject = sampling.speed.prepare(trained.model), f"{trained.run.path} step {trained.checkpoint.step}"
             data = data or trained.config.data.shards
             weights = trained.run.read_config().get("pretrained")  # the published weights the run stands on
+            class_names = trained.class_names
         note = (lambda m: err.print(m, highlight=False)) if env.is_main else (lambda m: None)
         progress = _progress if env.is_main else _silent_progress
         report = evaluate(req, data or "shards", env, progress, note, model=model, folder=folder,
-                          runs_root=str(RUNS_ROOT))
+                          runs_root=str(RUNS_ROOT), class_names=class_names)
     finally:
         distributed.teardown()
     if not env.is_main:

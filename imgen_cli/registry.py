@@ -130,6 +130,14 @@ class TrainedModel:
     family: Family
     model: Any  # torch.nn.Module, eval mode, EMA weights by default
 
+    @property
+    def class_names(self) -> list[str] | None:
+        """A class-conditional generator's class names in id order (its training shards' index); None for a run
+        conditioned on text, or not a generator."""
+        if not self.family.generates_images or self.config.model.condition != "class":
+            return None
+        return self.run.read_config().get("classes") or [str(i) for i in range(self.config.model.num_classes)]
+
 
 def load_trained(ckpt: str | None, device: Any = "cpu", ema: bool = True, runs_root: str = "runs",
                  flag: str = "--ckpt", families: Sequence[str] | None = None) -> TrainedModel:

@@ -139,6 +139,28 @@ def check_prompts(prompts: list[str]) -> list[str]:
     return prompts
 
 
+def class_conditions(choices: list[str], names: list[str], n: int, seed: int) -> list[int]:
+    """`--class` values -> the class id of every image, `n` per value: an id, a name of the run's class index (any
+    case), or `random`, which draws each of its n classes uniformly (from `seed`)."""
+    by_name = {name.lower(): i for i, name in reversed(list(enumerate(names)))}  # a repeated name: its first id
+    rng = torch.Generator().manual_seed(seed)
+    ids = []
+    for choice in choices:
+        text = choice.strip()
+        if text.lower() == "random":
+            ids += torch.randint(0, len(names), (n,), generator=rng).tolist()
+            continue
+        if text.isdigit() and int(text) < len(names):
+            ids += [int(text)] * n
+        elif text.lower() in by_name:
+            ids += [by_name[text.lower()]] * n
+        else:
+            shown = ", ".join(f"{i} {name}" for i, name in enumerate(names[:5])) + (", ..." if len(names) > 5 else "")
+            raise UserError(f"--class {choice!r} is neither a class id (0 to {len(names) - 1}), a class name "
+                            f"({shown}) nor random.")
+    return ids
+
+
 def check_out_dir(out_dir: Path, flag: str = "--out") -> Path:
     """Before any work: the output folder must be a folder (or not exist yet)."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -274,7 +296,7 @@ def region_mask(size: int, mask_path: Path | None, box: str | None, keep_box: st
     return mask
 
 
-def edits(model: Any, source: Tensor, region: Tensor | None, prompt: str, n: int, sampling: SamplingOptions,
+def edits(model: Any, source: Tensor, region: Tensor | None, prompt: str | int, n: int, sampling: SamplingOptions,
           advance: Callable[[int], None]) -> Tensor:
     """`n` edits of `source` [1, 3, H, W], edit i seeded by (seed, i): [n, 3, H, W] on the CPU."""
     device = next(model.parameters()).device
@@ -287,10 +309,11 @@ def edits(model: Any, source: Tensor, region: Tensor | None, prompt: str, n: int
     return torch.cat(out)
 
 
-def edit(model: Any, source: Tensor, region: Tensor | None, prompt: str, *, generator: torch.Generator,
+def edit(model: Any, source: Tensor, region: Tensor | None, prompt: str | int, *, generator: torch.Generator,
          options: dict[str, Any], speed: Speed | None = None) -> Tensor:
-    """One edit of `source` [1, 3, H, W] under `prompt`: the family's `edit` (mask-free without a region), then,
-    with a region, the source's own pixels outside the cells it touches. Returns [1, 3, H, W] on the CPU."""
+    """One edit of `source` [1, 3, H, W] under `prompt` (a class id, for a class-conditional model): the family's
+    `edit` (mask-free without a region), then, with a region, the source's own pixels outside the cells it touches.
+    Returns [1, 3, H, W] on the CPU."""
     device = next(model.parameters()).device
     with (speed or Speed()).applied(model):
         result = model.edit(source.to(device), None if region is None else region.to(device), [prompt],

@@ -2,7 +2,8 @@
 
 Shard layout (written by `imgen tokenize`): `train-000000.tar`, `val-000000.tar`, ..., each sample
 `{key}.png` (the image), `{key}.txt` (one caption), `{key}.json` (all captions, source id, original
-size), plus `manifest.json` and `sizes.json`, written last: a shard not listed there is incomplete.
+size), `{key}.cls` (the class id, for a class-folder dataset, whose captions are optional), plus
+`manifest.json` and `sizes.json`, written last: a shard not listed there is incomplete.
 Pre-encoded, optionally: `{key}.vq.npy` (the image's token grid), `{key}.latents.npy` (an autoencoder's
 latents, fp16) and `{key}.text.npz` (every caption's text-encoder states, fp16; see `pack_text`), each
 with the encoder's identity in the manifest.
@@ -198,9 +199,10 @@ TEXT_KEYS = ("text_states", "text_mask", "text_pooled")
 
 
 def _choose_caption(sample: dict[str, Any], rng: random.Random | None) -> tuple[int, str]:
-    """One of the sample's captions and its index: at random for training, the first for evaluation."""
+    """One of the sample's captions and its index: at random for training, the first for evaluation; "" for a
+    class-labelled sample without captions."""
     meta = json.loads(sample["json"]) if "json" in sample else {}
-    captions = meta.get("captions") or [sample["txt"].decode()]
+    captions = meta.get("captions") or [sample["txt"].decode() if "txt" in sample or "cls" not in sample else ""]
     index = rng.randrange(len(captions)) if rng is not None else 0
     return index, captions[index]
 
@@ -210,6 +212,8 @@ def _decode_sample(sample: dict[str, Any], rng: random.Random | None) -> dict[st
     image = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
     index, caption = _choose_caption(sample, rng)
     out = {"image": image, "caption": caption, "key": sample["__key__"]}
+    if "cls" in sample:
+        out["label"] = int(sample["cls"])
     if "vq.npy" in sample:
         out["tokens"] = torch.from_numpy(np.load(io.BytesIO(sample["vq.npy"])).astype(np.int64))
     if "latents.npy" in sample:
@@ -234,10 +238,26 @@ def read_captions(shards: ShardSet) -> list[str]:
     return captions
 
 
+def read_labels(shards: ShardSet) -> list[int]:
+    """The class id of every sample, in shard order (as `read_captions`); a sample without one is skipped."""
+    budget = _FailureBudget()
+    labels = []
+    for sample in wds.DataPipeline(wds.SimpleShardList(shards.urls), wds.tarfile_to_samples(handler=budget.handler)):
+        try:
+            labels.append(int(sample["cls"]))
+        except Exception as err:  # no label, or not an integer
+            budget.handler(err)
+            continue
+        budget.ok()
+    return labels
+
+
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch = {"image": torch.stack([s["image"] for s in samples]),
              "caption": [s["caption"] for s in samples],
              "key": [s["key"] for s in samples]}
+    if all("label" in s for s in samples):
+        batch["label"] = torch.tensor([s["label"] for s in samples])
     for name in ("tokens", "latents", *TEXT_KEYS):
         if name in samples[0]:
             batch[name] = torch.stack([s[name] for s in samples])
@@ -260,7 +280,7 @@ def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, An
     only this form."""
     out = dict(batch)
     out["image"] = batch["image"].to(device, non_blocking=True).float().div_(255)
-    for name in ("tokens", "latents", *TEXT_KEYS):
+    for name in ("tokens", "latents", "label", *TEXT_KEYS):
         if name in batch:
             value = batch[name].to(device, non_blocking=True)
             out[name] = value.float() if value.is_floating_point() else value

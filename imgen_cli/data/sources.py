@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -38,6 +39,7 @@ class SourceItem:
     path: str | None = None  # image file on disk, or...
     data: bytes | None = None  # ...its bytes (shard sources)
     skip: str | None = None  # a reason from SKIP_REASONS when the item is already known to be unusable
+    label: int | None = None  # the class id, for class-folder sources (captions are then optional)
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Source:
     path: Path
     items: Iterator[SourceItem] = field(repr=False)
     total: int | None = None  # number of items, when known up front (for the progress bar)
+    classes: list[dict[str, Any]] | None = None  # class-folder sources: {"id", "folder", "name"} in id order
 
 
 def _clean_captions(captions: list[str]) -> list[str]:
@@ -106,24 +109,88 @@ def _coco_split(path: Path, split: str, ann_path: Path) -> list[SourceItem]:
     return items
 
 
-# --- a folder of images with same-named .txt captions ------------------------------------------------
+# --- a folder of images with same-named .txt captions, or of class folders (ImageNet's layout) ---------------
 
 
-def _read_folder(path: Path, val_fraction: float, caption: str | None = None) -> Source:
+def _read_folder(path: Path, val_fraction: float, caption: str | None = None,
+                 classes_file: Path | None = None) -> Source:
     """Images with their .txt captions (one per line); `caption` is the caption of every image without one (a
-    folder of a few photos of one subject, for fine-tuning)."""
+    folder of a few photos of one subject, for fine-tuning). A folder whose images all sit one level down, in
+    one subfolder per class, with no caption anywhere (ImageNet's train layout), or any folder given
+    `classes_file`, is read as class folders: every image is labelled with its folder's class id
+    (`class_index`), and its .txt captions, where it has them, come along."""
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
         raise UserError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)}) and no COCO annotations.")
+    rel = [file.relative_to(path) for file in files]
+    captions = [_clean_captions(f.with_suffix(".txt").read_text(errors="replace").splitlines())
+                if f.with_suffix(".txt").is_file() else [] for f in files]
+    one_down = all(len(r.parts) == 2 for r in rel)
+    classes = None
+    if classes_file is not None or (caption is None and one_down and not any(captions)):
+        if not one_down:
+            deeper = next(r for r in rel if len(r.parts) != 2)
+            raise UserError(f"--classes reads one subfolder per class, but {path / deeper} is not one level down.")
+        classes = class_index(sorted({r.parts[0] for r in rel}), classes_file)
+    ids = {c["folder"]: c["id"] for c in classes or []}
     items = []
-    for file in files:
-        rel = file.relative_to(path).as_posix()
-        txt = file.with_suffix(".txt")
-        caps = _clean_captions(txt.read_text(errors="replace").splitlines()) if txt.is_file() else []
+    for file, name, caps in zip(files, rel, captions, strict=True):
         caps = caps or _clean_captions([caption or ""])
-        items.append(SourceItem(hash_split(rel, val_fraction), rel, caps, path=str(file),
-                                skip=None if caps else "no_caption"))
-    return Source("folder", path, iter(items), len(items))
+        label = ids.get(name.parts[0]) if classes is not None else None
+        usable = caps or label is not None
+        items.append(SourceItem(hash_split(name.as_posix(), val_fraction), name.as_posix(), caps, path=str(file),
+                                skip=None if usable else "no_caption", label=label))
+    return Source("folder", path, iter(items), len(items), classes)
+
+
+IMAGENET_SYNSET = re.compile(r"n\d{8}")
+
+
+def class_index(folders: list[str], classes_file: Path | None) -> list[dict[str, Any]]:
+    """Class ids and names of a class-folder dataset, in id order.
+
+    Without a file the ids follow the sorted folder names (torchvision's ImageFolder rule, which for ImageNet's
+    1000 synset folders is the standard ImageNet class order) and the names are the folders', except for those
+    1000 synsets, which take torchvision's ImageNet category names ("golden retriever" is 207). A file is either
+    JSON, {"0": ["n01440764", "tench"], ...} (Keras' imagenet_class_index.json) or a list of [folder, name], or
+    text, one class per line, "FOLDER NAME..." (LOC_synset_mapping.txt), its line number the id."""
+    if classes_file is None:
+        names = folders
+        if len(folders) == 1000 and all(IMAGENET_SYNSET.fullmatch(f) for f in folders):
+            from torchvision.models import ResNet50_Weights  # its weights' metadata: the 1000 names, in order
+
+            names = ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+        return [{"id": i, "folder": f, "name": n} for i, (f, n) in enumerate(zip(folders, names, strict=True))]
+    entries = _read_class_file(classes_file)
+    known = {folder for folder, _ in entries}
+    missing = [f for f in folders if f not in known]
+    if missing:
+        raise UserError(f"{classes_file} has no class for the folder {missing[0]!r}"
+                        f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}.")
+    return [{"id": i, "folder": folder, "name": name} for i, (folder, name) in enumerate(entries)]
+
+
+def _read_class_file(path: Path) -> list[tuple[str, str]]:
+    """(folder, name) per class id, from a class index file (see `class_index`)."""
+    if not path.is_file():
+        raise UserError(f"--classes {path} does not exist.")
+    text = path.read_text(errors="replace")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+            rows = [data[str(i)] for i in range(len(data))] if isinstance(data, dict) else data
+            entries = [(str(folder), str(name)) for folder, name in rows]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            raise UserError(f"{path} is not a class index: JSON {{\"0\": [folder, name], ...}} or a list of "
+                            f"[folder, name].") from None
+    else:
+        lines = [line.strip().split(maxsplit=1) for line in text.splitlines() if line.strip()]
+        entries = [(parts[0], parts[1] if len(parts) > 1 else parts[0]) for parts in lines]
+    folders = [folder for folder, _ in entries]
+    if not entries or len(set(folders)) != len(folders):
+        raise UserError(f"{path} lists {'no class' if not entries else 'a folder twice'}; a class index names each "
+                        f"folder once.")
+    return entries
 
 
 # --- existing WebDataset shards (img2dataset layout, or imgen's own) ----------------------------------
@@ -190,9 +257,10 @@ def _shard_item(shard: Path, key: str, files: dict[str, bytes | None], fixed_spl
     return SourceItem(split, source_id, caps, data=image, skip=skip)
 
 
-def open_source(src: str | Path, val_fraction: float = 0.05, caption: str | None = None) -> Source:
+def open_source(src: str | Path, val_fraction: float = 0.05, caption: str | None = None,
+                classes: Path | None = None) -> Source:
     """Recognise what `src` is and return a reader over it; `caption` captions a folder's images that have no
-    .txt file."""
+    .txt file; `classes` is the class index of a class-folder dataset."""
     path = Path(src)
     if not path.exists():
         raise UserError(f"{src} does not exist.")
@@ -203,12 +271,15 @@ def open_source(src: str | Path, val_fraction: float = 0.05, caption: str | None
     if caption is not None and (coco or shards):
         raise UserError(f"--caption is for a folder of images; {src} is {'a COCO directory' if coco else 'shards'}, "
                         f"whose images have their own captions.")
+    if classes is not None and (coco or shards):
+        raise UserError(f"--classes is for a folder of class folders; {src} is "
+                        f"{'a COCO directory' if coco else 'shards'}.")
     if coco:
         return _read_coco(path)
     if shards:
         return Source("shards", path, _iter_shards(shards, val_fraction))
     if path.is_dir():
-        return _read_folder(path, val_fraction, caption)
+        return _read_folder(path, val_fraction, caption, classes)
     raise UserError(f"{src} is neither a COCO directory, an image+caption folder, nor WebDataset shards.")
 
 

@@ -392,6 +392,31 @@ def write_coco_layout(
     return counts
 
 
+CLASS_ATTRIBUTES = ("shape", "colour")  # what a class folder of the shapes world groups its images by
+
+
+def write_class_folders(out: Path, n: int, by: str, size: int = 64, seed: int = 0,
+                        progress: Callable[[int], None] | None = None) -> dict[str, int]:
+    """`n` single-object scenes in ImageNet's class-folder layout, `out/<class>/<index>.png`, one folder per
+    shape or per colour (`by`); no captions (a class-conditional dataset, as ImageNet's train folders are).
+    Example i is drawn from its own RNG seeded by (seed, i), as `make_example` draws its scenes. Returns the
+    images per class."""
+    if by not in CLASS_ATTRIBUTES:
+        raise UserError(f"--class-folders groups images by {' or '.join(CLASS_ATTRIBUTES)}, got {by!r}.")
+    counts = dict.fromkeys(SHAPES if by == "shape" else COLOURS, 0)
+    for name in counts:
+        (Path(out) / name).mkdir(parents=True, exist_ok=True)
+    for index in range(n):
+        rng = random.Random(f"{seed}/classes/{index}")
+        scene = Scene(rng.choice(list(BACKGROUNDS)), (_sample_single_object(rng),), None)
+        label = getattr(scene.objects[0], by)
+        render_scene(scene, size).save(Path(out) / label / f"{index:06d}.png", format="PNG", compress_level=6)
+        counts[label] += 1
+        if progress is not None:
+            progress(1)
+    return counts
+
+
 def _file_name(image_id: int) -> str:
     return f"{image_id:012d}.png"
 

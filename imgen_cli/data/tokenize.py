@@ -159,9 +159,10 @@ def _prepared(items: Iterator[SourceItem], prepare: Callable, pool: Any) -> Iter
         yield from pool.imap(prepare, window, chunksize=16)
 
 
-def _natural_size(src: str | Path, val_fraction: float, max_pixels: int, caption: str | None) -> int:
+def _natural_size(src: str | Path, val_fraction: float, max_pixels: int, caption: str | None,
+                  classes: Path | None) -> int:
     """The shorter side of the first readable image, capped at 256: shapes stay 64px, COCO becomes 256px."""
-    for item in open_source(src, val_fraction, caption).items:
+    for item in open_source(src, val_fraction, caption, classes).items:
         result = prepare_image(item, 8, max_pixels)
         if isinstance(result, PreparedImage):
             return min(256, min(result.original_size))
@@ -209,6 +210,7 @@ def tokenize(
     shard_size: int = 1000,
     val_fraction: float = 0.05,
     caption: str | None = None,
+    classes: Path | None = None,
     max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485,
     tokens: TokenEncoder | None = None,
     text: CaptionEncoder | None = None,
@@ -218,7 +220,8 @@ def tokenize(
     """Write shards + manifest; returns the manifest (which includes the skip counts).
 
     `size` None takes the source's own image size, at most 256. `caption` captions a folder's images that have
-    no .txt file. With `tokens`, every sample also gets
+    no .txt file. A class-folder source (`classes`: its index file, else found by its layout) gives every sample
+`{key}.cls`, its class id, and the manifest its class index. With `tokens`, every sample also gets
     `{key}.vq.npy`, its image's token grid (or `{key}.latents.npy`), and the manifest records the tokenizer; with
     `text`, `{key}.text.npz`, its captions' states, and the manifest records the text encoder.
 
@@ -228,12 +231,12 @@ def tokenize(
     out = Path(out)
     _check_paths(Path(src), out)
     if size is None:
-        size = _natural_size(src, val_fraction, max_pixels, caption)
+        size = _natural_size(src, val_fraction, max_pixels, caption, classes)
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise UserError(f"--size must be between {MIN_SIZE} and {MAX_SIZE} pixels, got {size}.")
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}.")
-    source = open_source(src, val_fraction, caption)
+    source = open_source(src, val_fraction, caption, classes)
     on_total(source.total)
     beside = out.resolve().parent  # the same filesystem, so moving the finished shards in is a rename
     beside.mkdir(parents=True, exist_ok=True)
@@ -281,6 +284,8 @@ def _write_shards(source: Source, staging: Path, *, size: int, workers: int, sha
     try:
         for item, result in _prepared(source.items, prepare, pool):
             on_item()
+            if text is not None and not item.captions and not isinstance(result, Skip):
+                result = Skip("no_caption", item.source_id)  # a class-folder image without captions to encode
             if isinstance(result, Skip):
                 skipped[result.reason] += 1
                 if len(skipped_examples) < 10:
@@ -290,8 +295,12 @@ def _write_shards(source: Source, staging: Path, *, size: int, workers: int, sha
             index += 1
             meta = {"captions": item.captions, "source_id": item.source_id,
                     "original_size": list(result.original_size)}
-            pending.append((item.split, {"__key__": key, "png": result.png, "txt": item.captions[0],
-                                         "json": json.dumps(meta, sort_keys=True).encode()}))
+            sample = {"__key__": key, "png": result.png, "json": json.dumps(meta, sort_keys=True).encode()}
+            if item.captions:
+                sample["txt"] = item.captions[0]
+            if item.label is not None:
+                sample["cls"] = str(item.label)  # webdataset's convention: the class id as text
+            pending.append((item.split, sample))
             if len(pending) >= batch_size:
                 flush()
         flush()
@@ -316,6 +325,7 @@ def _write_shards(source: Source, staging: Path, *, size: int, workers: int, sha
         "skipped_examples": skipped_examples,
         "tokenizer": tokens.record if tokens else None,
         "text_encoder": text.record if text else None,
+        "classes": source.classes,
         "seconds": round(time.time() - started, 2),
     }
     write_json_atomic(staging / "sizes.json", sizes)

@@ -1,7 +1,9 @@
 """Scoring generated images: FID and KID (torchmetrics), CLIP score (torchmetrics) and R-precision.
 
 The real side is the val split of the shards: its images are the FID/KID reference and its captions
-are the prompts (the first caption of each sample, cycled to `n`) and the R-precision distractors.
+are the prompts (the first caption of each sample, cycled to `n`) and the R-precision distractors. A
+class-conditional run is given `n` classes drawn uniformly (seeded), as the ImageNet protocols draw them, and
+CLIP score and R-precision read class names where they read captions.
 The generated side is either a run's `generate` (the family contract), evaluated at each requested
 step count, or a folder of images with a prompts file.
 
@@ -317,13 +319,27 @@ def _sum(value: float, env: DistEnv) -> float:
 
 
 def evaluate(req: EvalRequest, shards_spec: str, env: DistEnv, progress: Progress, note: Callable[[str], None],
-             model: Any = None, folder: ImageFolder | None = None, runs_root: str = "runs") -> dict[str, Any]:
-    """Score `model` (a generator run's network) or `folder` against the val split; returns the report."""
+             model: Any = None, folder: ImageFolder | None = None, runs_root: str = "runs",
+             class_names: list[str] | None = None) -> dict[str, Any]:
+    """Score `model` (a generator run's network; with `class_names`, a class-conditional one) or `folder` against
+    the val split; returns the report."""
     req.validate()
     started = time.time()
     device = env.device
     shards = shard_io.open_shards(shards_spec, "val")
-    captions = shard_io.read_captions(shards)
+    if class_names is None:
+        captions = shard_io.read_captions(shards)
+        prompts = folder.prompts if folder is not None else [captions[i % len(captions)] for i in range(req.n)]
+        conditions = prompts
+    else:  # classes drawn uniformly, as the ImageNet protocols draw them; CLIP reads the class names
+        labels = shard_io.read_labels(shards)
+        if any(not 0 <= y < len(class_names) for y in labels):
+            raise UserError(f"the val split of {shards_spec} has class ids beyond the run's {len(class_names)} "
+                            f"classes; evaluate against the shards it trained on.")
+        captions = [class_names[y] for y in labels]
+        seeded = torch.Generator().manual_seed(req.sampling.seed)
+        conditions = torch.randint(0, len(class_names), (req.n,), generator=seeded).tolist()
+        prompts = [class_names[y] for y in conditions]
     if not captions:
         raise UserError(f"the val split of {shards_spec} is empty.")
     size = shards.image_size or 64
@@ -333,7 +349,6 @@ def evaluate(req: EvalRequest, shards_spec: str, env: DistEnv, progress: Progres
         extractor = (feats.ClipImageFeatures(clip) if req.features == "clip"
                      else feats.InceptionFeatures(feats.inception_weights_path(req.inception_weights)))
         extractor = extractor.to(device).eval()
-    prompts = folder.prompts if folder is not None else [captions[i % len(captions)] for i in range(req.n)]
     batch_size = req.sampling.batch_size
     if model is not None and math.ceil(len(prompts) / batch_size) < env.world_size:
         raise UserError(f"--n {len(prompts)} in batches of {batch_size} gives some of the {env.world_size} ranks "
@@ -341,13 +356,16 @@ def evaluate(req: EvalRequest, shards_spec: str, env: DistEnv, progress: Progres
     metrics = Metrics(req, extractor, clip, len(captions), len(prompts), device)
     rprec = RPrecision(clip, captions, req.r, req.sampling.seed, batch_size) if req.r_precision else None
 
-    real = _score_real(req, shards, env, progress, note, metrics, extractor, rprec, clip)
+    def real_texts(raw: dict[str, Any]) -> list[str]:
+        return raw["caption"] if class_names is None else [class_names[y] for y in raw["label"].tolist()]
+
+    real = _score_real(req, shards, env, progress, note, metrics, extractor, rprec, clip, real_texts)
     rows = []
     for steps in (req.sampling.steps if model is not None else [None]):
         label = f"generate ({steps} steps)" if steps else "generate" if model is not None else "score images"
         if model is not None:
             with progress(label, len(prompts)) as advance:
-                indices, images, seconds = generate(model, prompts, steps, req, env, advance)
+                indices, images, seconds = generate(model, conditions, steps, req, env, advance)
         else:
             indices = list(range(env.rank, len(prompts), env.world_size))
             images, seconds = None, 0.0
@@ -372,6 +390,7 @@ def evaluate(req: EvalRequest, shards_spec: str, env: DistEnv, progress: Progres
     return {
         "evaluated": "images" if folder is not None else "run",
         "data": shards_spec, "split": "val", "real_images": len(captions),
+        "conditions": "captions" if class_names is None else "classes drawn uniformly",
         "feature_extractor": extractor.id if extractor is not None else None,
         "clip_model": clip.id if clip is not None else None,
         "settings": req.settings(),
@@ -382,9 +401,10 @@ def evaluate(req: EvalRequest, shards_spec: str, env: DistEnv, progress: Progres
 
 def _score_real(req: EvalRequest, shards: shard_io.ShardSet, env: DistEnv, progress: Progress,
                 note: Callable[[str], None], metrics: Metrics, extractor: nn.Module | None,
-                rprec: RPrecision | None, clip: feats.OpenClipModel | None) -> dict[str, Any]:
+                rprec: RPrecision | None, clip: feats.OpenClipModel | None,
+                texts: Callable[[dict[str, Any]], list[str]]) -> dict[str, Any]:
     """One pass over the real val images: FID/KID reference (unless cached), the real R-precision ceiling
-    and the real CLIP score."""
+    and the real CLIP score (of each image against `texts` of its batch: its caption, or its class name)."""
     cache = _reference_cache(shards, extractor.id) if extractor is not None else None
     cached = _read_reference_cache(cache, extractor.id, note) if cache is not None else None
     if cached is not None:
@@ -406,9 +426,9 @@ def _score_real(req: EvalRequest, shards: shard_io.ShardSet, env: DistEnv, progr
                     metrics.update_real(local_features[-1])
                 if rprec is not None:
                     global_index = [env.rank + (count + i) * env.world_size for i in range(len(images))]
-                    hits += int(rprec.hits(images, raw["caption"], global_index).sum())
+                    hits += int(rprec.hits(images, texts(raw), global_index).sum())
                 if real_clip_score is not None:
-                    real_clip_score.update(images, raw["caption"])
+                    real_clip_score.update(images, texts(raw))
             count += len(images)
             advance(len(images))
     total = _sum(count, env)

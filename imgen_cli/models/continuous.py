@@ -59,12 +59,16 @@ class ContinuousDiffusion(CarriesTokenizer):
     # --- the condition ---
 
     def build_condition(self, cfg: TextEncoderConfig) -> None:
-        """The caption encoder and the null condition of guidance: a learned length-1 sequence and pooled vector."""
+        """The caption (or class) encoder and the null condition of guidance: a learned length-1 sequence and pooled
+        vector, unless the encoder learns its own (a class table's null class)."""
         self.text_encoder = build_text_encoder(cfg)
-        self.null_state = nn.Parameter(torch.randn(self.text_encoder.width) * 0.02)
-        self.null_pooled = nn.Parameter(torch.zeros(self.text_encoder.embed_dim))
+        if not self.text_encoder.learns_null:
+            self.null_state = nn.Parameter(torch.randn(self.text_encoder.width) * 0.02)
+            self.null_pooled = nn.Parameter(torch.zeros(self.text_encoder.embed_dim))
 
     def null_condition(self, batch: int) -> TextStates:
+        if self.text_encoder.learns_null:
+            return self.text_encoder.null(batch)
         return learned_null(self.null_state, self.null_pooled, batch, self.cfg.text_context)
 
     def training_condition(self, batch: dict) -> TextStates:
@@ -242,7 +246,7 @@ class ContinuousDiffusion(CarriesTokenizer):
         captions (a fixed seed, DDIM with few steps): [2n, 3, H, W] in [0, 1]."""
         real = self.preview_images(batch["image"][:n])
         generator = torch.Generator(self.device).manual_seed(0)
-        samples = self.generate(batch["caption"][:n], steps=steps or self.preview_steps,
+        samples = self.generate(self.text_encoder.conditions(batch)[:n], steps=steps or self.preview_steps,
                                 guidance=self.preview_guidance, sampler="ddim", generator=generator)
         return torch.cat([real.float(), samples.float()])
 

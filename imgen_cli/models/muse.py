@@ -84,6 +84,8 @@ class MuseConfig(TokenTransformerConfig):
         require(not self.micro_conds or len(self.micro_conds) == 5,
                 f"model.micro_conds has 5 values (width, height, crop top, crop left, aesthetic score), "
                 f"got {self.micro_conds!r}.")
+        require(self.backbone == "transformer" or self.condition == "text",
+                "a class-conditional Muse (model.condition=class) has imgen's transformer as its backbone.")
         require(self.backbone == "transformer" or not self.lowres_grid,
                 "a super-resolution Muse (model.lowres_grid) has imgen's transformer as its backbone.")
         require(math.isfinite(self.guidance) and self.guidance >= 0,

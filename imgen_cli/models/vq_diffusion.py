@@ -69,6 +69,8 @@ class VQDiffusionConfig(TokenTransformerConfig):
         super().validate()
         require(self.backbone in BACKBONES,
                 f"unknown model.backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}.")
+        require(self.backbone == "transformer" or self.condition == "text",
+                "a class-conditional VQ-Diffusion (model.condition=class) has imgen's transformer as its backbone.")
         require((self.backbone == "transformer2d") == bool(self.transformer2d),
                 "model.transformer2d (the Transformer2DModel config, which imgen import writes) goes with "
                 "model.backbone transformer2d.")
@@ -412,7 +414,7 @@ class VQDiffusion(TokenFamily):
         self.schedule = MaskReplaceSchedule(k, cfg.timesteps, cfg.schedule, cfg.final_mask_rate)
         self.text_encoder = build_text_encoder(cfg)
         self.null_states = None
-        if cfg.learnable_null:
+        if cfg.learnable_null and not self.text_encoder.learns_null:  # a class table learns its null class
             self.null_states = nn.Parameter(torch.randn(cfg.text_context, self.text_encoder.width))
         self.timestep_sampler = TimestepSampler(cfg.timesteps, cfg.importance_sampling)
         self.transformer2d = None

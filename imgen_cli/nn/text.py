@@ -20,6 +20,11 @@ running the encoder every step; prompts at sampling time go through the same enc
 
 Classifier-free guidance needs a null condition. imgen's (as aMUSEd's) is this encoder's encoding of the
 empty prompt, sequence and pooled vector alike; `drop_condition` swaps it in for training.
+
+A class-conditional model (`condition = "class"`) takes class ids instead of captions through the same
+interface: `ClassEncoder`, a learned embedding per class (DiT's and DiffiT's label embedding) as a one-token
+sequence and as the pooled vector, so every family conditions on a class exactly where it conditions on text;
+its null condition is one more learned row, the null class.
 """
 
 from __future__ import annotations
@@ -59,6 +64,10 @@ class TextEncoderConfig:
     text_heads: int = 4
     text_context: int = 77  # tokens per caption, SOT and EOT included (77 is CLIP's; short captions need fewer)
     text_frozen: bool | None = None  # no gradient into the encoder; unset = frozen iff pretrained
+    # "text": captions through the encoder above; "class": class ids (shards with {key}.cls) through a learned
+    # table of num_classes + 1 rows of text_width, the last the null class
+    condition: str = "text"
+    num_classes: int = 0  # classes of a class-conditional model; 0 = the training shards' count
 
     @property
     def text_is_pretrained(self) -> bool:
@@ -70,6 +79,14 @@ class TextEncoderConfig:
         return self.text_is_pretrained if self.text_frozen is None else self.text_frozen
 
     def validate(self) -> None:
+        if self.condition not in ("text", "class"):
+            raise UserError(f"model.condition must be text or class, got {self.condition!r}.")
+        if self.condition == "class" and (self.text_encoder or self.text_name):
+            raise UserError("a class-conditional model (model.condition=class) has no text encoder; unset "
+                            "model.text_encoder and model.text_name.")
+        if self.num_classes < 0 or (self.condition == "text" and self.num_classes):
+            raise UserError(f"model.num_classes is the class count of a class-conditional model (model.condition="
+                            f"class), got {self.num_classes}.")
         if self.text_encoder and self.text_name:
             raise UserError("model.text_encoder (a transformers model) and model.text_name (an open_clip one) are "
                             "two choices of encoder; set one.")
@@ -131,6 +148,7 @@ class TextEncoder(nn.Module):
     width: int
     embed_dim: int
     frozen: bool
+    learns_null = False  # the null condition is part of the encoder's own weights (the null class)
 
     def encode(self, captions: list[str]) -> TextStates:
         raise NotImplementedError
@@ -148,6 +166,10 @@ class TextEncoder(nn.Module):
         if self.frozen and "text_states" in batch:
             return TextStates(batch["text_states"], batch["text_mask"], batch["text_pooled"])
         return self(batch["caption"])
+
+    def conditions(self, batch: dict) -> list:
+        """What `generate` takes for a training batch's samples (their captions), for the previews."""
+        return batch["caption"]
 
     def null(self, batch_size: int) -> TextStates:
         """The null condition of classifier-free guidance: the empty prompt's encoding, repeated."""
@@ -167,9 +189,51 @@ class TextEncoder(nn.Module):
 
 
 def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
-    """The encoder `cfg` describes: a transformers model, else an open_clip tower (named or scratch)."""
+    """The encoder `cfg` describes: class labels, a transformers model, else an open_clip tower (named or scratch)."""
     cfg.validate()
+    if cfg.condition == "class":
+        return ClassEncoder(cfg)
     return TransformersText(cfg) if cfg.text_encoder else OpenCLIPText(cfg)
+
+
+class ClassEncoder(TextEncoder):
+    """Class ids -> `TextStates`: row y of a learned table [num_classes + 1, width] as a one-token sequence and as
+    the pooled vector; row num_classes is the null class of guidance (DiT's LabelEmbedder, whose dropout swaps in
+    that row, as `drop_condition` does here)."""
+
+    frozen = False
+    learns_null = True
+
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        if cfg.num_classes < 1:
+            raise UserError("a class-conditional model needs model.num_classes (train sets it from the shards' "
+                            "class index).")
+        self.num_classes = cfg.num_classes
+        self.width = self.embed_dim = cfg.text_width
+        self.table = nn.Embedding(cfg.num_classes + 1, cfg.text_width)
+        nn.init.normal_(self.table.weight, std=0.02)
+
+    def encode(self, labels: Sequence[int] | Tensor) -> TextStates:
+        """Class ids a user gave (checked: the null class is not one of them)."""
+        bad = [int(y) for y in labels if not 0 <= int(y) < self.num_classes]
+        if bad:
+            raise UserError(f"class ids run from 0 to {self.num_classes - 1}, got {bad[0]}.")
+        return self._embedded(torch.as_tensor(labels, dtype=torch.long, device=self.table.weight.device))
+
+    def _embedded(self, ids: Tensor) -> TextStates:
+        embedding = self.table(ids)
+        return TextStates(embedding[:, None], torch.ones(len(ids), 1, dtype=torch.bool, device=ids.device), embedding)
+
+    def from_batch(self, batch: dict) -> TextStates:
+        """The labels of a training batch (the run checked them against num_classes when it started)."""
+        return self._embedded(batch["label"])
+
+    def conditions(self, batch: dict) -> list[int]:
+        return batch["label"].tolist()
+
+    def null(self, batch_size: int) -> TextStates:
+        return self._embedded(torch.full((batch_size,), self.num_classes, device=self.table.weight.device))
 
 
 class OpenCLIPText(TextEncoder):

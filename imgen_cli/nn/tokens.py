@@ -166,6 +166,6 @@ class TokenFamily(CarriesTokenizer):
         seed, few steps): [2n, 3, H, W] in [0, 1]."""
         images = batch["image"][:n].float()
         generator = torch.Generator(self.device).manual_seed(0)
-        samples = self.generate(batch["caption"][:n], steps=steps or self.preview_steps,
+        samples = self.generate(self.text_encoder.conditions(batch)[:n], steps=steps or self.preview_steps,
                                 guidance=self.preview_guidance, generator=generator, **self.preview_options(images))
         return torch.cat([images, samples.float()])

@@ -104,8 +104,9 @@ def prepare(req: TrainRequest, runs_root: Path, recipes: Path, note: Callable[[s
             check_latent_data(data)
         if family.generates_images:
             check_caption_states(data, note)
+    classes = check_class_data(cfg, prior) if family.generates_images and cfg.model.condition == "class" else None
     run = RunDir(req.out if req.out is not None else runs_root / name)
-    config = checked_config(run, cfg, pretrained)
+    config = checked_config(run, cfg, pretrained, classes)
     latest = run.latest_checkpoint()
     return PreparedRun(run, cfg, config, latest if latest is not None and latest.step >= cfg.train.steps else None)
 
@@ -204,6 +205,31 @@ def check_caption_states(cfg: RunConfig, note: Callable[[str], None]) -> None:
              f"cannot use: it encodes the captions itself.")
 
 
+def check_class_data(cfg: RunConfig, prior: list[RunConfig]) -> list[str]:
+    """A class-conditional run trains on shards with a class index (`imgen tokenize` of class folders), every set of
+    them the same index; model.num_classes, when 0, becomes its size. Returns the class names, in id order, which
+    config.json keeps (`sample --class NAME`)."""
+    from imgen_cli.data.shards import open_shards
+
+    indices = []
+    for data in (cfg, *prior):
+        manifest = open_shards(data.data.shards, "train").manifest or {}
+        if not manifest.get("classes"):
+            raise UserError(f"a class-conditional run (model.condition=class) trains on class-labelled shards, but "
+                            f"{data.data.shards} has no class index; tokenize a folder of class folders.")
+        indices.append([c["name"] for c in manifest["classes"]])
+    if any(index != indices[0] for index in indices):
+        raise UserError(f"data.prior's class index differs from {cfg.data.shards}'s; tokenize both with one "
+                        f"--classes file.")
+    names = indices[0]
+    if not cfg.model.num_classes:
+        cfg.model.num_classes = len(names)
+    if cfg.model.num_classes != len(names):
+        raise UserError(f"model.num_classes is {cfg.model.num_classes}, but {cfg.data.shards} has {len(names)} "
+                        f"classes.")
+    return names
+
+
 def pin_published_weights(cfg: RunConfig, existing: RunDir | None) -> dict[str, Any]:
     """Pin every hub name among the model's weights keys to the commit it resolves to now (fetching what is not
     cached), so the run reloads the same weights whatever the branch does later; a resumed run keeps its pin
@@ -225,22 +251,26 @@ def pin_published_weights(cfg: RunConfig, existing: RunDir | None) -> dict[str, 
     return records
 
 
-def run_config(cfg: RunConfig, pretrained: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_config(cfg: RunConfig, pretrained: dict[str, Any] | None = None,
+               classes: list[str] | None = None) -> dict[str, Any]:
     """config.json: the configuration, imgen's version, what the run's published weights were (`pretrained`:
-    repository, commit, file hashes) and, for a run on a pinned tokenizer checkpoint, that checkpoint's weights
-    hash (checked whenever the run is loaded)."""
+    repository, commit, file hashes), a class-conditional run's class names (in id order) and, for a run on a
+    pinned tokenizer checkpoint, that checkpoint's weights hash (checked whenever the run is loaded)."""
     config = {**cfg.to_dict(), "imgen_version": imgen_cli.__version__}
     if pretrained:
         config["pretrained"] = pretrained
+    if classes:
+        config["classes"] = classes
     vq = Path(config["model"].get("vq") or "")
     if weights_file(vq).is_file():
         config["tokenizer_hash"] = weights_hash(vq)
     return json.loads(json.dumps(config))  # as it reads back: tuples become lists
 
 
-def checked_config(run: RunDir, cfg: RunConfig, pretrained: dict[str, Any] | None = None) -> dict[str, Any]:
+def checked_config(run: RunDir, cfg: RunConfig, pretrained: dict[str, Any] | None = None,
+                   classes: list[str] | None = None) -> dict[str, Any]:
     """The config.json to write; for a run with a checkpoint, refuse changes to what is being trained."""
-    fresh = run_config(cfg, pretrained)
+    fresh = run_config(cfg, pretrained, classes)
     if run.exists() and run.latest_checkpoint() is not None:
         saved = registry.get(cfg.family).current_config(run.read_config())
         check_pinned_tokenizer(saved)
