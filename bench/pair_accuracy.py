@@ -5,8 +5,9 @@
 Each folder is an `imgen sample` output (PNGs and prompts.txt) for prompts of the shapes world that name the
 pair (`--pair "red circle"`). An image counts as a hit when, in the in-project CLIP's space, its prompt is closer
 to it than every variant of the prompt with the pair's colour swapped for another colour or its shape for another
-shape (5 + 4 hard distractors, chance 1/10). R-precision's random val captions differ from the prompt in many words at once,
-so an image of the right layout in the wrong colour can still win there; here only the pair decides.
+shape (5 + 4 hard distractors, chance 1/10). R-precision's random val captions differ from the prompt in many
+words at once, so an image of the right layout in the wrong colour can still win there; here only the pair
+decides.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from imgen_cli.data.synthetic import COLOURS, SHAPE_SYNONYMS  # noqa: E402
 from imgen_cli.eval.features import load_clip  # noqa: E402
 from imgen_cli.sample import GRID_NAME, load_image  # noqa: E402
+
 
 def variants(prompt: str, pair: tuple[str, str]) -> list[str]:
     """The prompt with the pair's colour word swapped for every other colour, then its shape word (the word after
