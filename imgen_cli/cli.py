@@ -358,16 +358,9 @@ def sample(
         pipeline.check_cascade(trained, refining)
         refiner = refining.model
     sampling.check(model.generate_tokens if refiner is not None else model.generate, trained.family.name)
-    names = trained.class_names
-    if (names is None) != (classes is None):
-        raise UserError(f"{trained.run.path} is " + ("conditioned on text; give prompts, not --class." if names is None
-                        else "class-conditional; choose classes with --class ID, --class NAME or --class random, "
-                             "not prompts."))
-    if names is not None and negative is not None:
+    all_prompts, labels = pipeline.conditions(trained.run.path, trained.class_names, prompts, classes, n, seed)
+    if classes and negative is not None:
         raise UserError("--negative is a prompt; a class-conditional run's guidance pushes away from the null class.")
-    all_prompts = (pipeline.class_conditions(classes, names, n, seed) if names is not None
-                   else [p for p in prompts for _ in range(n)])
-    labels = [names[i] for i in all_prompts] if names is not None else all_prompts
     for network in (model, refiner):
         if network is not None:
             sampling.speed.prepare(network)
@@ -390,7 +383,7 @@ def edit(
     image: Annotated[Path, typer.Argument(help="Image to edit (centre-cropped and resized to the model's size).")],
     prompt: Annotated[str | None, typer.Argument(help="What the edited image should show.")] = None,
     class_choice: Annotated[str | None, typer.Option("--class", help="A class-conditional run: the class (id or "
-                                                     "name) the edited image should show.")] = None,
+                                                     "name, or random) the edited image should show.")] = None,
     ckpt: Annotated[str | None, typer.Option("--ckpt", help="Run directory \\[default: newest under runs/].")] = None,
     mask: Annotated[Path | None, typer.Option("--mask", help="PNG, white = region to repaint.")] = None,
     box: Annotated[str | None, typer.Option("--box", help="x0,y0,x1,y1: repaint inside this box (inpainting).")] = None,
@@ -421,15 +414,13 @@ def edit(
         raise UserError(f"{image} does not exist.")
     if (prompt is None) == (class_choice is None):
         raise UserError("give a prompt (a text-to-image run) or --class (a class-conditional run), one of the two.")
-    pipeline.check_prompts([prompt] if prompt is not None else [])
+    prompts, classes = ([prompt], None) if prompt is not None else (None, [class_choice])
+    pipeline.check_prompts(prompts or [])
     pipeline.check_out_dir(out_dir)
     dev = pick_device(device)
     trained = _generator(ckpt, "editing", dev, decoder=decoder)
-    model, names = trained.model, trained.class_names
-    if (names is None) != (class_choice is None):
-        raise UserError(f"{trained.run.path} is " + ("conditioned on text; give a prompt, not --class." if names is None
-                        else "class-conditional; give --class ID or --class NAME, not a prompt."))
-    condition = pipeline.class_conditions([class_choice], names, 1, seed)[0] if names is not None else prompt
+    model = trained.model
+    (condition,), (label,) = pipeline.conditions(trained.run.path, trained.class_names, prompts, classes, 1, seed)
     size = model.image_size
     source = pipeline.load_image(image, size)
     region = pipeline.region_mask(size, mask, box, keep_box)
@@ -442,7 +433,6 @@ def edit(
     with _progress("edit", n) as advance:
         edited = pipeline.edits(model, source, region, condition, n, sampling, advance)
     images = torch.cat([source, edited])
-    label = names[condition] if names is not None else prompt
     grid = pipeline.save_images(images, ["(source)"] + [label] * n, out_dir, per_row=n + 1)
     how = "mask-free" if region is None else f"{int(region.sum())} of {size * size} pixels repainted"
     out.print(f"{n} edits ({how}) in {out_dir}/ (0000.png is the source), grid: {grid}", highlight=False)

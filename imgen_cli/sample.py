@@ -139,6 +139,23 @@ def check_prompts(prompts: list[str]) -> list[str]:
     return prompts
 
 
+def conditions(run: Any, class_names: list[str] | None, prompts: list[str] | None, classes: list[str] | None,
+               n: int, seed: int) -> tuple[list, list[str]]:
+    """What the family's `generate` or `edit` takes for each image, and the line prompts.txt shows for it: each
+    prompt n times for a text-to-image run; for a class-conditional one (`class_names`), the ids of the `--class`
+    choices (`class_conditions`) and their names. The run must be of the kind the command line asks for."""
+    if class_names is None:
+        if classes:
+            raise UserError(f"{run} is conditioned on text; give prompts, not --class.")
+        repeated = [p for p in prompts for _ in range(n)]
+        return repeated, repeated
+    if not classes:
+        raise UserError(f"{run} is class-conditional; choose classes with --class ID, --class NAME or --class random, "
+                        f"not prompts.")
+    ids = class_conditions(classes, class_names, n, seed)
+    return ids, [class_names[i] for i in ids]
+
+
 def class_conditions(choices: list[str], names: list[str], n: int, seed: int) -> list[int]:
     """`--class` values -> the class id of every image, `n` per value: an id, a name of the run's class index (any
     case), or `random`, which draws each of its n classes uniformly (from `seed`)."""

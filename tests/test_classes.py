@@ -203,7 +203,8 @@ def test_class_runs_from_the_command_line(class_shards: Path, tmp_path: Path, cl
     assert "neither a class id (0 to 4)" in refused("sample", "--ckpt", str(run), "--class", "hexagon")
     assert "--negative is a prompt" in refused("sample", "--ckpt", str(run), "--class", "0", "--negative", "x")
     assert "prompts (a text-to-image run) or --class" in refused("sample", "--ckpt", str(run))
-    assert "class-conditional; give --class" in refused("edit", str(image), "a red circle", "--ckpt", str(run))
+    assert "is class-conditional; choose classes with --class" in refused("edit", str(image), "a red circle",
+                                                                          "--ckpt", str(run))
 
 
 def test_class_training_needs_labelled_shards(shapes_shards: Path, class_shards: Path, tmp_path: Path):

@@ -29,7 +29,7 @@ import re
 import signal
 import sys
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,7 +202,9 @@ def _choose_caption(sample: dict[str, Any], rng: random.Random | None) -> tuple[
     """One of the sample's captions and its index: at random for training, the first for evaluation; "" for a
     class-labelled sample without captions."""
     meta = json.loads(sample["json"]) if "json" in sample else {}
-    captions = meta.get("captions") or [sample["txt"].decode() if "txt" in sample or "cls" not in sample else ""]
+    captions = meta.get("captions")
+    if not captions:  # a class-labelled sample may have none; any other sample must have its .txt
+        captions = [""] if "cls" in sample and "txt" not in sample else [sample["txt"].decode()]
     index = rng.randrange(len(captions)) if rng is not None else 0
     return index, captions[index]
 
@@ -225,31 +227,28 @@ def _decode_sample(sample: dict[str, Any], rng: random.Random | None) -> dict[st
 
 def read_captions(shards: ShardSet) -> list[str]:
     """The first caption of every sample, in shard order, without decoding any image; damaged shards and
-    samples are skipped with a warning."""
-    budget = _FailureBudget()
-    captions = []
-    for sample in wds.DataPipeline(wds.SimpleShardList(shards.urls), wds.tarfile_to_samples(handler=budget.handler)):
-        try:
-            captions.append(_choose_caption(sample, None)[1])
-        except Exception as err:  # not JSON, or no caption
-            budget.handler(err)
-            continue
-        budget.ok()
-    return captions
+    samples (not JSON, no caption) are skipped with a warning."""
+    return _read_each(shards, lambda sample: _choose_caption(sample, None)[1])
 
 
 def read_labels(shards: ShardSet) -> list[int]:
     """The class id of every sample, in shard order (as `read_captions`); a sample without one is skipped."""
+    return _read_each(shards, lambda sample: int(sample["cls"]))
+
+
+def _read_each(shards: ShardSet, read: Callable[[dict[str, Any]], Any]) -> list[Any]:
+    """`read` of every undecoded sample, in shard order; a damaged shard, or a sample `read` fails on, counts
+    against the failure budget."""
     budget = _FailureBudget()
-    labels = []
+    values = []
     for sample in wds.DataPipeline(wds.SimpleShardList(shards.urls), wds.tarfile_to_samples(handler=budget.handler)):
         try:
-            labels.append(int(sample["cls"]))
-        except Exception as err:  # no label, or not an integer
+            values.append(read(sample))
+        except Exception as err:  # whatever the sample lacks or holds wrongly
             budget.handler(err)
             continue
         budget.ok()
-    return labels
+    return values
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

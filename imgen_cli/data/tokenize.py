@@ -221,7 +221,7 @@ def tokenize(
 
     `size` None takes the source's own image size, at most 256. `caption` captions a folder's images that have
     no .txt file. A class-folder source (`classes`: its index file, else found by its layout) gives every sample
-`{key}.cls`, its class id, and the manifest its class index. With `tokens`, every sample also gets
+    `{key}.cls`, its class id, and the manifest its class index. With `tokens`, every sample also gets
     `{key}.vq.npy`, its image's token grid (or `{key}.latents.npy`), and the manifest records the tokenizer; with
     `text`, `{key}.text.npz`, its captions' states, and the manifest records the text encoder.
 
