@@ -15,6 +15,7 @@ valid ones, never a silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 import types
@@ -278,14 +279,25 @@ def resolve(
     )
 
 
-def current(saved: dict[str, Any], retired: tuple[str, ...],
-            former: tuple[tuple[str, Any], ...] = ()) -> dict[str, Any]:
+def defaults(cls: type) -> dict[str, Any]:
+    """The default of every field of a config dataclass, as config.json holds it (tuples as lists)."""
+    values = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+              for f in dataclasses.fields(cls)
+              if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    return json.loads(json.dumps(values))
+
+
+def current(saved: dict[str, Any], retired: tuple[str, ...], former: tuple[tuple[str, Any], ...] = (),
+            model_class: type | None = None) -> dict[str, Any]:
     """A run directory's config.json as this version writes it, so that old runs load and resume unchanged: the
     model keys an older version wrote and the family has retired since (its registry entry's `retired_keys`,
-    read by nothing) are dropped, and a key added since whose default is not what older runs did (the entry's
-    `former_defaults`, (key, value) pairs) takes the value that reproduces them."""
+    read by nothing) are dropped, a key added since whose default is not what older runs did (the entry's
+    `former_defaults`, (key, value) pairs) takes the value that reproduces them, and every other key added since
+    takes its default (with `model_class`, the family's config class; the train and data sections always)."""
     model = {k: v for k, v in saved["model"].items() if k not in retired}
-    return {**saved, "model": {**dict(former), **model}}
+    model_defaults = defaults(model_class) if model_class is not None else {}
+    return {**saved, "model": {**model_defaults, **dict(former), **model},
+            "train": {**defaults(TrainConfig), **saved["train"]}, "data": {**defaults(DataConfig), **saved["data"]}}
 
 
 def from_dict(saved: dict[str, Any], model_class: type, retired: tuple[str, ...] = (),

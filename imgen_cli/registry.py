@@ -47,7 +47,7 @@ class Family:
         former defaults)."""
         from imgen_cli.config import current
 
-        return current(saved, self.retired_keys, self.former_defaults)
+        return current(saved, self.retired_keys, self.former_defaults, self.config_cls())
 
     def _module(self) -> Any:
         return importlib.import_module(self.module)

@@ -169,6 +169,12 @@ def test_the_users_four_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert result.exit_code == 0 and "resuming runs/vqgan from step 2" in one_line(result)
     result = invoke(*args, "--set", "model.codebook_size=32")
     assert result.exit_code == 2 and "was trained with other settings (model.codebook_size" in one_line(result)
+    # a run written before keys were added (their defaults are what it did) resumes as it is
+    config = json.loads(Path("runs/vqgan/config.json").read_text())
+    del config["model"]["quantizer"], config["train"]["lora"], config["data"]["prior"]
+    Path("runs/vqgan/config.json").write_text(json.dumps(config))
+    result = invoke(*[a if a != "2" else "4" for a in args])
+    assert result.exit_code == 0 and "resuming runs/vqgan from step 3" in one_line(result)
 
     result = invoke("sample", "a bear riding a bicycle")  # the newest run is no generator
     assert result.exit_code == 2 and NO_GENERATOR in one_line(result)
