@@ -574,22 +574,28 @@ def _evaluate_recon(ckpt: str | None, data: str | None, n: int, json_path: Path 
 
 
 @app.command(name="import", epilog="Examples: imgen import hf:amused/amused-256 --out runs/amused-256 | "
-                                   "imgen import ./my-amused-pipeline --out runs/mine")
+                                   "imgen import ./my-amused-pipeline --out runs/mine | "
+                                   "imgen import hf:nvidia/DiffiT/diffit_256.safetensors --out runs/diffit-256")
 @guarded
 def import_(
-    source: Annotated[str, typer.Argument(help="A diffusers pipeline: hf:ORG/REPO[@REVISION] or a local folder.")],
+    source: Annotated[str, typer.Argument(help="A diffusers pipeline (hf:ORG/REPO[@REVISION] or a local folder), or "
+                                          "a released DiffiT checkpoint (hf:ORG/REPO/FILE or a local file).")],
     out_dir: Annotated[Path, typer.Option("--out", help="The new run directory.")],
+    vae: Annotated[str | None, typer.Option("--vae", help="A released DiffiT's decoder: an AutoencoderKL folder or "
+                                            "hf: name (default hf:stabilityai/sd-vae-ft-ema, the release's).")] = None,
     offline: Offline = False,
 ) -> None:
-    """Make a published pipeline (aMUSEd, VQ-Diffusion) an imgen run: sample, edit, eval, fine-tune, export it."""
+    """Make a published pipeline (aMUSEd, VQ-Diffusion) or a released DiffiT checkpoint an imgen run: sample, edit,
+    eval, fine-tune, export it."""
     if offline:
         hub.set_offline()
-    from imgen_cli.pipelines import IMPORTS, import_pipeline
+    from imgen_cli.pipelines import IMPORTED_AS, import_pipeline
 
-    imported = import_pipeline(source, out_dir)
+    imported = import_pipeline(source, out_dir, vae)
     revision = f" at {imported['revision']}" if imported["revision"] else ""
-    out.print(f"{imported['pipeline']} {imported['source']}{revision} -> {out_dir}/ (a {IMPORTS[imported['pipeline']]} "
-              f"run); try: imgen sample \"a photo of a cat\" --ckpt {out_dir}", highlight=False)
+    example = "--class \"golden retriever\"" if imported["pipeline"] == "DiffiT" else "\"a photo of a cat\""
+    out.print(f"{imported['pipeline']} {imported['source']}{revision} -> {out_dir}/ (a "
+              f"{IMPORTED_AS[imported['pipeline']]} run); try: imgen sample {example} --ckpt {out_dir}", highlight=False)
 
 
 @app.command(epilog="Examples: imgen export runs/amused-256 --format diffusers --out amused-export/ | "
@@ -634,7 +640,7 @@ def export(
 def models() -> None:
     """List the model families, their size presets and parameter counts."""
     from imgen_cli import registry
-    from imgen_cli.pipelines import IMPORTS
+    from imgen_cli.pipelines import IMPORTED_AS
 
     table = Table(title="imgen model families")
     for col in ("model", "what", "paper", "presets (parameters)"):
@@ -644,8 +650,8 @@ def models() -> None:
     table.caption = (f"* token families are counted with K={NOMINAL_TOKENS[0]} codes and {NOMINAL_TOKENS[1]}x"
                      f"{NOMINAL_TOKENS[1]} tokens, diffit-latent with {NOMINAL_LATENTS[0]}-channel {NOMINAL_LATENTS[1]}x"
                      f"{NOMINAL_LATENTS[1]} latents (SD's VAE at 256px), where the preset leaves them to the --vq "
-                     f"tokenizer; `imgen import` makes published pipelines runs: "
-                     f"{', '.join(f'{k} -> {v}' for k, v in IMPORTS.items())}")
+                     f"tokenizer; `imgen import` makes published pipelines and checkpoints runs: "
+                     f"{', '.join(f'{k} -> {v}' for k, v in IMPORTED_AS.items())}")
     out.print(table)
 
 

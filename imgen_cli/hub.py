@@ -26,6 +26,7 @@ _NAME = re.compile(r"hf:(?P<repo>[\w.-]+/[\w.-]+)(?P<sub>(/[\w.-]+)*)(@(?P<rev>[
 COMMIT = re.compile(r"[0-9a-f]{40}")
 # what `file_hashes` hashes: the weights and the configs that give them meaning, not READMEs and images
 RECORDED = (".safetensors", ".bin", ".pt", ".pth", ".json", ".txt", ".model")
+WEIGHTS_FILES = (".safetensors", ".bin", ".pt", ".pth")  # a name ending so names one file, not a folder
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,8 @@ def cache_dir() -> str:
 
 def fetch(name: HubName, what: str, only: str | None = None) -> Path:
     """The local snapshot folder of `name` (its subfolder), downloaded into the cache first where it is missing;
-    with `only`, a file name, just that file of the folder (a pipeline's model_index.json, not its weights)."""
+    with `only`, a file name, just that file of the folder (a pipeline's model_index.json, not its weights). A name
+    whose last part is a weights file (hf:nvidia/DiffiT/diffit_256.safetensors) is that one file."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -86,7 +88,8 @@ def fetch(name: HubName, what: str, only: str | None = None) -> Path:
     )
 
     folder = f"{name.subfolder}/" if name.subfolder else ""
-    patterns = [folder + only] if only else [f"{folder}*"] if folder else None
+    one_file = name.subfolder.endswith(WEIGHTS_FILES)
+    patterns = [name.subfolder] if one_file else [folder + only] if only else [f"{folder}*"] if folder else None
     try:
         root = Path(snapshot_download(name.repo, revision=name.revision, allow_patterns=patterns,
                                       local_files_only=offline()))
@@ -110,8 +113,8 @@ def fetch(name: HubName, what: str, only: str | None = None) -> Path:
         raise UserError(f"{what} {name}: the Hugging Face hub refused the download ({str(err).splitlines()[0]}).") \
             from None
     path = root / name.subfolder
-    if not path.is_dir():
-        raise UserError(f"{what} {name}: {name.repo} has no folder {name.subfolder!r}.")
+    if not (path.is_file() if one_file else path.is_dir()):
+        raise UserError(f"{what} {name}: {name.repo} has no {'file' if one_file else 'folder'} {name.subfolder!r}.")
     return path
 
 
@@ -160,7 +163,9 @@ def same_weights(requested: str, pinned_name: str, what: str) -> bool:
 
 def file_hashes(path: Path) -> dict[str, str]:
     """The SHA-256 of each file of a model folder that the model is made of (weights, configs, vocabularies), by
-    its path in the folder."""
+    its path in the folder (a weights file: its own, by its name)."""
+    if path.is_file():
+        return {path.name: _sha256_of(path.resolve(), path.stat().st_size, path.stat().st_mtime_ns)}
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(RECORDED))
     return {str(p.relative_to(path)): _sha256_of(p.resolve(), p.stat().st_size, p.stat().st_mtime_ns) for p in files}
 

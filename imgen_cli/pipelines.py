@@ -1,5 +1,7 @@
 """Published diffusers pipelines as imgen runs, and back: `imgen import` and `imgen export`.
 
+A released DiffiT checkpoint (a weights file) is imported by `imgen_cli.released_diffit`.
+
 A pipeline is a folder with a model_index.json (a local `save_pretrained` directory, or hf:ORG/REPO[@REVISION]
 through the hub cache). `import_pipeline` recognises its class and writes a normal run directory:
 - AmusedPipeline (amused/amused-256, amused/amused-512): a Muse run on the uvit2d backbone. The network's weights
@@ -32,6 +34,8 @@ from imgen_cli.errors import UserError
 
 # pipeline class -> what it becomes
 IMPORTS = {"AmusedPipeline": "muse (backbone uvit2d)", "VQDiffusionPipeline": "vqdiffusion (backbone transformer2d)"}
+# what each import makes: the pipelines, and the released checkpoints read as weights files
+IMPORTED_AS = IMPORTS | {"DiffiT": "diffit-latent (class-conditional, a released NVlabs/DiffiT checkpoint)"}
 AMUSED_GUIDANCE = 10.0  # AmusedPipeline.__call__'s guidance_scale
 AMUSED_CONDITION_DROPOUT = 0.1  # open-muse's cond_dropout_prob and label smoothing, for fine-tuning
 AMUSED_LABEL_SMOOTHING = 0.1
@@ -91,14 +95,19 @@ def open_pipeline(source: str) -> Pipeline:
     return Pipeline(source, kind, index, folder, pinned)
 
 
-def import_pipeline(source: str, out: Path) -> dict[str, Any]:
-    """`imgen import SOURCE --out RUN`: the pipeline as an imgen run (module docstring); returns what the run's
-    config.json records of it."""
+def import_pipeline(source: str, out: Path, vae: str | None = None) -> dict[str, Any]:
+    """`imgen import SOURCE --out RUN`: the pipeline (or a released DiffiT checkpoint, `imgen_cli.released_diffit`)
+    as an imgen run (module docstring); returns what the run's config.json records of it."""
+    from imgen_cli import released_diffit
     from imgen_cli.runs import RunDir
 
     run = RunDir(out)
     if run.exists() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
         raise UserError(f"--out {out} is not an empty folder; give a new one for the imported run.")
+    if released_diffit.is_checkpoint(source):
+        return released_diffit.import_checkpoint(source, out, vae)
+    if vae is not None:
+        raise UserError("--vae is the decoder of a released DiffiT checkpoint; a pipeline brings its own.")
     pipeline = open_pipeline(source)
     build = _amused_run if pipeline.kind == "AmusedPipeline" else _vq_diffusion_run
     cfg, pretrained, network = build(pipeline)
@@ -131,7 +140,7 @@ def _amused_run(pipeline: Pipeline) -> tuple[Any, dict[str, Any], Any]:
         "cond_dropout": AMUSED_CONDITION_DROPOUT,
         "label_smoothing": AMUSED_LABEL_SMOOTHING,
     }
-    cfg, pretrained, network = _imported_run("muse", model)
+    cfg, pretrained, network = imported_run("muse", model)
     network.uvit.model.load_state_dict(uvit.state_dict())
     return cfg, pretrained, network
 
@@ -173,14 +182,14 @@ def _vq_diffusion_run(pipeline: Pipeline) -> tuple[Any, dict[str, Any], Any]:
         "learnable_null": bool(null.config.learnable),
         "guidance": VQ_DIFFUSION_GUIDANCE,
     }
-    cfg, pretrained, network = _imported_run("vqdiffusion", model)
+    cfg, pretrained, network = imported_run("vqdiffusion", model)
     network.transformer2d.model.load_state_dict(transformer.state_dict())
     if network.null_states is not None:
         network.null_states.data.copy_(null.embeddings.data)
     return cfg, pretrained, network
 
 
-def _imported_run(family_name: str, model: dict[str, Any]) -> tuple[Any, dict[str, Any], Any]:
+def imported_run(family_name: str, model: dict[str, Any]) -> tuple[Any, dict[str, Any], Any]:
     """The RunConfig of an imported network's model keys (the family's other defaults), its published weights
     pinned (with their records), and the network built on them."""
     from imgen_cli import registry

@@ -33,7 +33,6 @@ from imgen_cli.models.diffit_latent import PRESETS as LATENT_PRESETS
 from imgen_cli.models.diffit_latent import DiffiTViT, LatentDiffiT, LatentDiffiTConfig, patchify, unpatchify
 from imgen_cli.models.vqgan import PRESETS as VQ_PRESETS
 from imgen_cli.models.vqgan import VQGAN, VQGANConfig
-from imgen_cli.nn.embeddings import NoiseLevelEmbedding
 from imgen_cli.nn.text import TextStates
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "shapes" / "diffit.toml"
@@ -175,13 +174,15 @@ def test_zero_initialised_outputs_and_patchify_round_trip() -> None:
 
 
 def latent_count(depth: int = 28, grid: int = 32) -> tuple[int, int]:
-    """DiffiT-XL/2 as the paper counts it: the network with an 8-channel head (eps and variance), the time MLP,
-    a 1001-row label table (imgen's text path replaces it) and the frozen position embedding."""
+    """DiffiT-XL/2 as the paper counts it, which is the released network: the class-conditional latent DiffiT with
+    its learned variance (an 8-channel head), its 1001-row label table and the frozen position embedding (a
+    parameter of the release, a buffer here)."""
     with torch.device("meta"):
-        cfg = LatentDiffiTConfig(**{**LATENT_PRESETS["XL-2"], "depth": depth}, cross_attention=False)
-        vit, time = DiffiTViT(4, 8, grid, cfg, None), NoiseLevelEmbedding(cfg.width)
-    params = sum(p.numel() for module in (vit, time) for p in module.parameters())
-    return params + 1001 * cfg.width + vit.position.numel(), sum(p.numel() for p in vit.blocks[0].parameters())
+        cfg = LatentDiffiTConfig(**{**LATENT_PRESETS["XL-2"], "depth": depth}, cross_attention=False,
+                                 condition="class", num_classes=1000, learn_sigma=True, latent_channels=4, grid=grid)
+        model = LatentDiffiT(cfg)
+    params = sum(p.numel() for p in model.parameters())
+    return params + model.net.position.numel(), sum(p.numel() for p in model.net.blocks[0].parameters())
 
 
 def test_parameter_counts_match_the_paper() -> None:
@@ -217,7 +218,7 @@ def test_edm_frame_of_the_denoiser() -> None:
     denoised = model(x, edm.karras_time(0.5).expand(2), g, text)
     assert torch.equal(raw[0], torch.zeros_like(raw[0]))
     torch.testing.assert_close(denoised, 0.5 * x / g.sqrt().float().view(-1, 1, 1, 1))
-    assert torch.equal(model.estimate(denoised, x, g)[0], denoised)
+    assert torch.equal(model.estimate(denoised, x, g).x0, denoised)
 
 
 def test_training_noise_levels_follow_the_configured_log_normal() -> None:

@@ -528,3 +528,56 @@ def test_edm_grid_ends_with_one_euler_step_to_the_data(sampler: str, calls: int)
     assert len(times) == calls and times[-1] == 0.0 and trace[-1].t_next is None
     torch.testing.assert_close(trace[-1].x0, torch.tanh(2 * trace[-2].x), rtol=0, atol=0)
     assert torch.equal(trace[-1].x, trace[-1].x0)  # sigma_N = 0: the state is the data
+
+
+# --- ADM's learned-range variance ------------------------------------------------------------------------------------
+
+
+def test_learned_variance_spans_the_small_and_the_large_ddpm_step() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, eps, noise = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(3))
+    g_now, g_next = float(gamma(0.6, "discrete-linear")), float(gamma(0.5, "discrete-linear"))
+    for v, variance in ((1.0, "large"), (-1.0, "small")):
+        learned = ddpm_step(x, eps, g_now, g_next, "learned", noise, torch.full_like(x, v))
+        torch.testing.assert_close(learned, ddpm_step(x, eps, g_now, g_next, variance, noise), rtol=1e-6, atol=1e-6)
+    halfway = ddpm_step(x, eps, g_now, g_next, "learned", noise, torch.zeros_like(x))
+    mean = ddpm_step(x, eps, g_now, g_next, "large", torch.zeros_like(x))
+    large, small = 1 - g_now / g_next, (1 - g_next) / (1 - g_now) * (1 - g_now / g_next)
+    torch.testing.assert_close(halfway - mean, (large * small) ** 0.25 * noise, rtol=1e-5, atol=1e-6)  # geometric
+
+
+def test_variational_bound_vanishes_for_the_true_posterior_and_grows_away_from_it() -> None:
+    from imgen_cli.diffusion.gaussian import variational_bound
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(3, 2, 4, 4, generator=g) * 2 - 1
+    t = torch.tensor([0.01, 0.02, 0.05], dtype=torch.float64)  # low noise, where the two variances differ most
+    x_t = q_sample(x0, gamma(t, "discrete-linear"), torch.randn(x0.shape, generator=g))
+    exact = variational_bound(x0, -torch.ones_like(x0), x0, x_t, t, "discrete-linear")
+    assert exact.abs().max() < 1e-5  # the true mean, v = -1: the posterior's own variance
+    wrong_mean = variational_bound(x0 + 0.1, -torch.ones_like(x0), x0, x_t, t, "discrete-linear")
+    wrong_variance = variational_bound(x0, torch.ones_like(x0), x0, x_t, t, "discrete-linear")
+    assert (wrong_mean > 1e-3).all() and (wrong_variance > 1e-4).all()
+
+
+def test_the_first_step_is_the_decoders_likelihood_of_the_data_bins() -> None:
+    from imgen_cli.diffusion.gaussian import discrete_alpha_bar, variational_bound
+
+    x0 = torch.linspace(-1, 1, 256).view(1, 1, 16, 16)  # the 256 values of 8-bit data
+    mean = x0 + 0.003
+    t = torch.zeros(1, dtype=torch.float64)  # step 0: its reverse step is to the data
+    ac = discrete_alpha_bar()
+    beta_1 = 1 - float(ac[1] / ac[0])
+    std = math.sqrt(beta_1 * (1 - float(ac[0])) / (1 - float(ac[1])))  # v = -1: the second step's posterior
+
+    def cdf(z: float) -> float:
+        return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+    bits = []
+    for value, m in zip(x0.flatten().tolist(), mean.flatten().tolist(), strict=True):
+        upper = 1.0 if value > 0.999 else cdf((value + 1 / 255 - m) / std)
+        lower = 0.0 if value < -0.999 else cdf((value - 1 / 255 - m) / std)
+        bits.append(-math.log2(upper - lower))
+    # x_t is unused on the first step (the posterior mean is the estimate itself)
+    got = variational_bound(mean, -torch.ones_like(x0), x0, torch.zeros_like(x0), t, "discrete-linear")
+    assert got.item() == pytest.approx(sum(bits) / len(bits), rel=1e-4)

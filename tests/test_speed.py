@@ -75,10 +75,10 @@ def _one_forward_per_text(model: torch.nn.Module, name: str, x: torch.Tensor, te
     if name == "bitdiff":
         g = float(gamma(0.5, model.cfg.schedule))
         level = torch.full((b,), model.cfg.noise_level_scale * g)
-        return [model.estimate(model(x, torch.zeros_like(x), level, text), x, g)[0] for text in texts]
+        return [model.estimate(model(x, torch.zeros_like(x), level, text), x, g).x0 for text in texts]
     t = torch.full((b,), 0.5, dtype=torch.float64)
     g = gamma(t, model.cfg.noise_schedule)
-    return [model.estimate(model(x, t, g, text), x, g)[0] for text in texts]
+    return [model.estimate(model(x, t, g, text), x, g).x0 for text in texts]
 
 
 @pytest.mark.parametrize("name", GENERATORS)

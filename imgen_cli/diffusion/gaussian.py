@@ -7,15 +7,17 @@ Time t runs over [0, 1], t = 1 being pure noise, and gamma(t) is the signal vari
 The network is not in here (diffusers' split of networks from schedulers): a family hands the sampler a
 `Predictor`, the guided estimate of x0 for a state, and everything else is the rules of
 reference/bit_diffusion.md sections 3, 5 and 7 written as small functions: the schedules (with EDM's noise
-levels, `imgen_cli.diffusion.edm`), the conversions between the eps, x0 and v parameterisations, the DDIM and
-DDPM updates and EDM's Heun step, the grid of (t_now, t_next) pairs
-with the asymmetric time difference, and RePaint-style inpainting with optional
-resampling jumps. Noise levels travel as float64 gamma values; the conversions take their square roots in
-float64 and only then meet the float32 tensors, because sqrt(gamma(1)) is 7.9e-5 and 1 - gamma(0) is 1e-7.
+levels, `imgen_cli.diffusion.edm`, and the discrete schedule of ADM-trained networks), the conversions between
+the eps, x0 and v parameterisations, the DDIM and DDPM updates (with ADM's learned-range variance and its
+variational bound term) and EDM's Heun step, the grids of (t_now, t_next) pairs (uniform with the asymmetric time
+difference, DDIM's and ADM's respacings), and RePaint-style inpainting with optional resampling jumps. Noise
+levels travel as float64 gamma values; the conversions take their square roots in float64 and only then meet the
+float32 tensors, because sqrt(gamma(1)) is 7.9e-5 and 1 - gamma(0) is 1e-7.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -27,13 +29,28 @@ from torch import Tensor
 from imgen_cli.diffusion import edm
 from imgen_cli.errors import UserError
 
-SCHEDULES = ("cosine", "linear", "edm")
+SCHEDULES = ("cosine", "linear", "discrete-linear", "edm")
 TARGETS = ("x0", "eps", "v")
 SAMPLERS = ("ddpm", "ddim", "heun")
-VARIANCES = ("large", "small")
+VARIANCES = ("large", "small", "learned")
 GAMMA_MIN, GAMMA_MAX = 1e-9, 1 - 1e-9
 # the linear schedule is DDPM's beta from 1e-4 to 0.02 over T = 1000 steps, in continuous time
 LINEAR_BETA = (0.1, 20.0)
+DISCRETE_STEPS = 1000  # T of the discrete DDPM models (ADM, DiT, the released DiffiT)
+
+
+@functools.cache
+def discrete_alpha_bar(steps: int = DISCRETE_STEPS) -> Tensor:
+    """alpha-bar_i = prod_{s <= i} (1 - beta_s), i = 0..T-1, for DDPM's (and ADM's) linear betas from
+    1e-4 to 0.02 scaled by 1000 / T, in float64 as ADM computes them."""
+    scale = 1000 / steps
+    betas = torch.linspace(scale * 1e-4, scale * 0.02, steps, dtype=torch.float64)
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def discrete_index(t: Tensor | float) -> Tensor:
+    """The step index i of a discrete model at time t = i / T (rounded), as int64."""
+    return torch.round(torch.as_tensor(t, dtype=torch.float64) * DISCRETE_STEPS).long()
 
 
 # --- the noise process ----------------------------------------------------------------------------------------
@@ -47,10 +64,17 @@ def gamma(t: Tensor | float, schedule: str = "cosine") -> Tensor:
     limit of DDPM's linear betas, exp(-(b0 t + (b1 - b0) t^2 / 2)) with (b0, b1) = (0.1, 20), so that
     gamma(i / 1000) is about alpha-bar_i of the discrete schedule; it ends at 4.3e-5. edm: EDM's rho = 7 grid
     of noise levels from sigma_max = 80 (t = 1) to sigma_min = 0.002 (t = 0) as 1 / (1 + sigma(t)^2), for
-    EDM-trained networks (DiffiT). The upper clip keeps 1 - gamma away from 0 for the eps conversions (it
-    never touches the cosine schedule)."""
+    EDM-trained networks (DiffiT). discrete-linear: the discrete schedule itself, for networks trained on it
+    (ADM, DiT, the released DiffiT): step i of T = 1000 is t = i / T, gamma(i / T) = alpha-bar_i, so a network
+    told 1000 t gets i, as ADM's networks are (t = 0 is step 0, alpha-bar_0 = 1 - 1e-4; a sampler's last step
+    goes on to the data, t_next None; t < 0 is the data, gamma 1). The upper clip keeps 1 - gamma away from 0
+    for the eps conversions (it never touches the cosine schedule)."""
     t = torch.as_tensor(t, dtype=torch.float64)
-    if schedule == "cosine":
+    if schedule == "discrete-linear":
+        index = discrete_index(t)
+        table = discrete_alpha_bar().to(t.device)
+        value = torch.where(index < 0, 1.0, table[index.clamp(0, DISCRETE_STEPS - 1)])
+    elif schedule == "cosine":
         value = torch.cos((t + 2e-4) / (1 + 2.5e-4) * math.pi / 2) ** 2
     elif schedule == "linear":
         b0, b1 = LINEAR_BETA
@@ -132,16 +156,22 @@ def x0_from_output(output: Tensor, x_t: Tensor, gamma_t: Tensor | float, target:
 @dataclass(frozen=True)
 class VP:
     """The plain process around a network F(x_t, t) whose output is the `target` parameterisation (ADM's and DiT's
-    training): t ~ U(0, 1) on `schedule`, the loss ||F - target||^2. Called on states, it returns the x0 estimate
-    of F's leading channels (float32); further channels (dual output's eps head and gate logit) pass through.
-    The same interface as `edm.EDM`."""
+    training): t ~ U(0, 1) on `schedule` (a discrete schedule's steps i / T, uniformly), the loss ||F - target||^2.
+    Called on states, it returns the x0 estimate of F's leading channels (float32); further channels (dual output's
+    eps head and gate logit, a learned variance) pass through. With `learned_variance` (ADM's learned range), F has
+    as many more channels v, and the loss adds ADM's variational bound term (`variational_bound`), which trains
+    them: ADM's hybrid loss with its MSE term, as DiT trains. The same interface as `edm.EDM`."""
 
     schedule: str = "cosine"
     target: str = "eps"
+    learned_variance: bool = False
 
     def noise_levels(self, n: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
-        """Training times t ~ U(0, 1) and their gamma [n] (float64)."""
-        t = torch.rand(n, device=device, dtype=torch.float64)
+        """Training times and their gamma [n] (float64)."""
+        if self.schedule == "discrete-linear":
+            t = torch.randint(0, DISCRETE_STEPS, (n,), device=device).double() / DISCRETE_STEPS
+        else:
+            t = torch.rand(n, device=device, dtype=torch.float64)
         return t, gamma(t, self.schedule).to(device)
 
     def __call__(self, network: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor,
@@ -152,13 +182,73 @@ class VP:
 
     def loss(self, network: Callable[[Tensor, Tensor], Tensor], x0: Tensor, eps: Tensor, x_t: Tensor, t: Tensor,
              gamma_t: Tensor) -> tuple[Tensor, None]:
-        """||F(x_t, t) - target||^2, the mean over elements; no x0 estimate, as an eps head's blows up by
-        1 / sqrt(gamma) near t = 1."""
-        return (network(x_t, t).float() - training_target(x0, eps, gamma_t, self.target)).pow(2).mean(), None
+        """||F(x_t, t) - target||^2, the mean over elements (plus the variational bound term of a learned variance);
+        no x0 estimate, as an eps head's blows up by 1 / sqrt(gamma) near t = 1."""
+        output, channels = network(x_t, t).float(), x0.shape[1]
+        loss = (output[:, :channels] - training_target(x0, eps, gamma_t, self.target)).pow(2).mean()
+        if self.learned_variance:
+            x0_hat = x0_from_output(output[:, :channels].detach(), x_t.float(), gamma_t, self.target)
+            loss = loss + variational_bound(x0_hat, output[:, channels:], x0, x_t, t, self.schedule).mean()
+        return loss, None
 
     def x0_weight(self, gamma_t: Tensor) -> None:
         """x0-space errors are unweighted."""
         return None
+
+
+def step_variances(gamma_now: Tensor | float, gamma_next: Tensor | float) -> tuple[Tensor, Tensor]:
+    """The two classic variances of the reverse step from gamma_now to gamma_next (float64): "large", 1 - a with
+    a = gamma_now / gamma_next (the step's beta), and "small", the posterior's (1 - gamma_next) / (1 - gamma_now)
+    (1 - a)."""
+    g_now = torch.as_tensor(gamma_now, dtype=torch.float64)
+    g_next = torch.as_tensor(gamma_next, dtype=torch.float64)
+    a = g_now / g_next
+    return 1 - a, (1 - g_next) / (1 - g_now) * (1 - a)
+
+
+def learned_log_variance(v: Tensor, large: Tensor | float, small: Tensor | float) -> Tensor:
+    """ADM's learned range, per element: log sigma^2 = f log(large) + (1 - f) log(small), f = (v + 1) / 2, the
+    variances per sample ([B] or scalars, from `step_variances`)."""
+    f = (v.float() + 1) / 2
+    log_large = per_sample(torch.as_tensor(large, dtype=torch.float64).reshape(-1).log(), v).float()
+    log_small = per_sample(torch.as_tensor(small, dtype=torch.float64).reshape(-1).log(), v).float()
+    return f * log_large + (1 - f) * log_small
+
+
+def gaussian_kl(mean1: Tensor, log_var1: Tensor, mean2: Tensor, log_var2: Tensor) -> Tensor:
+    """KL(N(mean1, e^log_var1) || N(mean2, e^log_var2)), element-wise, in nats."""
+    return 0.5 * (log_var2 - log_var1 + (log_var1 - log_var2).exp() + (mean1 - mean2).pow(2) / log_var2.exp() - 1)
+
+
+def discretized_gaussian_nll(x0: Tensor, mean: Tensor, log_var: Tensor) -> Tensor:
+    """-log P(x0) in nats, element-wise, of data on 255 bins of [-1, 1] under N(mean, e^log_var) (DDPM's decoder
+    term; the edge bins take the tails). The normal CDF is the exact one, not ADM's tanh approximation."""
+    inv_std = (-0.5 * log_var).exp()
+    cdf_plus = torch.special.ndtr((x0 - mean + 1 / 255) * inv_std)
+    cdf_minus = torch.special.ndtr((x0 - mean - 1 / 255) * inv_std)
+    probability = torch.where(x0 < -0.999, cdf_plus, torch.where(x0 > 0.999, 1 - cdf_minus, cdf_plus - cdf_minus))
+    return -probability.clamp(min=1e-12).log()
+
+
+def variational_bound(x0_hat: Tensor, v: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, schedule: str) -> Tensor:
+    """ADM's L_vb term per sample [B], in bits per dimension: KL(q(x_u | x_t, x0) || p(x_u | x_t)) for the step
+    to u = t - 1 / T, p's mean the posterior mean of the (detached) estimate x0_hat, its variance learned (v); on
+    the first step (u < 0, to the data) the decoder's discretized negative log-likelihood of x0, the small end of
+    its range the second step's (its own is 0: ADM's clipped log variance)."""
+    u = t - 1 / DISCRETE_STEPS
+    first = (u < 0).to(x0.device)
+    g_t, g_u = gamma(t, schedule).to(x0.device), gamma(u, schedule).to(x0.device)
+    large, small = step_variances(g_t, g_u)
+    _, small_second = step_variances(gamma(t + 1 / DISCRETE_STEPS, schedule).to(x0.device), g_t)
+    small = torch.where(first, small_second, small)
+    c1, c2, _ = posterior_coefficients(g_t, g_u)
+    true_mean = per_sample(c1, x0) * x0 + per_sample(c2, x0) * x_t
+    model_mean = per_sample(c1, x0) * x0_hat + per_sample(c2, x0) * x_t
+    log_var = learned_log_variance(v, large, small)
+    true_log_var = learned_log_variance(-torch.ones_like(v), large, small)
+    kl = gaussian_kl(true_mean, true_log_var, model_mean, log_var).flatten(1).mean(1)
+    nll = discretized_gaussian_nll(x0, model_mean, log_var).flatten(1).mean(1)
+    return torch.where(first, nll, kl) / math.log(2)
 
 
 def posterior_coefficients(gamma_t: Tensor | float, gamma_u: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
@@ -192,21 +282,23 @@ def ddim_step(x0: Tensor, eps: Tensor, gamma_now: float, gamma_next: float, eta:
 
 
 def ddpm_step(x: Tensor, eps: Tensor, gamma_now: float, gamma_next: float, variance: str = "large",
-              noise: Tensor | None = None) -> Tensor:
+              noise: Tensor | None = None, learned: Tensor | None = None) -> Tensor:
     """Ancestral step: a = clip(gamma_n / gamma_x, 0, 1), mu = (x - (1 - a) / sqrt(1 - gamma_n) eps) / sqrt(a)
-    (the posterior mean c1 x0 + c2 x), plus sigma z with sigma^2 = 1 - a ("large", the paper's) or the
-    posterior variance (1 - gamma_x) / (1 - gamma_n) (1 - a) ("small", VDM's and lucidrains')."""
+    (the posterior mean c1 x0 + c2 x), plus sigma z with sigma^2 = 1 - a ("large", the paper's), the posterior
+    variance (1 - gamma_x) / (1 - gamma_n) (1 - a) ("small", VDM's and lucidrains'), or a network's choice
+    between the two per element ("learned": ADM's learned range of the network's extra channels `learned`)."""
     a = min(max(gamma_now / gamma_next, 0.0), 1.0)
     mean = (x - (1 - a) / math.sqrt(1 - gamma_now) * eps) / math.sqrt(a)
-    if variance == "large":
-        var = 1 - a
-    elif variance == "small":
-        var = (1 - gamma_next) / (1 - gamma_now) * (1 - a)
-    else:
+    if variance not in VARIANCES:
         raise UserError(f"unknown DDPM variance {variance!r}; choose one of {', '.join(VARIANCES)}.")
     if noise is None:
         raise ValueError("a DDPM step needs noise")
-    return mean + math.sqrt(var) * noise
+    large, small = 1 - a, (1 - gamma_next) / (1 - gamma_now) * (1 - a)
+    if variance == "learned":
+        if learned is None:
+            raise UserError("the learned variance is for networks that predict one (model.learn_sigma).")
+        return mean + (0.5 * learned_log_variance(learned, large, small)).exp().to(x.dtype) * noise
+    return mean + math.sqrt(large if variance == "large" else small) * noise
 
 
 def heun_step(predict: Predictor, x: Tensor, x0: Tensor, eps: Tensor, t_next: float, gamma_now: float,
@@ -245,8 +337,7 @@ def time_pairs(steps: int, td: float = 0.0, schedule: str = "cosine") -> list[tu
     return [(1 - k / steps, max(1 - (k + 1 + td) / steps, 0.0)) for k in range(steps)]
 
 
-DISCRETE_STEPS = 1000  # T of the discrete DDPM models whose grids the continuous ones mirror
-SPACINGS = ("uniform", "respaced")
+SPACINGS = ("uniform", "respaced", "adm")
 
 
 def respaced_pairs(steps: int, total: int = DISCRETE_STEPS) -> list[tuple[float, float]]:
@@ -263,9 +354,34 @@ def respaced_pairs(steps: int, total: int = DISCRETE_STEPS) -> list[tuple[float,
     return list(zip(times, [*times[1:], 0.0], strict=True))
 
 
+def adm_indices(steps: int, total: int = DISCRETE_STEPS) -> list[int]:
+    """The steps ADM's `space_timesteps(T, "N")` keeps (DiT's and the released DiffiT's 250-step sampler): N indices
+    rounded from 0 to T - 1 at a stride of (T - 1) / (N - 1), accumulated as ADM accumulates it, descending."""
+    if not 1 <= steps <= total:
+        raise UserError(f"an ADM respaced grid takes 1 to {total} steps, got {steps}.")
+    stride = (total - 1) / (steps - 1) if steps > 1 else 1
+    taken, position = [], 0.0
+    for _ in range(steps):
+        taken.append(round(position))
+        position += stride
+    return sorted(taken, reverse=True)
+
+
+def adm_pairs(steps: int) -> list[tuple[float, float | None]]:
+    """ADM's respaced DDPM grid on a discrete schedule's time axis (step i at t = i / T): from each kept step to
+    the next, and from step 0 to the data (t_next None), where ADM's posterior mean is the x0 estimate itself."""
+    times = [i / DISCRETE_STEPS for i in adm_indices(steps)]
+    return list(zip(times, [*times[1:], None], strict=True))
+
+
 def time_grid(steps: int, spacing: str = "uniform", schedule: str = "cosine",
               td: float = 0.0) -> list[tuple[float, float | None]]:
-    """A family's sampler grid: `time_pairs` (uniform; EDM's levels on schedule edm) or `respaced_pairs`."""
+    """A family's sampler grid: `time_pairs` (uniform; EDM's levels on schedule edm), `respaced_pairs` (DDIM's) or
+    `adm_pairs` (ADM's)."""
+    if spacing == "adm":
+        if td:
+            raise UserError("--td shifts the uniform grid; this run samples on ADM's grid (model.time_spacing=adm).")
+        return adm_pairs(steps)
     if spacing == "respaced":
         if td:
             raise UserError("--td shifts the uniform grid; this run samples on the respaced grid "
@@ -319,10 +435,12 @@ def repaint_walk(steps: int, jump_length: int = 1, resamplings: int = 1) -> list
 @dataclass
 class Prediction:
     """A family's answer for one state: the x0 estimate (guided, before clipping), and for dual-output models
-    the conditional branch's gate r [B, 1, H, W], reported for logging."""
+    the conditional branch's gate r [B, 1, H, W], reported for logging; for a network that learns its variance,
+    the conditional branch's v [B, C, H, W]."""
 
     x0: Tensor
     gate: Tensor | None = None
+    variance: Tensor | None = None  # a learned variance's v (ADM's learned range), for "learned" DDPM steps
 
 
 # (state x [B, C, H, W], the time t_now the network is told, the previous x0 estimate) -> Prediction
@@ -388,7 +506,7 @@ def sample_steps(predict: Predictor, x: Tensor, pairs: list[tuple[float, float |
         elif sampler == "heun":
             x, x0 = heun_step(predict, x, x0, eps, t_next, g_now, g_next, clip)
         else:
-            x = ddpm_step(x, eps, g_now, g_next, variance, noise())
+            x = ddpm_step(x, eps, g_now, g_next, variance, noise(), out.variance)
         if keep is not None:
             x = replace_known(x, known, keep, g_next, noise())
             x0 = torch.where(keep, known, x0)

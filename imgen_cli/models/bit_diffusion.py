@@ -447,7 +447,7 @@ class BitDiffusion(ContinuousDiffusion):
         with torch.no_grad():
             subset = TextStates(text.states[chosen], text.mask[chosen], text.pooled[chosen])
             output = self(x_t[chosen], x0_prev[chosen], level[chosen], subset)
-            estimate, _ = self.estimate(output, x_t[chosen], g[chosen])
+            estimate = self.estimate(output, x_t[chosen], g[chosen]).x0
         return x0_prev.index_copy(0, chosen, estimate.clamp(-self.cfg.scale, self.cfg.scale).to(x0_prev.dtype))
 
     # --- sampling ---

@@ -51,6 +51,8 @@ class ContinuousDiffusion(CarriesTokenizer):
     `schedule`, `clip`, `device`, `output_at`, `encode` and `to_images`."""
 
     on_tokenizer_grid = False  # x0 lives on a tokenizer's grid (token ids or latents), not on pixels
+    learns_variance = False  # C more output channels: ADM's learned-range variance of the DDPM step
+    guided_channels: int | None = None  # guidance moves only the first k channels (None: all)
     schedule: str  # the `gaussian.gamma` schedule of the time grid
     clip: float | None  # samplers clip x0 estimates to [-clip, clip]; None: never
     preview_steps: int
@@ -110,14 +112,18 @@ class ContinuousDiffusion(CarriesTokenizer):
         """The x0 estimate of a single head's output (or of dual output's x head); by default the output is one."""
         return output
 
-    def estimate(self, output: Tensor, x: Tensor, gamma_t: Tensor | float) -> tuple[Tensor, Tensor | None]:
-        """The unclipped x0 estimate (float32) a network output stands for, and the dual-output gate (else None)."""
+    def estimate(self, output: Tensor, x: Tensor, gamma_t: Tensor | float) -> Prediction:
+        """What a network output stands for (float32): the unclipped x0 estimate, and the dual-output gate or the
+        learned variance where the network has one."""
         output, x = output.float(), x.float()
-        if not self.cfg.dual_output:
-            return self.x0_head(output, x, gamma_t), None
-        x_out, eps_theta, logit = dual_output.split_heads(output, self.channels)
-        return dual_output.mix(self.x0_head(x_out, x, gamma_t), eps_theta, logit, x, gamma_t,
-                               start=self.cfg.gate_start)
+        if self.cfg.dual_output:
+            x_out, eps_theta, logit = dual_output.split_heads(output, self.channels)
+            return Prediction(*dual_output.mix(self.x0_head(x_out, x, gamma_t), eps_theta, logit, x, gamma_t,
+                                               start=self.cfg.gate_start))
+        if self.learns_variance:
+            return Prediction(self.x0_head(output[:, :self.channels], x, gamma_t),
+                              variance=output[:, self.channels:])
+        return Prediction(self.x0_head(output, x, gamma_t))
 
     def dual_output_loss(self, output: Tensor, x0: Tensor, eps: Tensor, x_t: Tensor, t: Tensor, gamma_t: Tensor,
                          weight: Tensor | None = None) -> tuple[Tensor, Tensor, dict]:
@@ -139,8 +145,7 @@ class ContinuousDiffusion(CarriesTokenizer):
         estimate, for self-conditioning) and gamma(t_now)."""
         raise NotImplementedError
 
-    def predict_batch(self, x: Tensor, x0_prev: Tensor, t_now: float,
-                      text: TextStates) -> tuple[Tensor, Tensor | None]:
+    def predict_batch(self, x: Tensor, x0_prev: Tensor, t_now: float, text: TextStates) -> Prediction:
         """`estimate` of the network's output for states x at time t_now."""
         output, g = self.output_at(x, x0_prev, t_now, text)
         return self.estimate(output, x, g)
@@ -167,12 +172,12 @@ class ContinuousDiffusion(CarriesTokenizer):
             noise = torch.randn(x0.shape, generator=generator, device=x0.device)
             x_t = q_sample(x0, g, noise)
             output, _ = self.output_at(x_t, torch.zeros_like(x_t), t, text)
-            estimate, r = self.estimate(output, x_t, g)
-            row = {"t": t, "gamma": g, "estimate": error(estimate)}
-            if r is not None:
+            prediction = self.estimate(output, x_t, g)
+            row = {"t": t, "gamma": g, "estimate": error(prediction.x0)}
+            if prediction.gate is not None:
                 x_out, eps_theta, _ = dual_output.split_heads(output.float(), self.channels)
                 row |= {"x_head": error(self.x0_head(x_out, x_t, g)), "eps_head": error(x0_from_eps(x_t, eps_theta, g)),
-                        "gate": float(r.mean())}
+                        "gate": float(prediction.gate.mean())}
             rows.append(row)
         return rows
 
@@ -191,11 +196,18 @@ class ContinuousDiffusion(CarriesTokenizer):
             w = self.guidance_at(guidance, t_now)
             text = cond if w == 1 else both
             copies = len(text) // b
-            estimate, r = self.predict_batch(x.repeat(copies, 1, 1, 1), x0_prev.repeat(copies, 1, 1, 1), t_now, text)
-            gate = None if r is None else r[:b]
-            return Prediction(estimate if w == 1 else guided(estimate[:b], estimate[b:], w), gate)
+            out = self.predict_batch(x.repeat(copies, 1, 1, 1), x0_prev.repeat(copies, 1, 1, 1), t_now, text)
+            x0 = out.x0 if w == 1 else self.guided(out.x0[:b], out.x0[b:], w)
+            return Prediction(x0, *(None if part is None else part[:b] for part in (out.gate, out.variance)))
 
         return predict
+
+    def guided(self, cond: Tensor, uncond: Tensor, w: float) -> Tensor:
+        """Classifier-free guidance of x0 estimates (the same as of eps estimates: x0 is affine in eps for a state);
+        with `guided_channels` k, channels from k on are the conditional estimate's (the released DiT and DiffiT
+        samplers guide 3 of their 4 latent channels)."""
+        k = self.guided_channels or cond.shape[1]
+        return torch.cat([guided(cond[:, :k], uncond[:, :k], w), cond[:, k:]], dim=1)
 
     def _noise(self, batch: int, generator: torch.Generator | None) -> Tensor:
         return torch.randn((batch, self.channels, self.side, self.side), generator=generator, device=self.device)

@@ -24,6 +24,7 @@ DiT/DiffiT's ImageNet-256 model are checked in the tests.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from imgen_cli.nn.transformer import MLP, Attention
 SPACE_FAMILIES = {"image": "diffit", "latent": "diffit-latent"}
 SPACES = tuple(SPACE_FAMILIES)
 PROCESSES = ("edm", "vp")
-VP_SCHEDULES = ("linear", "cosine")
+VP_SCHEDULES = ("linear", "cosine", "discrete-linear")
 GUIDANCE_SCHEDULES = ("constant", "powercos")
 NORM_EPS = 1e-6  # the DiffiT block's LayerNorm eps
 
@@ -67,11 +68,17 @@ class DiffiTConfig(TextEncoderConfig):
     # noise levels where layout is decided
     p_mean: float = edm.P_MEAN
     p_std: float = edm.P_STD
-    schedule: str = "linear"  # vp: gamma(t), linear (DDPM's betas, ADM's) or cosine
+    # vp: gamma(t), linear (DDPM's betas in continuous time), cosine, or discrete-linear (ADM's T = 1000 steps
+    # themselves, what the released DiffiT was trained on)
+    schedule: str = "linear"
     # vp: the sampler's grid, uniform (t = 1 - k / N) | respaced (DDIM's strided T = 1000 grid, the Dual-Output
-    # paper's; it starts at t = 0.901 for 10 steps, not at pure noise); EDM has its own
+    # paper's; it starts at t = 0.901 for 10 steps, not at pure noise) | adm (ADM's respacing, DiT's and the
+    # released DiffiT's 250-step DDPM); EDM has its own
     time_spacing: str = "uniform"
     prediction: str = ""  # vp: the single head's target, eps (default), x0 or v; EDM has its own
+    # vp: ADM's learned-range variance (C more output channels, trained with ADM's variational bound term), which
+    # DDPM sampling then uses; the released DiffiT's learn_sigma
+    learn_sigma: bool = False
     dual_output: bool = False  # Dynamic Dual-Output: x0 and eps heads plus a per-pixel gate
     gate_start: str = "v"  # dual output: v (a zero logit mixes as v-prediction) | even (the paper's r = 0.5)
     gate_loss: str = "posterior"  # dual output: posterior (the paper's) | x0 (unweighted)
@@ -79,8 +86,10 @@ class DiffiTConfig(TextEncoderConfig):
     eps_head: str = "shared"
     cond_dropout: float = 0.1  # share of captions replaced by the learned null condition
     cross_attention: bool = True  # False: the pooled caption in the time token is the only condition
+    guidance: float = 3.0  # the guidance scale sample, edit and eval use unless told (released DiffiT: 4.4, 1.49)
     guidance_schedule: str = "constant"  # constant | powercos (DiffiT-256's ramp from 1 at pure noise to w)
     guidance_power: float = 4.0  # powercos: the exponent p
+    guided_channels: int = 0  # guidance moves the first k channels (0 = all; the released DiT/DiffiT: 3 of 4)
     mlp_ratio: float = 4.0
 
     @property
@@ -115,6 +124,13 @@ class DiffiTConfig(TextEncoderConfig):
                 "model.prediction is for model.process=vp; EDM's preconditioned denoiser has its own target.")
         require(not (self.prediction and self.dual_output),
                 "model.dual_output predicts x0 and eps together; leave model.prediction unset.")
+        require(not (self.learn_sigma and (self.dual_output or self.diffusion_process == "edm")),
+                "model.learn_sigma is ADM's learned DDPM variance: for model.process=vp without model.dual_output.")
+        require(self.time_spacing != "adm" or self.diffusion_process == "vp",
+                "model.time_spacing=adm is ADM's grid for model.process=vp; EDM samples on its own.")
+        require(math.isfinite(self.guidance) and self.guidance >= 0,
+                f"model.guidance must be a finite scale >= 0, got {self.guidance}.")
+        require(self.guided_channels >= 0, f"model.guided_channels must be >= 0, got {self.guided_channels}.")
         dual_output.check_options(self.gate_start, self.gate_loss, self.eps_head)
         require(0 <= self.cond_dropout < 1, f"model.cond_dropout must be in [0, 1), got {self.cond_dropout}.")
         require(self.guidance_schedule in GUIDANCE_SCHEDULES, f"unknown model.guidance_schedule "
@@ -236,15 +252,21 @@ class DiffiT(ContinuousDiffusion):
     def __init__(self, cfg: DiffiTConfig, channels: int, side: int, token_dim: int):
         super().__init__()
         self.cfg, self.channels, self.side = cfg, channels, side
-        self.build_condition(cfg)
+        self.learns_variance, self.guided_channels = cfg.learn_sigma, cfg.guided_channels or None
+        by_class = cfg.condition == "class"
+        # a class's row is added to the time token as it is (DiT's and the released DiffiT's label table), so the
+        # table is as wide as the token; a caption's pooled vector is projected to it
+        self.build_condition(dataclasses.replace(cfg, text_width=token_dim) if by_class else cfg)
         self.time_embed = NoiseLevelEmbedding(token_dim)
-        self.text_embed = nn.Linear(self.text_encoder.embed_dim, token_dim)
+        self.text_embed = nn.Identity() if by_class else nn.Linear(self.text_encoder.embed_dim, token_dim)
         self.process = (edm.EDM(p_mean=cfg.p_mean, p_std=cfg.p_std) if cfg.diffusion_process == "edm" else
-                        VP(cfg.schedule, "x0" if cfg.dual_output else cfg.target))
+                        VP(cfg.schedule, "x0" if cfg.dual_output else cfg.target, cfg.learn_sigma))
 
     @property
     def output_channels(self) -> int:
-        return dual_output.output_channels(self.channels) if self.cfg.dual_output else self.channels
+        if self.cfg.dual_output:
+            return dual_output.output_channels(self.channels)
+        return 2 * self.channels if self.learns_variance else self.channels
 
     @property
     def context_dim(self) -> int | None:
@@ -253,7 +275,7 @@ class DiffiT(ContinuousDiffusion):
 
     @property
     def device(self) -> torch.device:
-        return self.text_embed.weight.device
+        return self.time_embed.fc1.weight.device
 
     @property
     def schedule(self) -> str:
@@ -316,30 +338,38 @@ class DiffiT(ContinuousDiffusion):
         return time_grid(steps or (18 if on_edm else 250), self.cfg.time_spacing, self.schedule), sampler or (
             "heun" if on_edm else "ddpm")
 
+    @property
+    def variance(self) -> str:
+        """The DDPM sampler's variance: the network's own where it learns one, else the "large" one."""
+        return "learned" if self.learns_variance else "large"
+
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], *, steps: int | None = None, guidance: float = 3.0,
+    def generate(self, prompts: Sequence[str], *, steps: int | None = None, guidance: float | None = None,
                  sampler: str | None = None, eta: float = 0.0, negative_prompts: Sequence[str] | None = None,
                  generator: torch.Generator | None = None, gate_log: list[float] | None = None) -> Tensor:
         """Images [B, 3, H, W] in [0, 1] for B prompts.
 
         sampler heun (EDM's default: second order, two network calls per step but the last), ddim (eta = 0:
         EDM's Euler step) or ddpm (VP's default); steps N of the time grid (18 / 250 by default; EDM's N noise
-        levels, then a step to sigma = 0); guidance w (1 = none), ramped by model.guidance_schedule. With a list
-        as gate_log, a dual-output model appends the mean gate of every call. Every random draw comes from
-        `generator` (on the model's device)."""
+        levels, then a step to sigma = 0); guidance w (1 = none; model.guidance by default), ramped by
+        model.guidance_schedule. With a list as gate_log, a dual-output model appends the mean gate of every call.
+        Every random draw comes from `generator` (on the model's device)."""
         pairs, sampler = self._defaults(steps, sampler)
+        guidance = self.cfg.guidance if guidance is None else guidance
         return self.to_images(self.sample_x0(prompts, pairs, guidance=guidance, negative_prompts=negative_prompts,
-                                             generator=generator, gate_log=gate_log, sampler=sampler, eta=eta))
+                                             generator=generator, gate_log=gate_log, sampler=sampler, eta=eta,
+                                             variance=self.variance))
 
     @torch.no_grad()
     def edit(self, images: Tensor, mask: Tensor | None, prompts: Sequence[str], *, steps: int | None = None,
-             guidance: float = 3.0, strength: float | None = None, sampler: str | None = None, eta: float = 0.0,
+             guidance: float | None = None, strength: float | None = None, sampler: str | None = None, eta: float = 0.0,
              jump_length: int = 1, resamplings: int = 1, negative_prompts: Sequence[str] | None = None,
              generator: torch.Generator | None = None, gate_log: list[float] | None = None) -> Tensor:
         """Edit images [B, 3, H, W] in [0, 1] towards the prompts; returns images in [0, 1]: inpainting with a
         mask, SDEdit without (`ContinuousDiffusion.edit_x0`); the other options are `generate`'s."""
         pairs, sampler = self._defaults(steps, sampler)
-        x0 = self.edit_x0(images, mask, prompts, pairs, strength=strength, guidance=guidance,
+        x0 = self.edit_x0(images, mask, prompts, pairs, strength=strength,
+                          guidance=self.cfg.guidance if guidance is None else guidance,
                           negative_prompts=negative_prompts, generator=generator, gate_log=gate_log, sampler=sampler,
-                          eta=eta, jump_length=jump_length, resamplings=resamplings)
+                          eta=eta, variance=self.variance, jump_length=jump_length, resamplings=resamplings)
         return self.to_images(x0)

@@ -38,6 +38,9 @@ class LatentDiffiTConfig(DiffiTConfig):
     width: int = 128  # D, also the time token's width
     depth: int = 4  # DiffiT blocks
     heads: int = 4  # attention heads
+    # which axis the first half of the fixed position embedding encodes: row-column (imgen's) or column-row (DiT's
+    # get_2d_sincos_pos_embed, which the released DiffiT's pos_embed holds)
+    position_axes: str = "row-column"
 
     def validate(self) -> None:
         super().validate()
@@ -46,13 +49,20 @@ class LatentDiffiTConfig(DiffiTConfig):
         require(self.patch >= 1 and self.depth >= 1 and self.heads >= 1, "model.patch, depth, heads must be >= 1.")
         require(self.width % self.heads == 0 and self.width % 4 == 0,
                 f"model.width {self.width} must be divisible by model.heads {self.heads} and by 4.")
+        require(self.position_axes in POSITION_AXES,
+                f"unknown model.position_axes {self.position_axes!r}; choose one of {', '.join(POSITION_AXES)}.")
 
 
-def sincos_position_embedding(dim: int, side: int) -> Tensor:
-    """DiT's fixed 2-D embedding [side^2, dim]: sin-cos features of the row (first half) and the column."""
+POSITION_AXES = ("row-column", "column-row")
+
+
+def sincos_position_embedding(dim: int, side: int, axes: str = "row-column") -> Tensor:
+    """The fixed 2-D embedding [side^2, dim] of a row-major grid: sin-cos features of one axis (the row for
+    "row-column", the column for "column-row", DiT's order) in the first half, of the other in the second."""
     ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-    return torch.cat([sinusoidal_embedding(ys.flatten(), dim // 2), sinusoidal_embedding(xs.flatten(), dim // 2)],
-                     dim=1)
+    first, second = (ys, xs) if axes == "row-column" else (xs, ys)
+    return torch.cat([sinusoidal_embedding(first.flatten(), dim // 2),
+                      sinusoidal_embedding(second.flatten(), dim // 2)], dim=1)
 
 
 def patchify(x: Tensor, p: int) -> Tensor:
@@ -80,7 +90,8 @@ class DiffiTViT(nn.Module):
         super().__init__()
         self.patch, self.c_out, side = cfg.patch, c_out, grid // cfg.patch
         self.embed = nn.Conv2d(c_in, cfg.width, cfg.patch, stride=cfg.patch)
-        self.register_buffer("position", sincos_position_embedding(cfg.width, side), persistent=False)
+        self.register_buffer("position", sincos_position_embedding(cfg.width, side, cfg.position_axes),
+                             persistent=False)
         self.blocks = nn.ModuleList(DiffiTBlock(cfg.width, cfg.heads, side, cfg.width, cfg.mlp_ratio, context_dim)
                                     for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=NORM_EPS)
