@@ -1,7 +1,7 @@
 """The released latent DiffiT checkpoints (NVlabs/DiffiT: class-conditional ImageNet 256 and 512) as imgen runs.
 
 `imgen import hf:nvidia/DiffiT/diffit_256.safetensors --out runs/diffit-256` reads the released state dict (a
-.safetensors file, or a torch checkpoint with its weights at the top or under "ema"), infers the network's size
+.safetensors file, or a tensors-only torch file), infers the network's size
 from its shapes (DiffiT-XL/2: depth 28, width 1152, 16 heads, patch 2), checks every key, and writes a
 `diffit-latent` run on the SD VAE (`--vae`, stabilityai/sd-vae-ft-ema by default, the released sampler's decoder)
 whose step-0 checkpoint holds the weights under imgen's names. The network is imgen's `DiffiTViT`, which is the
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from imgen_cli import hub
+from imgen_cli import hub, pretrained
 from imgen_cli.errors import UserError
 
 SD_VAE = "hf:stabilityai/sd-vae-ft-ema"  # the released sampler's --vae_decoder ema
@@ -62,23 +62,11 @@ def is_checkpoint(source: str) -> bool:
 
 
 def read_state(source: str) -> tuple[dict[str, Tensor], Path]:
-    """The state dict of a weights file (local or hf:ORG/REPO/FILE), and where it is."""
+    """The state dict of a weights file (local or hf:ORG/REPO/FILE), read as tensors only, and where it is."""
     path = hub.local_path(source, "imgen import")
     if not path.is_file():
         raise UserError(f"imgen import {source}: no such file.")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state = state.get("ema", state.get("model", state)) if isinstance(state, dict) else state
-    except Exception as err:  # safetensors and torch raise their own types for a damaged or foreign file
-        raise UserError(f"{source} cannot be read as a weights file ({str(err).splitlines()[0][:200]}).") from None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise UserError(f"{source} holds no state dict of tensors.")
-    return state, path
+    return pretrained.load_state_dict(path, "imgen import"), path
 
 
 def released_shape(state: dict[str, Tensor], source: str) -> dict[str, Any]:
