@@ -441,7 +441,9 @@ def edit(
 @app.command(name="eval", epilog="Examples: imgen eval --ckpt runs/vqgan --recon | "
                                  "imgen eval --ckpt runs/muse --fid --features clip --clip-score --r-precision | "
                                  "imgen eval --images out/ --prompts prompts.txt --fid --kid | "
-                                 "imgen eval --ckpt runs/muse --r-precision --steps 4,8,16,32 --json sweep.json")
+                                 "imgen eval --ckpt runs/muse --r-precision --steps 4,8,16,32 --json sweep.json | "
+                                 "imgen eval --protocol imagenet256-fid50k --ckpt runs/diffit-256 | "
+                                 "imgen eval --protocol imagenet256-fid50k --npz samples_50000x256x256x3.npz")
 @guarded
 def evaluate(
     ckpt: Annotated[str | None, typer.Option("--ckpt", help="Run to evaluate \\[default: newest under runs/].")] = None,
@@ -456,7 +458,10 @@ def evaluate(
     features: Annotated[str, typer.Option("--features", help="FID/KID feature space: inception (standard) | clip.")] = "inception",
     inception_weights: Annotated[str | None, typer.Option("--inception-weights", help="torch-fidelity's InceptionV3 state dict, weights-inception-2015-12-05-6726825d.pth (read as tensors only) \\[default: the torch hub cache, downloaded there when missing].")] = None,
     clip_model: Annotated[str | None, typer.Option("--clip-model", help="imgen clip RUN | open_clip NAME:TAG (fetched into the Hugging Face cache the first time; HF_HUB_OFFLINE=1 reads only the cache) | NAME:/path/weights.pt \\[default: newest clip run].")] = None,
-    n: Annotated[int, typer.Option("--n", min=1, help="Images to generate (or to reconstruct with --recon).")] = 1000,
+    n: Annotated[int | None, typer.Option("--n", min=1, help="Images to generate (or to reconstruct with --recon) \\[default: 1000].")] = None,
+    protocol: Annotated[str | None, typer.Option("--protocol", help="A paper's number, everything it depends on pinned and recorded: imagenet256-fid50k | imagenet512-fid50k (ADM's evaluator: FID-50K, IS, sFID, precision, recall).")] = None,
+    npz: Annotated[Path | None, typer.Option("--npz", help="With --protocol: an ADM sample batch (arr_0 uint8 NHWC) to score, or with --ckpt where to write the generated one \\[default: samples_NxHxWx3.npz].")] = None,
+    ref: Annotated[str | None, typer.Option("--ref", help="With --protocol: the reference batch (ADM's .npz) \\[default: the protocol's, fetched once into the torch hub cache].")] = None,
     steps: SamplerSteps = None,
     guidance: Guidance = None,
     truncation: Truncation = None,
@@ -473,9 +478,24 @@ def evaluate(
     compile_model: Compile = False,
     cache_context: CacheContext = True,
 ) -> None:
-    """Score a run: FID / KID / CLIP score / R-precision for generators, reconstruction metrics for tokenizers."""
+    """Score a run: FID / KID / CLIP score / R-precision for generators, reconstruction metrics for tokenizers, or a
+    paper's protocol (--protocol)."""
     if offline:
         hub.set_offline()
+    if protocol is not None:
+        given = [flag for flag, on in (("--fid", fid), ("--kid", kid), ("--clip-score", clip_score),
+                                       ("--r-precision", r_precision), ("--recon", recon), ("--images", images),
+                                       ("--n", n), ("--data", data), ("--features", features != "inception")) if on]
+        if given:
+            raise UserError(f"--protocol {protocol} pins what it measures and against what; drop {given[0]}.")
+        from imgen_cli.sample import Speed
+
+        speed = Speed(cache_context=cache_context, bf16=bf16, compile=compile_model)
+        return _evaluate_protocol(protocol, ckpt, npz, ref, inception_weights, steps, guidance, sampler, batch_size,
+                                  seed, json_path, device, decoder, speed)
+    if npz is not None or ref is not None:
+        raise UserError("--npz and --ref belong to --protocol (ADM's batches).")
+    n = 1000 if n is None else n
     if recon:
         if fid or kid or clip_score or r_precision or images is not None:
             raise UserError("--recon scores a tokenizer run on its own; run the generation metrics separately.")
@@ -523,6 +543,59 @@ def evaluate(
         path = plot or (json_path.with_suffix(".png") if json_path is not None else Path("eval-sweep.png"))
         write_plot(report["rows"], metric, path)
         out.print(f"plot: {path}", highlight=False)
+
+
+def _evaluate_protocol(name: str, ckpt: str | None, npz: Path | None, ref: str | None, inception_weights: str | None,
+                       steps: str | None, guidance: float | None, sampler: str | None, batch_size: int, seed: int,
+                       json_path: Path | None, device: str | None, decoder: str | None, speed: Any) -> None:
+    """`imgen eval --protocol NAME`: a run's samples (or an ADM batch, --npz without --ckpt) scored as the protocol
+    says (imgen_cli.eval.protocols)."""
+    import dataclasses
+
+    from imgen_cli import sample as pipeline
+    from imgen_cli.eval import protocols
+    from imgen_cli.train import distributed
+
+    chosen = protocols.get(name)
+    sampling = pipeline.SamplingOptions(steps=pipeline.parse_steps(steps), guidance=guidance, sampler=sampler,
+                                        seed=seed, batch_size=batch_size, speed=speed)
+    if len(sampling.steps) > 1:
+        raise UserError(f"--protocol {name} scores one sampler setting; give one --steps value.")
+    env = distributed.setup(device)
+    try:
+        model, class_count, settings, subject = None, 0, None, str(npz)
+        if ckpt is not None or npz is None:  # generate from a run (the newest without --ckpt); else score the file
+            trained = _generator(ckpt, "evaluation", env.device, say=env.is_main, decoder=decoder)
+            if trained.class_names is None:
+                raise UserError(f"--protocol {name} scores a class-conditional ImageNet run; {trained.run.path} is "
+                                f"conditioned on text.")
+            sampling.check(trained.model.generate, trained.family.name)
+            model, class_count = sampling.speed.prepare(trained.model), len(trained.class_names)
+            subject = f"{trained.run.path} step {trained.checkpoint.step}"
+            settings = {k: v for k, v in dataclasses.asdict(trained.config.model).items()
+                        if k.startswith("guid") or k in ("schedule", "time_spacing", "learn_sigma", "prediction")}
+        progress = _progress if env.is_main else _silent_progress
+        note = (lambda m: err.print(m, highlight=False)) if env.is_main else (lambda m: None)
+        report = protocols.run(chosen, env=env, progress=progress, note=note, inception_weights=inception_weights,
+                               ref=ref, npz=npz, model=model, class_count=class_count, sampling=sampling,
+                               run_settings=settings)
+    finally:
+        distributed.teardown()
+    if report is None:
+        return
+    report["subject"] = subject
+    names = {"fid": "FID", "inception_score": "Inception Score", "sfid": "sFID", "precision": "precision",
+             "recall": "recall"}
+    table = Table(title=f"{subject}: {name} ({report['pinned']['samples_scored']} samples vs "
+                        f"{report['pinned']['reference']['file']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, label in names.items():
+        table.add_row(label, f"{report['metrics'][key]:.4f}")
+    out.print(table)
+    out.print(f"features: {report['pinned']['features']}; self-check: {report['self_check']}", highlight=False)
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _print_eval(report: dict[str, Any]) -> None:

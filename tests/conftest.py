@@ -88,6 +88,15 @@ def clip_run(shapes_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return train_tiny("clip", shapes_shards, tmp_path_factory.mktemp("clip") / "run", steps=2)
 
 
+@pytest.fixture(scope="session")
+def released(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
+    """A class-conditional latent DiffiT imported from random weights in the released NVlabs/DiffiT layout (10
+    classes, 16x16 images), and the reference module those weights came from (tests/test_released_diffit.py)."""
+    from test_released_diffit import import_released
+
+    return import_released(tmp_path_factory.mktemp("released"))
+
+
 def error_line(result, exit_code: int = 2) -> str:
     """The single `error:` line of a refused command (a hint may follow it): its exit code, no traceback."""
     assert result.exit_code == exit_code, result.output

@@ -160,10 +160,9 @@ def adm_sample(model: ReleasedDiffiT, labels: Tensor, steps: int, scale: float, 
 # --- the import ----------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def released(tmp_path_factory: pytest.TempPathFactory) -> tuple[ReleasedDiffiT, Path]:
-    """A run imported from random weights in the released layout (through the hub cache) on a tiny SD-like VAE."""
-    root = tmp_path_factory.mktemp("released")
+def import_released(root: Path) -> tuple[ReleasedDiffiT, Path]:
+    """A run imported from random weights in the released layout (through the hub cache) on a tiny SD-like VAE, under
+    root/run (conftest's `released` fixture)."""
     torch.manual_seed(0)
     reference = ReleasedDiffiT().eval()
     for name, parameter in reference.named_parameters():

@@ -128,12 +128,12 @@ def _batches(indices: list[int], size: int) -> Iterator[list[int]]:
         yield indices[start:start + size]
 
 
-def generate(model: Any, prompts: list[str], steps: int | None, req: EvalRequest, env: DistEnv,
+def generate(model: Any, prompts: list[str], steps: int | None, sampling: SamplingOptions, env: DistEnv,
              advance: Callable[[int], None]) -> tuple[list[int], Tensor, float]:
     """This rank's share of the images for `prompts`: (indices, uint8 images, seconds spent generating), the
     images `imgen sample` makes for the same prompts and seed."""
     indices, images, seconds = [], [], 0.0
-    for batch in generated_batches(model, prompts, req.sampling, steps, rank=env.rank, world_size=env.world_size):
+    for batch in generated_batches(model, prompts, sampling, steps, rank=env.rank, world_size=env.world_size):
         indices += batch.indices
         images.append((batch.images * 255).round().to(torch.uint8))
         seconds += batch.seconds
@@ -365,7 +365,7 @@ def evaluate(req: EvalRequest, shards_spec: str, env: DistEnv, progress: Progres
         label = f"generate ({steps} steps)" if steps else "generate" if model is not None else "score images"
         if model is not None:
             with progress(label, len(prompts)) as advance:
-                indices, images, seconds = generate(model, conditions, steps, req, env, advance)
+                indices, images, seconds = generate(model, conditions, steps, req.sampling, env, advance)
         else:
             indices = list(range(env.rank, len(prompts), env.world_size))
             images, seconds = None, 0.0

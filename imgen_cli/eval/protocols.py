@@ -1,0 +1,213 @@
+"""Evaluation protocols: a paper's number as one named command, `imgen eval --protocol NAME`.
+
+A protocol pins what the number depends on (the sample count, the classes and how they are drawn, the reference
+batch and its hash, the resize, the feature network and its weights' hash, the seeds) and records all of it, with
+the sampler settings the run was scored with (its own defaults unless --steps/--guidance/--sampler say otherwise),
+in the report. The ImageNet protocols are ADM's evaluator (`imgen_cli.eval.adm`) against ADM's reference batches,
+as the ADM, DiT, DiffiT and SiT papers report: a class-conditional 1000-class run generates 50,000 images, classes
+drawn uniformly from the seed, written as ADM's `samples_50000xHxWx3.npz` (`--npz`), then scored; `--npz FILE`
+without a run scores an existing ADM sample batch, so imgen scores other projects' samples too. Generation is split
+across ranks as every imgen generation is (batch b on rank b mod world, seeded by (seed, b)); scoring runs on rank 0.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from imgen_cli.errors import UserError
+from imgen_cli.eval import adm
+from imgen_cli.eval import features as feats
+
+ADM_BATCHES = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet"
+TF1_RESIZE = "bilinear to 299 as TF1 resizes (align_corners=False), then (x - 128) / 128"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    samples: int
+    image_size: int
+    num_classes: int
+    reference: str  # the reference batch: a URL (fetched once into the cache) or a local file
+    self_check: str  # what a correct setup reproduces, from a published value where one exists
+
+
+PROTOCOLS = {
+    "imagenet256-fid50k": Protocol(
+        "imagenet256-fid50k", 50_000, 256, 1000, f"{ADM_BATCHES}/256/VIRTUAL_imagenet256_labeled.npz",
+        "ADM's admnet_guided_upsampled_imagenet256.npz against this reference: IS 215.84, FID 3.943, sFID 6.140, "
+        "precision 0.8265, recall 0.5309 (ADM's evaluations/README.md); DiT-XL/2 cfg 1.5: FID 2.27, IS 278.24; "
+        "DiffiT: FID 1.73, IS 276.49"),
+    "imagenet512-fid50k": Protocol(
+        "imagenet512-fid50k", 50_000, 512, 1000, f"{ADM_BATCHES}/512/VIRTUAL_imagenet512.npz",
+        "DiT-XL/2 cfg 1.5: FID 3.04, IS 240.82 (DiT's README); DiffiT: FID 2.67, IS 252.13"),
+}
+
+
+def get(name: str) -> Protocol:
+    if name not in PROTOCOLS:
+        raise UserError(f"unknown --protocol {name!r}; choose one of {', '.join(PROTOCOLS)}.")
+    return PROTOCOLS[name]
+
+
+def reference_path(protocol: Protocol, given: str | None) -> Path:
+    """The reference batch: --ref FILE, else the protocol's, fetched once into the torch hub cache (as the Inception
+    weights are) unless downloads are off."""
+    from imgen_cli import hub
+
+    if given:
+        return Path(given).expanduser()
+    if not protocol.reference.startswith("https://"):
+        return Path(protocol.reference)
+    cached = Path(torch.hub.get_dir()) / "imgen-adm" / protocol.reference.rsplit("/", 1)[1]
+    if cached.is_file():
+        return cached
+    if hub.offline():
+        raise UserError(f"the reference batch of {protocol.name} is not in the cache ({cached}), and downloads are "
+                        f"off (HF_HUB_OFFLINE=1 or --offline).",
+                        hint=f"Fetch {protocol.reference} and pass --ref FILE.")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(protocol.reference, str(cached))
+    except (OSError, RuntimeError) as err:
+        raise UserError(f"the reference batch of {protocol.name} could not be downloaded from {protocol.reference} "
+                        f"({str(err).splitlines()[0][:160]}).", hint="Fetch it and pass --ref FILE.") from None
+    return cached
+
+
+def features(images: np.ndarray, extractor: adm.ADMInception, device: torch.device,
+             batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pool, spatial, logits) of uint8 NHWC images, in file order, on the CPU."""
+    parts = []
+    for start in range(0, len(images), batch_size):
+        chunk = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).permute(0, 3, 1, 2)
+        parts.append([f.cpu() for f in extractor(chunk.to(device))])
+    return tuple(torch.cat(column) for column in zip(*parts, strict=True))
+
+
+def reference_features(path: Path, digest: str, extractor: adm.ADMInception, device: torch.device,
+                       batch_size: int, note: Callable[[str], None]) -> dict[str, Any]:
+    """The reference's statistics (its stored ones where it has them) and the pool features of its images (for
+    precision and recall), cached in the cache folder by the batch's hash and the network's id (tensors only)."""
+    slug = re.sub(r"[^\w.-]", "-", extractor.id)[:80]
+    cache = Path(torch.hub.get_dir()) / "imgen-adm" / f"reference-{digest[:16]}-{slug}.pt"
+    if cache.is_file():
+        try:
+            return _reference_from_tensors(torch.load(cache, map_location="cpu", weights_only=True))
+        except Exception as err:  # a damaged or foreign cache is recomputed
+            note(f"recomputing the reference features: {cache} cannot be read ({type(err).__name__})")
+    batch = adm.read_batch(path, "--ref")
+    pool, spatial, _ = features(batch.images, extractor, device, batch_size)
+    pool_stats = batch.pool or adm.Statistics.of(pool.double().numpy())
+    spatial_stats = batch.spatial or adm.Statistics.of(spatial.double().numpy())
+    tensors = {"pool_mu": pool_stats.mu, "pool_sigma": pool_stats.sigma, "spatial_mu": spatial_stats.mu,
+               "spatial_sigma": spatial_stats.sigma}
+    tensors = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in tensors.items()}
+    tensors |= {"pool_features": pool, "images": torch.tensor(len(batch.images)),
+                "stored_statistics": torch.tensor(batch.pool is not None)}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(tensors, cache)
+    return _reference_from_tensors(tensors)
+
+
+def _reference_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    return {"pool": adm.Statistics(tensors["pool_mu"].numpy(), tensors["pool_sigma"].numpy()),
+            "spatial": adm.Statistics(tensors["spatial_mu"].numpy(), tensors["spatial_sigma"].numpy()),
+            "pool_features": tensors["pool_features"], "images": int(tensors["images"]),
+            "stored_statistics": bool(tensors["stored_statistics"])}
+
+
+def score(samples: adm.Batch, reference: dict[str, Any], extractor: adm.ADMInception, device: torch.device,
+          batch_size: int) -> dict[str, float]:
+    """ADM's five numbers for a sample batch against a reference."""
+    pool, spatial, logits = features(samples.images, extractor, device, batch_size)
+    precision, recall = adm.precision_recall(reference["pool_features"].to(device), pool.to(device))
+    return {"inception_score": adm.inception_score(logits.double().numpy()),
+            "fid": adm.frechet_distance(adm.Statistics.of(pool.double().numpy()), reference["pool"]),
+            "sfid": adm.frechet_distance(adm.Statistics.of(spatial.double().numpy()), reference["spatial"]),
+            "precision": precision, "recall": recall}
+
+
+def generate_batch(protocol: Protocol, model: Any, class_count: int, sampling: Any, env: Any,
+                   advance: Callable[[int], None]) -> adm.Batch | None:
+    """The protocol's samples from a class-conditional run: classes drawn uniformly from the seed, generated in
+    imgen's seeded batches split across ranks; on rank 0 the whole batch in order, None elsewhere."""
+    from imgen_cli.eval.generative import generate
+    from imgen_cli.train.distributed import gather_objects
+
+    if class_count != protocol.num_classes:
+        raise UserError(f"{protocol.name} scores a {protocol.num_classes}-class ImageNet model; this run has "
+                        f"{class_count} classes.")
+    if model.image_size != protocol.image_size:
+        raise UserError(f"{protocol.name} scores {protocol.image_size}x{protocol.image_size} images; this run makes "
+                        f"{model.image_size}x{model.image_size}.")
+    labels = torch.randint(0, class_count, (protocol.samples,),
+                           generator=torch.Generator().manual_seed(sampling.seed)).tolist()
+    indices, images, _ = generate(model, labels, sampling.steps[0], sampling, env, advance)
+    parts = gather_objects((indices, images.permute(0, 2, 3, 1).numpy()), env)
+    if not env.is_main:
+        return None
+    order = np.argsort(np.concatenate([np.asarray(i, dtype=np.int64) for i, _ in parts]))
+    return adm.Batch(np.concatenate([im for _, im in parts])[order], np.asarray(labels), None, None)
+
+
+def run(protocol: Protocol, *, env: Any, progress: Any, note: Callable[[str], None], inception_weights: str | None,
+        ref: str | None, npz: Path | None, model: Any = None, class_count: int = 0, sampling: Any = None,
+        run_settings: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """`imgen eval --protocol NAME`: generate (with a model) and write the batch to `npz`, or read it from `npz`,
+    then score it against the reference; the report on rank 0 (None on the others)."""
+    started = time.time()
+    reference_file = reference_path(protocol, ref)
+    if not reference_file.is_file():
+        raise UserError(f"--ref {reference_file} does not exist.")
+    if model is not None:
+        with progress(f"generate {protocol.samples}", protocol.samples) as advance:
+            samples = generate_batch(protocol, model, class_count, sampling, env, advance)
+        if samples is None:
+            return None
+        npz = npz or Path(f"samples_{protocol.samples}x{protocol.image_size}x{protocol.image_size}x3.npz")
+        adm.write_batch(npz, samples.images, samples.labels)
+        note(f"samples: {npz}")
+    elif not env.is_main:
+        return None
+    else:
+        samples = adm.read_batch(npz, "--npz")
+        if len(samples.images) != protocol.samples:
+            note(f"note: {npz} holds {len(samples.images)} images; {protocol.name} is defined on {protocol.samples}")
+    device, batch_size = env.device, 100
+    extractor = adm.ADMInception(feats.inception_weights_path(inception_weights)).to(device).eval()
+    digest = adm.file_sha256(reference_file)
+    with progress("reference features", 1) as advance:
+        reference = reference_features(reference_file, digest, extractor, device, batch_size, note)
+        advance(1)
+    with progress("score samples", 1) as advance:
+        metrics = score(samples, reference, extractor, device, batch_size)
+        advance(1)
+    return {
+        "protocol": protocol.name,
+        "metrics": metrics,
+        "pinned": {
+            "samples": protocol.samples, "samples_scored": len(samples.images), "image_size": protocol.image_size,
+            "classes": f"{protocol.num_classes}, drawn uniformly (seed {sampling.seed})" if model is not None else None,
+            "reference": {"file": reference_file.name, "sha256": digest, "images": reference["images"],
+                          "stored_statistics": reference["stored_statistics"]},
+            "features": extractor.id, "resize": TF1_RESIZE,
+            "metrics": "ADM's evaluator: FID and sFID (mixed_6/conv[..., :7]), IS over splits of 5000 in file "
+                       "order, precision/recall with k = 3 in pool space",
+        },
+        "sampling": None if model is None else {
+            "steps": sampling.steps[0], "guidance": sampling.guidance, "sampler": sampling.sampler,
+            "seed": sampling.seed, "batch_size": sampling.batch_size, "run_defaults": run_settings},
+        "samples_npz": str(npz),
+        "self_check": protocol.self_check,
+        "world_size": env.world_size,
+        "seconds": round(time.time() - started, 2),
+    }
