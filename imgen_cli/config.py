@@ -59,6 +59,15 @@ class TrainConfig:
     sample_every: int = 500
     val_every: int = 0  # held-out loss on the val split every N steps; 0 = never
     val_max_batches: int = 0  # cap on val batches per rank; 0 = the whole split
+    # FID while training: every eval_every steps the EMA model generates eval_n images for the val captions (or
+    # classes), scored against the val split's images as `imgen eval --fid` scores them; 0 = never
+    eval_every: int = 0
+    eval_n: int = 500
+    eval_steps: int = 0  # the sampler's steps; 0 = the family's default
+    eval_guidance: float = -1.0  # the guidance scale; < 0 = the run's default
+    eval_features: str = "inception"  # inception | clip (FID in the space of eval_clip_model)
+    eval_inception_weights: str = ""  # "" = the torch hub cache (as `imgen eval --inception-weights`)
+    eval_clip_model: str = ""  # eval_features=clip: `imgen eval --clip-model`'s value ("" = the newest clip run)
     keep_last: int = 3  # complete checkpoints kept on disk
     tensorboard: bool = False  # also log to RUN/tensorboard (needs the tensorboard package)
     init: str = ""  # a new run starts from this checkpoint's weights (`imgen train --init RUN`); "" = from scratch
@@ -89,8 +98,16 @@ class TrainConfig:
             raise UserError("train.lora_text adds adapters to the text encoder of a LoRA run: give --lora R too.")
         if self.lora and not self.init:
             raise UserError("train.lora adapts a trained network: give its run with --init RUN.")
-        if min(self.warmup_steps, self.grad_clip, self.val_every, self.val_max_batches) < 0:
-            raise UserError("train.warmup_steps, grad_clip, val_every and val_max_batches must not be negative.")
+        if min(self.warmup_steps, self.grad_clip, self.val_every, self.val_max_batches, self.eval_every) < 0:
+            raise UserError("train.warmup_steps, grad_clip, val_every, val_max_batches and eval_every must not be "
+                            "negative.")
+        if self.eval_every and (self.eval_n < 2 or self.eval_steps < 0 or self.eval_features not in ("inception",
+                                                                                                    "clip")):
+            raise UserError("FID while training needs train.eval_n >= 2, train.eval_steps >= 0 (0 = the family's "
+                            "default) and train.eval_features inception or clip.")
+        if self.eval_every and self.parallel == "fsdp":
+            raise UserError("train.eval_every generates with the EMA model split across ranks, which FSDP's sharded "
+                            "forward (a collective) cannot do; evaluate the checkpoints with imgen eval instead.")
 
 
 @dataclass

@@ -18,12 +18,12 @@ ENV = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 QUIET = Console(file=open("/dev/null", "w"))  # noqa: SIM115
 
 
-def tiny_config(shards: Path, steps: int, **train: object):
-    fam = registry.get("vqgan")
+def tiny_config(shards: Path, steps: int, family: str = "vqgan", **train: object):
+    fam = registry.get(family)
     sets = [f"train.{k}={json.dumps(v)}" for k, v in {"batch_size": 4, "warmup_steps": 2, "log_every": 1,
                                                       "ckpt_every": 2, "sample_every": 2, "keep_last": 2,
                                                       **train}.items()]
-    return resolve("vqgan", fam.config_cls(), fam.presets(), preset="tiny",
+    return resolve(family, fam.config_cls(), fam.presets(), preset="tiny",
                    sets=[*sets, "data.num_workers=0", "data.shuffle_buffer=8"],
                    flags={"data.shards": str(shards), "train.steps": steps})
 
@@ -153,6 +153,36 @@ def test_interrupted_run_resumes_to_the_same_weights(shapes_shards: Path, tmp_pa
     assert state_a["scheduler"] == state_b["scheduler"]
     moments_a, moments_b = state_a["optimizer"]["state"], state_b["optimizer"]["state"]
     assert all(torch.equal(moments_a[n]["exp_avg_sq"], moments_b[n]["exp_avg_sq"]) for n in moments_a)
+
+
+def test_fid_while_training_is_logged_and_a_resumed_run_logs_and_trains_the_same(shapes_shards: Path, clip_run: Path,
+                                                                                   tmp_path: Path) -> None:
+    import signal
+
+    settings = {"ckpt_every": 100, "sample_every": 100, "eval_every": 2, "eval_n": 4, "eval_steps": 2,
+                "eval_features": "clip", "eval_clip_model": str(clip_run)}
+    cfg = tiny_config(shapes_shards, 4, "bitdiff", **settings)
+    whole = RunDir(tmp_path / "whole")
+    train(cfg, whole, ENV, QUIET)
+
+    def preempt(info) -> None:  # noqa: ANN001
+        if info.step == 3:
+            signal.raise_signal(signal.SIGTERM)
+
+    parts = RunDir(tmp_path / "parts")
+    assert train(cfg, parts, ENV, QUIET, on_step=preempt).step == 3
+    train(cfg, parts, ENV, QUIET)
+
+    def fids(run: RunDir) -> list[tuple[int, float]]:
+        records = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
+        return [(r["step"], r["val_fid"]) for r in records if "val_fid" in r]
+
+    assert [step for step, _ in fids(whole)] == [2, 4] and all(math.isfinite(f) for _, f in fids(whole))
+    assert fids(parts) == fids(whole)  # the same numbers, bit for bit
+    plain = RunDir(tmp_path / "plain")  # the same run without FID
+    train(tiny_config(shapes_shards, 4, "bitdiff", ckpt_every=100, sample_every=100), plain, ENV, QUIET)
+    a, b, c = _weights(whole), _weights(parts), _weights(plain)
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a), "evaluating changed the training"
 
 
 def test_truncated_checkpoint_is_skipped_on_resume(shapes_shards: Path, tmp_path: Path) -> None:

@@ -201,6 +201,8 @@ def train(cfg: RunConfig, run: RunDir, env: DistEnv, console: Console,
         torch.manual_seed(cfg.train.seed + env.rank)  # different noise, masks, timesteps per rank
     monitor.begin_at(step)
     val_shards = _val_shards(cfg, monitor.note)
+    if cfg.train.eval_every and val_shards is not None:
+        _check_fid_features(cfg, device)  # a missing network is one sentence now, not after the first eval_every steps
 
     preview_batch = next(iter(shard_io.exact_loader(val_shards or train_shards, 8)))
     remaining = cfg.train.steps - step
@@ -276,6 +278,8 @@ def train(cfg: RunConfig, run: RunDir, env: DistEnv, console: Console,
                 sums, window_start, window_steps = {}, time.time(), 0
             if val_shards and cfg.train.val_every and (step % cfg.train.val_every == 0 or step == cfg.train.steps):
                 monitor.log({"step": step, "val_loss": _validate(model, val_shards, cfg, env, per_rank)})
+            if cfg.train.eval_every and val_shards and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
+                monitor.log({"step": step, "val_fid": _fid(ema.module, cfg, run, env)})
             if step % cfg.train.sample_every == 0 or step == cfg.train.steps:
                 _save_grid(ema.module, preview_batch, run, step, env, cfg)
             stopping = all_agree(stop.signal is not None, env)  # every rank stops on the same step
@@ -353,9 +357,9 @@ def _val_shards(cfg: RunConfig, note: Callable[[str], None]) -> shard_io.ShardSe
     try:
         return shard_io.open_shards(cfg.data.shards, "val")
     except UserError:
-        if cfg.train.val_every:
-            note(f"train.val_every is {cfg.train.val_every}, but {cfg.data.shards} has no val split: "
-                 "no validation loss this run")
+        if cfg.train.val_every or cfg.train.eval_every:
+            note(f"{cfg.data.shards} has no val split: no validation loss or FID this run (train.val_every, "
+                 f"train.eval_every)")
         return None
 
 
@@ -386,6 +390,40 @@ def _validate(model: nn.Module, shards: shard_io.ShardSet, cfg: RunConfig, env: 
         dist.all_reduce(total)
     model.train()
     return float(total[0] / total[1].clamp(min=1))
+
+
+def _check_fid_features(cfg: RunConfig, device: torch.device) -> None:
+    """The network FID while training looks through can be had: the Inception weights (fetched into the torch hub
+    cache if they are not there) or the CLIP model."""
+    from imgen_cli.eval import features
+
+    if cfg.train.eval_features == "inception":
+        features.inception_weights_path(cfg.train.eval_inception_weights or None)
+    else:
+        features.load_clip(cfg.train.eval_clip_model or None, device)
+
+
+def _fid(ema_model: nn.Module, cfg: RunConfig, run: RunDir, env: DistEnv) -> float:
+    """FID of cfg.train.eval_n EMA samples against the val split: `imgen eval --fid`'s evaluation (generation split
+    across ranks, reference features cached beside the shards), the training RNG left as it was, so a resumed run
+    logs and trains exactly as an uninterrupted one."""
+    from imgen_cli.eval.generative import EvalRequest, evaluate
+    from imgen_cli.sample import SamplingOptions
+
+    t = cfg.train
+    sampling = SamplingOptions(steps=(t.eval_steps or None,), guidance=None if t.eval_guidance < 0 else t.eval_guidance,
+                               seed=t.seed)
+    request = EvalRequest(fid=True, features=t.eval_features, inception_weights=t.eval_inception_weights or None,
+                          clip_model=t.eval_clip_model or None, n=t.eval_n, sampling=sampling)
+
+    @contextlib.contextmanager
+    def silent(label: str, total: int) -> Iterator[Callable[[int], None]]:
+        yield lambda advance: None
+
+    with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
+        report = evaluate(request, cfg.data.shards, env, silent, lambda message: None, model=ema_model,
+                          class_names=run.read_config().get("classes"))
+    return report["rows"][0]["fid"]
 
 
 def _save_grid(ema_model: nn.Module, batch: dict[str, Any], run: RunDir, step: int, env: DistEnv,

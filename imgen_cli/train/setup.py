@@ -26,7 +26,9 @@ from imgen_cli.runs import Checkpoint, RunDir, check_pinned_tokenizer, pin_token
 RESUMABLE_KEYS = {"train.steps", "train.log_every", "train.ckpt_every", "train.sample_every", "train.keep_last",
                   "train.val_every", "train.val_max_batches", "train.compile", "train.tensorboard",
                   "train.activation_checkpointing", "train.nan_policy", "data.shards", "data.num_workers",
-                  "data.resume", "train.init", "train.init_weights"}  # (a resumed run's weights are its own)
+                  "data.resume", "train.init", "train.init_weights",  # (a resumed run's weights are its own)
+                  "train.eval_every", "train.eval_n", "train.eval_steps", "train.eval_guidance", "train.eval_features",
+                  "train.eval_inception_weights", "train.eval_clip_model"}
 # recorded in config.json, never compared on resume
 PROVENANCE_KEYS = {"imgen_version", "tokenizer_hash", "pretrained"}
 # model keys that name published weights (imgen_cli.hub): a hub name is pinned to its commit when the run starts
