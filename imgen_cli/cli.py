@@ -459,7 +459,7 @@ def evaluate(
     inception_weights: Annotated[str | None, typer.Option("--inception-weights", help="torch-fidelity's InceptionV3 state dict, weights-inception-2015-12-05-6726825d.pth (read as tensors only) \\[default: the torch hub cache, downloaded there when missing].")] = None,
     clip_model: Annotated[str | None, typer.Option("--clip-model", help="imgen clip RUN | open_clip NAME:TAG (fetched into the Hugging Face cache the first time; HF_HUB_OFFLINE=1 reads only the cache) | NAME:/path/weights.pt \\[default: newest clip run].")] = None,
     n: Annotated[int | None, typer.Option("--n", min=1, help="Images to generate (or to reconstruct with --recon) \\[default: 1000].")] = None,
-    protocol: Annotated[str | None, typer.Option("--protocol", help="A paper's number, everything it depends on pinned and recorded: imagenet256-fid50k | imagenet512-fid50k (ADM's evaluator: FID-50K, IS, sFID, precision, recall).")] = None,
+    protocol: Annotated[str | None, typer.Option("--protocol", help="A paper's number, everything it depends on pinned and recorded: imagenet256-fid50k | imagenet512-fid50k (ADM's evaluator: FID-50K, IS, sFID, precision, recall) | cifar10-fid50k (EDM's training-set statistics: FID-50K, IS).")] = None,
     npz: Annotated[Path | None, typer.Option("--npz", help="With --protocol: an ADM sample batch (arr_0 uint8 NHWC) to score, or with --ckpt where to write the generated one \\[default: samples_NxHxWx3.npz].")] = None,
     ref: Annotated[str | None, typer.Option("--ref", help="With --protocol: the reference batch (ADM's .npz) \\[default: the protocol's, fetched once into the torch hub cache].")] = None,
     steps: SamplerSteps = None,
@@ -591,7 +591,8 @@ def _evaluate_protocol(name: str, ckpt: str | None, npz: Path | None, ref: str |
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, label in names.items():
-        table.add_row(label, f"{report['metrics'][key]:.4f}")
+        if key in report["metrics"]:
+            table.add_row(label, f"{report['metrics'][key]:.4f}")
     out.print(table)
     out.print(f"features: {report['pinned']['features']}; self-check: {report['self_check']}", highlight=False)
     if json_path is not None:

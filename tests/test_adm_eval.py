@@ -192,8 +192,24 @@ def test_a_class_run_generates_the_protocols_batch_and_scores_it(inception: Path
         assert np.array_equal(data["arr_0"], images)  # a function of the seed
 
 
+def test_a_reference_of_statistics_only_gives_fid_and_is(inception: Path, tmp_path: Path) -> None:
+    images = np.random.default_rng(0).integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8)
+    pool, _, _ = ADMInception(inception)(torch.from_numpy(images).permute(0, 3, 1, 2))
+    stats = Statistics.of(pool.double().numpy())
+    np.savez(tmp_path / "cifar10-32x32.npz", mu=stats.mu, sigma=stats.sigma)  # EDM's layout: no images
+    write_batch(tmp_path / "samples.npz", images)
+    result = run_eval("--protocol", "cifar10-fid50k", "--npz", str(tmp_path / "samples.npz"), "--ref",
+                      str(tmp_path / "cifar10-32x32.npz"), "--inception-weights", str(inception), "--json",
+                      str(tmp_path / "r.json"))
+    assert result.exit_code == 0, result.output
+    report = __import__("json").loads((tmp_path / "r.json").read_text())
+    assert set(report["metrics"]) == {"inception_score", "fid"} and report["pinned"]["reference"]["images"] == 0
+    assert report["metrics"]["fid"] == pytest.approx(0, abs=1e-3)  # the samples are the reference
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--protocol", "nosuch"], "unknown --protocol 'nosuch'; choose one of imagenet256-fid50k"),
+    (["--protocol", "nosuch"], "unknown --protocol 'nosuch'; choose one of imagenet256-fid50k, imagenet512-fid50k, "
+                               "cifar10-fid50k"),
     (["--protocol", "imagenet256-fid50k", "--fid"], "pins what it measures and against what; drop --fid"),
     (["--protocol", "imagenet256-fid50k", "--n", "100"], "drop --n"),
     (["--npz", "x.npz"], "--npz and --ref belong to --protocol"),

@@ -144,25 +144,29 @@ def precision_recall(reference: Tensor, samples: Tensor, k: int = NEIGHBOURHOOD)
 
 @dataclass
 class Batch:
-    images: np.ndarray  # uint8 [N, H, W, 3]
+    images: np.ndarray | None  # uint8 [N, H, W, 3]; None for a reference of statistics only (EDM's CIFAR-10)
     labels: np.ndarray | None
     pool: Statistics | None  # a reference batch's stored statistics
     spatial: Statistics | None
 
 
-def read_batch(path: Path, what: str) -> Batch:
-    """An ADM `.npz` batch: arr_0 (uint8 NHWC images), and where present arr_1 (labels) and the statistics."""
+def read_batch(path: Path, what: str, statistics_only: bool = False) -> Batch:
+    """An ADM `.npz` batch: arr_0 (uint8 NHWC images), and where present arr_1 (labels) and the statistics; with
+    `statistics_only`, a reference may hold `mu` and `sigma` alone (EDM's reference files)."""
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist.")
     try:
         with np.load(path, allow_pickle=False) as data:
             names = set(data.files)
-            if "arr_0" not in names:
-                raise UserError(f"{what} {path} holds no arr_0 (ADM's images array).")
-            images = data["arr_0"]
-            labels = data["arr_1"] if "arr_1" in names else None
             pool = Statistics(data["mu"], data["sigma"]) if {"mu", "sigma"} <= names else None
             spatial = Statistics(data["mu_s"], data["sigma_s"]) if {"mu_s", "sigma_s"} <= names else None
+            if "arr_0" not in names:
+                if statistics_only and pool is not None:
+                    return Batch(None, None, pool, spatial)
+                raise UserError(f"{what} {path} holds no arr_0 (ADM's images array)"
+                                f"{' and no mu, sigma' if statistics_only else ''}.")
+            images = data["arr_0"]
+            labels = data["arr_1"] if "arr_1" in names else None
     except (OSError, ValueError) as err:  # not a zip, a damaged member, or pickled objects
         raise UserError(f"{what} {path} is not an ADM .npz batch ({str(err).splitlines()[0][:160]}).") from None
     if images.ndim != 4 or images.shape[-1] != 3 or not len(images):

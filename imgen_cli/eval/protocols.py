@@ -27,6 +27,7 @@ from imgen_cli.eval import adm
 from imgen_cli.eval import features as feats
 
 ADM_BATCHES = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet"
+EDM_REFERENCES = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs"  # EDM's training-set statistics (mu, sigma)
 TF1_RESIZE = "bilinear to 299 as TF1 resizes (align_corners=False), then (x - 128) / 128"
 
 
@@ -49,6 +50,12 @@ PROTOCOLS = {
     "imagenet512-fid50k": Protocol(
         "imagenet512-fid50k", 50_000, 512, 1000, f"{ADM_BATCHES}/512/VIRTUAL_imagenet512.npz",
         "DiT-XL/2 cfg 1.5: FID 3.04, IS 240.82 (DiT's README); DiffiT: FID 2.67, IS 252.13"),
+    # EDM's protocol, which DiffiT's and Bit Diffusion's CIFAR-10 numbers follow: 50,000 samples against the
+    # statistics of the 50,000 training images (the file holds no images: no sFID, precision or recall)
+    "cifar10-fid50k": Protocol(
+        "cifar10-fid50k", 50_000, 32, 10, f"{EDM_REFERENCES}/cifar10-32x32.npz",
+        "class-conditional: EDM (VP) FID 1.79, DiffiT 1.95, Bit Diffusion 2.72 (its own reproduction of a "
+        "continuous DDPM: 2.95)"),
 }
 
 
@@ -104,36 +111,48 @@ def reference_features(path: Path, digest: str, extractor: adm.ADMInception, dev
             return _reference_from_tensors(torch.load(cache, map_location="cpu", weights_only=True))
         except Exception as err:  # a damaged or foreign cache is recomputed
             note(f"recomputing the reference features: {cache} cannot be read ({type(err).__name__})")
-    batch = adm.read_batch(path, "--ref")
-    pool, spatial, _ = features(batch.images, extractor, device, batch_size)
-    pool_stats = batch.pool or adm.Statistics.of(pool.double().numpy())
-    spatial_stats = batch.spatial or adm.Statistics.of(spatial.double().numpy())
-    tensors = {"pool_mu": pool_stats.mu, "pool_sigma": pool_stats.sigma, "spatial_mu": spatial_stats.mu,
-               "spatial_sigma": spatial_stats.sigma}
-    tensors = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in tensors.items()}
-    tensors |= {"pool_features": pool, "images": torch.tensor(len(batch.images)),
-                "stored_statistics": torch.tensor(batch.pool is not None)}
+    batch = adm.read_batch(path, "--ref", statistics_only=True)
+    tensors = {"images": torch.tensor(0 if batch.images is None else len(batch.images)),
+               "stored_statistics": torch.tensor(batch.pool is not None)}
+    pool_stats, spatial_stats = batch.pool, batch.spatial
+    if batch.images is not None:  # ADM's batches: its images for precision/recall (and any missing statistics)
+        pool, spatial, _ = features(batch.images, extractor, device, batch_size)
+        pool_stats = pool_stats or adm.Statistics.of(pool.double().numpy())
+        spatial_stats = spatial_stats or adm.Statistics.of(spatial.double().numpy())
+        tensors["pool_features"] = pool
+    for name, stats in (("pool", pool_stats), ("spatial", spatial_stats)):
+        if stats is not None:
+            tensors |= {f"{name}_mu": torch.from_numpy(np.asarray(stats.mu, dtype=np.float64)),
+                        f"{name}_sigma": torch.from_numpy(np.asarray(stats.sigma, dtype=np.float64))}
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(tensors, cache)
     return _reference_from_tensors(tensors)
 
 
 def _reference_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    return {"pool": adm.Statistics(tensors["pool_mu"].numpy(), tensors["pool_sigma"].numpy()),
-            "spatial": adm.Statistics(tensors["spatial_mu"].numpy(), tensors["spatial_sigma"].numpy()),
-            "pool_features": tensors["pool_features"], "images": int(tensors["images"]),
-            "stored_statistics": bool(tensors["stored_statistics"])}
+    """What a reference offers: pool statistics always; spatial statistics and pool features where it has them."""
+
+    def stats(name: str) -> adm.Statistics | None:
+        return adm.Statistics(tensors[f"{name}_mu"].numpy(), tensors[f"{name}_sigma"].numpy()) \
+            if f"{name}_mu" in tensors else None
+
+    return {"pool": stats("pool"), "spatial": stats("spatial"), "pool_features": tensors.get("pool_features"),
+            "images": int(tensors["images"]), "stored_statistics": bool(tensors["stored_statistics"])}
 
 
 def score(samples: adm.Batch, reference: dict[str, Any], extractor: adm.ADMInception, device: torch.device,
           batch_size: int) -> dict[str, float]:
-    """ADM's five numbers for a sample batch against a reference."""
+    """ADM's numbers for a sample batch against a reference: IS and FID always, sFID where the reference has
+    spatial statistics, precision and recall where it has images."""
     pool, spatial, logits = features(samples.images, extractor, device, batch_size)
-    precision, recall = adm.precision_recall(reference["pool_features"].to(device), pool.to(device))
-    return {"inception_score": adm.inception_score(logits.double().numpy()),
-            "fid": adm.frechet_distance(adm.Statistics.of(pool.double().numpy()), reference["pool"]),
-            "sfid": adm.frechet_distance(adm.Statistics.of(spatial.double().numpy()), reference["spatial"]),
-            "precision": precision, "recall": recall}
+    metrics = {"inception_score": adm.inception_score(logits.double().numpy()),
+               "fid": adm.frechet_distance(adm.Statistics.of(pool.double().numpy()), reference["pool"])}
+    if reference["spatial"] is not None:
+        metrics["sfid"] = adm.frechet_distance(adm.Statistics.of(spatial.double().numpy()), reference["spatial"])
+    if reference["pool_features"] is not None:
+        metrics["precision"], metrics["recall"] = adm.precision_recall(reference["pool_features"].to(device),
+                                                                      pool.to(device))
+    return metrics
 
 
 def generate_batch(protocol: Protocol, model: Any, class_count: int, sampling: Any, env: Any,
@@ -201,7 +220,7 @@ def run(protocol: Protocol, *, env: Any, progress: Any, note: Callable[[str], No
                           "stored_statistics": reference["stored_statistics"]},
             "features": extractor.id, "resize": TF1_RESIZE,
             "metrics": "ADM's evaluator: FID and sFID (mixed_6/conv[..., :7]), IS over splits of 5000 in file "
-                       "order, precision/recall with k = 3 in pool space",
+                       "order, precision/recall with k = 3 in pool space (those the reference allows)",
         },
         "sampling": None if model is None else {
             "steps": sampling.steps[0], "guidance": sampling.guidance, "sampler": sampling.sampler,
