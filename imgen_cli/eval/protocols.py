@@ -155,27 +155,45 @@ def score(samples: adm.Batch, reference: dict[str, Any], extractor: adm.ADMIncep
     return metrics
 
 
-def generate_batch(protocol: Protocol, model: Any, class_count: int, sampling: Any, env: Any,
-                   advance: Callable[[int], None]) -> adm.Batch | None:
-    """The protocol's samples from a class-conditional run: classes drawn uniformly from the seed, generated in
-    imgen's seeded batches split across ranks; on rank 0 the whole batch in order, None elsewhere."""
-    from imgen_cli.eval.generative import generate
-    from imgen_cli.train.distributed import gather_objects
-
+def check_run(protocol: Protocol, model: Any, class_count: int) -> None:
+    """The run is one the protocol scores: its class count and image size."""
     if class_count != protocol.num_classes:
-        raise UserError(f"{protocol.name} scores a {protocol.num_classes}-class ImageNet model; this run has "
-                        f"{class_count} classes.")
+        raise UserError(f"{protocol.name} scores a {protocol.num_classes}-class model; this run has {class_count} "
+                        f"classes.")
     if model.image_size != protocol.image_size:
         raise UserError(f"{protocol.name} scores {protocol.image_size}x{protocol.image_size} images; this run makes "
                         f"{model.image_size}x{model.image_size}.")
-    labels = torch.randint(0, class_count, (protocol.samples,),
+
+
+def generate_batch(protocol: Protocol, model: Any, sampling: Any, env: Any, npz: Path,
+                   advance: Callable[[int], None]) -> adm.Batch | None:
+    """The protocol's samples from a class-conditional run, written to `npz` as ADM's batch: classes drawn uniformly
+    from the seed, generated in imgen's seeded batches split across ranks. Each rank writes its share beside `npz`
+    (50,000 images at 256 are 9.8 GB: no rank holds the others'), and rank 0 puts them in order; the whole batch on
+    rank 0, None elsewhere."""
+    import torch.distributed as dist
+
+    from imgen_cli.eval.generative import generate
+
+    labels = torch.randint(0, protocol.num_classes, (protocol.samples,),
                            generator=torch.Generator().manual_seed(sampling.seed)).tolist()
     indices, images, _ = generate(model, labels, sampling.steps[0], sampling, env, advance)
-    parts = gather_objects((indices, images.permute(0, 2, 3, 1).numpy()), env)
-    if not env.is_main:
-        return None
-    order = np.argsort(np.concatenate([np.asarray(i, dtype=np.int64) for i, _ in parts]))
-    return adm.Batch(np.concatenate([im for _, im in parts])[order], np.asarray(labels), None, None)
+    images = images.permute(0, 2, 3, 1).numpy()
+    if env.distributed:
+        np.savez(npz.with_name(f"{npz.stem}.part{env.rank}.npz"), indices=np.asarray(indices), images=images)
+        dist.barrier()
+        if not env.is_main:
+            return None
+        parts = [npz.with_name(f"{npz.stem}.part{rank}.npz") for rank in range(env.world_size)]
+        shares = [np.load(part) for part in parts]
+        indices = np.concatenate([share["indices"] for share in shares])
+        images = np.concatenate([share["images"] for share in shares])
+        for part in parts:
+            part.unlink()
+    order = np.argsort(np.asarray(indices, dtype=np.int64))
+    batch = adm.Batch(images[order], np.asarray(labels), None, None)
+    adm.write_batch(npz, batch.images, batch.labels)
+    return batch
 
 
 def run(protocol: Protocol, *, env: Any, progress: Any, note: Callable[[str], None], inception_weights: str | None,
@@ -184,16 +202,19 @@ def run(protocol: Protocol, *, env: Any, progress: Any, note: Callable[[str], No
     """`imgen eval --protocol NAME`: generate (with a model) and write the batch to `npz`, or read it from `npz`,
     then score it against the reference; the report on rank 0 (None on the others)."""
     started = time.time()
-    reference_file = reference_path(protocol, ref)
-    if not reference_file.is_file():
-        raise UserError(f"--ref {reference_file} does not exist.")
     if model is not None:
+        check_run(protocol, model, class_count)
+    reference_file = None
+    if env.is_main:  # before the samples: a reference that cannot be had is said at once
+        reference_file = reference_path(protocol, ref)
+        if not reference_file.is_file():
+            raise UserError(f"--ref {reference_file} does not exist.")
+    if model is not None:
+        npz = npz or Path(f"samples_{protocol.samples}x{protocol.image_size}x{protocol.image_size}x3.npz")
         with progress(f"generate {protocol.samples}", protocol.samples) as advance:
-            samples = generate_batch(protocol, model, class_count, sampling, env, advance)
+            samples = generate_batch(protocol, model, sampling, env, npz, advance)
         if samples is None:
             return None
-        npz = npz or Path(f"samples_{protocol.samples}x{protocol.image_size}x{protocol.image_size}x3.npz")
-        adm.write_batch(npz, samples.images, samples.labels)
         note(f"samples: {npz}")
     elif not env.is_main:
         return None
