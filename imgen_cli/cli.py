@@ -459,7 +459,7 @@ def evaluate(
     inception_weights: Annotated[str | None, typer.Option("--inception-weights", help="torch-fidelity's InceptionV3 state dict, weights-inception-2015-12-05-6726825d.pth (read as tensors only) \\[default: the torch hub cache, downloaded there when missing].")] = None,
     clip_model: Annotated[str | None, typer.Option("--clip-model", help="imgen clip RUN | open_clip NAME:TAG (fetched into the Hugging Face cache the first time; HF_HUB_OFFLINE=1 reads only the cache) | NAME:/path/weights.pt \\[default: newest clip run].")] = None,
     n: Annotated[int | None, typer.Option("--n", min=1, help="Images to generate (or to reconstruct with --recon) \\[default: 1000].")] = None,
-    protocol: Annotated[str | None, typer.Option("--protocol", help="A paper's number, everything it depends on pinned and recorded: imagenet256-fid50k | imagenet512-fid50k (ADM's evaluator: FID-50K, IS, sFID, precision, recall) | cifar10-fid50k (EDM's training-set statistics: FID-50K, IS).")] = None,
+    protocol: Annotated[str | None, typer.Option("--protocol", help="A paper's number, everything it depends on pinned and recorded: imagenet256-fid50k | imagenet512-fid50k (ADM's evaluator: FID-50K, IS, sFID, precision, recall) | cifar10-fid50k (EDM's training-set statistics: FID-50K, IS) | coco30k (zero-shot COCO 2014 val FID-30K and CLIP score, with --data).")] = None,
     npz: Annotated[Path | None, typer.Option("--npz", help="With --protocol: an ADM sample batch (arr_0 uint8 NHWC) to score, or with --ckpt where to write the generated one \\[default: samples_NxHxWx3.npz].")] = None,
     ref: Annotated[str | None, typer.Option("--ref", help="With --protocol: the reference batch (ADM's .npz) \\[default: the protocol's, fetched once into the torch hub cache].")] = None,
     steps: SamplerSteps = None,
@@ -483,16 +483,25 @@ def evaluate(
     if offline:
         hub.set_offline()
     if protocol is not None:
-        given = [flag for flag, on in (("--fid", fid), ("--kid", kid), ("--clip-score", clip_score),
-                                       ("--r-precision", r_precision), ("--recon", recon), ("--images", images),
-                                       ("--n", n), ("--data", data), ("--features", features != "inception")) if on]
-        if given:
-            raise UserError(f"--protocol {protocol} pins what it measures and against what; drop {given[0]}.")
+        from imgen_cli.eval import protocols
         from imgen_cli.sample import Speed
 
+        on_captions = protocols.get(protocol).on_captions
+        given = [flag for flag, on in (("--fid", fid), ("--kid", kid), ("--clip-score", clip_score),
+                                       ("--r-precision", r_precision), ("--recon", recon), ("--images", images),
+                                       ("--n", n), ("--features", features != "inception"),
+                                       ("--data", data and not on_captions),
+                                       ("--clip-model", clip_model and not on_captions),
+                                       ("--npz", npz and on_captions), ("--ref", ref and on_captions)) if on]
+        if given:
+            raise UserError(f"--protocol {protocol} pins what it measures and against what; drop {given[0]}.")
+        if on_captions and not data:
+            raise UserError(f"--protocol {protocol} needs --data: the shards of its images and captions (COCO 2014 "
+                            f"val: imgen tokenize coco2014/ --size 256 --out coco2014, from val2014/ and "
+                            f"annotations/captions_val2014.json).")
         speed = Speed(cache_context=cache_context, bf16=bf16, compile=compile_model)
-        return _evaluate_protocol(protocol, ckpt, npz, ref, inception_weights, steps, guidance, sampler, batch_size,
-                                  seed, json_path, device, decoder, speed)
+        return _evaluate_protocol(protocol, ckpt, npz, ref, data, clip_model, inception_weights, steps, guidance,
+                                  sampler, batch_size, seed, json_path, device, decoder, speed)
     if npz is not None or ref is not None:
         raise UserError("--npz and --ref belong to --protocol (ADM's batches).")
     n = 1000 if n is None else n
@@ -545,8 +554,9 @@ def evaluate(
         out.print(f"plot: {path}", highlight=False)
 
 
-def _evaluate_protocol(name: str, ckpt: str | None, npz: Path | None, ref: str | None, inception_weights: str | None,
-                       steps: str | None, guidance: float | None, sampler: str | None, batch_size: int, seed: int,
+def _evaluate_protocol(name: str, ckpt: str | None, npz: Path | None, ref: str | None, data: str | None,
+                       clip_model: str | None, inception_weights: str | None, steps: str | None,
+                       guidance: float | None, sampler: str | None, batch_size: int, seed: int,
                        json_path: Path | None, device: str | None, decoder: str | None, speed: Any) -> None:
     """`imgen eval --protocol NAME`: a run's samples (or an ADM batch, --npz without --ckpt) scored as the protocol
     says (imgen_cli.eval.protocols)."""
@@ -566,24 +576,35 @@ def _evaluate_protocol(name: str, ckpt: str | None, npz: Path | None, ref: str |
         model, class_count, settings, subject = None, 0, None, str(npz)
         if ckpt is not None or npz is None:  # generate from a run (the newest without --ckpt); else score the file
             trained = _generator(ckpt, "evaluation", env.device, say=env.is_main, decoder=decoder)
-            if trained.class_names is None:
-                raise UserError(f"--protocol {name} scores a class-conditional ImageNet run; {trained.run.path} is "
-                                f"conditioned on text.")
+            if (trained.class_names is None) != chosen.on_captions:
+                raise UserError(f"--protocol {name} scores a {'text' if chosen.on_captions else 'class'}-conditional "
+                                f"run; {trained.run.path} is not one.")
             sampling.check(trained.model.generate, trained.family.name)
-            model, class_count = sampling.speed.prepare(trained.model), len(trained.class_names)
+            model, class_count = sampling.speed.prepare(trained.model), len(trained.class_names or [])
             subject = f"{trained.run.path} step {trained.checkpoint.step}"
             settings = {k: v for k, v in dataclasses.asdict(trained.config.model).items()
                         if k.startswith("guid") or k in ("schedule", "time_spacing", "learn_sigma", "prediction")}
         progress = _progress if env.is_main else _silent_progress
         note = (lambda m: err.print(m, highlight=False)) if env.is_main else (lambda m: None)
-        report = protocols.run(chosen, env=env, progress=progress, note=note, inception_weights=inception_weights,
-                               ref=ref, npz=npz, model=model, class_count=class_count, sampling=sampling,
-                               run_settings=settings)
+        if chosen.on_captions:
+            report = protocols.run_on_captions(chosen, env=env, progress=progress, note=note, data=data,
+                                               inception_weights=inception_weights, clip_model=clip_model,
+                                               model=model, sampling=sampling, run_settings=settings)
+        else:
+            report = protocols.run(chosen, env=env, progress=progress, note=note,
+                                   inception_weights=inception_weights, ref=ref, npz=npz, model=model,
+                                   class_count=class_count, sampling=sampling, run_settings=settings)
     finally:
         distributed.teardown()
-    if report is None:
+    if report is None or not env.is_main:
         return
     report["subject"] = subject
+    if chosen.on_captions:
+        _print_eval(report)
+        out.print(f"self-check: {report['self_check']}", highlight=False)
+        if json_path is not None:
+            json_path.write_text(json.dumps(report, indent=2) + "\n")
+        return
     names = {"fid": "FID", "inception_score": "Inception Score", "sfid": "sFID", "precision": "precision",
              "recall": "recall"}
     table = Table(title=f"{subject}: {name} ({report['pinned']['samples_scored']} samples vs "

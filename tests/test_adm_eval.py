@@ -238,3 +238,35 @@ def test_a_run_of_another_class_count_is_one_sentence_before_any_work(released, 
                                str(tmp_path / "s.npz")))
     assert "imagenet256-fid50k scores a 1000-class model; this run has 10 classes" in line
     assert not (tmp_path / "s.npz").exists()
+
+
+def test_a_caption_protocol_scores_a_seeded_subset_of_the_val_split(inception: Path, tmp_path: Path,
+                                                                     shapes_shards: Path, clip_run: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from conftest import train_tiny
+
+    from imgen_cli import registry
+    from imgen_cli.eval import protocols
+
+    run = train_tiny("bitdiff", shapes_shards, tmp_path / "bitdiff", steps=1)
+    size = registry.load_trained(str(run), "cpu").model.image_size
+    monkeypatch.setitem(protocols.PROTOCOLS, "tiny-coco", protocols.Protocol(
+        "tiny-coco", 6, size, 0, "", "none", clip_model=str(clip_run)))
+    args = ["--protocol", "tiny-coco", "--ckpt", str(run), "--data", str(shapes_shards), "--steps", "2",
+            "--batch-size", "4", "--inception-weights", str(inception), "--json", str(tmp_path / "r.json")]
+    result = run_eval(*args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["protocol"] == "tiny-coco" and report["real_images"] == 6 and report["rows"][0]["images"] == 6
+    assert report["settings"]["subset"] == 6 and "fid" in report["rows"][0] and "clip_score" in report["rows"][0]
+    assert "6 val images" in report["pinned"]["captions"] and report["clip_model"].startswith("imgen-clip:")
+    caches = list((shapes_shards / ".imgen-cache").glob("reference-*subset*.pt"))
+    assert caches  # the subset's reference features are cached apart from the whole split's
+    assert run_eval(*args).exit_code == 0
+    assert json.loads((tmp_path / "r.json").read_text())["rows"][0]["fid"] == report["rows"][0]["fid"]
+    from conftest import error_line
+
+    assert "needs --data" in error_line(run_eval("--protocol", "coco30k", "--ckpt", str(run)))
+    assert "drop --npz" in error_line(run_eval("--protocol", "coco30k", "--data", str(shapes_shards), "--npz", "x"))

@@ -120,7 +120,7 @@ def test_a_source_with_nothing_usable_leaves_out_as_it_was(shapes_shards: Path, 
     src.mkdir()
     (src / "train-000000.tar").write_bytes((shapes_shards / "train-000000.tar").read_bytes()[:700])
     output = fails_in_one_sentence(tokenize_cli(src, out, "--size", "16"))
-    assert "no usable training images (1 corrupt skipped)" in output
+    assert "no usable images (1 corrupt skipped)" in output
     assert snapshot(out) == before
 
 

@@ -48,6 +48,19 @@ def test_tokenize_synth_manifest_and_samples(shapes_coco: Path, shapes_shards: P
         assert np.array_equal(np.asarray(image), np.asarray(source))  # same size: pixels pass through untouched
 
 
+def test_tokenize_reads_the_coco_2014_layout(shapes_coco: Path, tmp_path: Path) -> None:
+    """COCO 2014 val (the zero-shot FID-30K set): val2014/ and annotations/captions_val2014.json only."""
+    import shutil
+
+    coco = tmp_path / "coco2014"
+    (coco / "annotations").mkdir(parents=True)
+    shutil.copytree(shapes_coco / "val2017", coco / "val2014")
+    shutil.copy(shapes_coco / "annotations" / "captions_val2017.json", coco / "annotations" / "captions_val2014.json")
+    manifest = tokenize(str(coco), tmp_path / "shards", size=16, shard_size=100)
+    assert manifest["source"]["kind"] == "coco" and manifest["splits"]["val"]["count"] == 16
+    assert manifest["splits"]["train"]["count"] == 0
+
+
 def test_tokenize_is_reproducible_across_workers(shapes_coco: Path, tmp_path: Path) -> None:
     tokenize(shapes_coco, tmp_path / "a", size=12, shard_size=30, workers=1)
     tokenize(shapes_coco, tmp_path / "b", size=12, shard_size=30, workers=2)

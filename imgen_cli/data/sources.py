@@ -72,23 +72,31 @@ def hash_split(name: str, val_fraction: float) -> str:
     return "val" if zlib.crc32(name.encode()) % 10_000 < val_fraction * 10_000 else "train"
 
 
-# --- COCO 2017 captions layout ------------------------------------------------------------------------
+# --- COCO captions layout (2017, or 2014: the val set of the zero-shot FID-30K protocol) -------------------------
+
+COCO_YEARS = ("2017", "2014")
+
+
+def _coco_year(path: Path) -> str | None:
+    return next((year for year in COCO_YEARS for s in ("train", "val")
+                 if (path / "annotations" / f"captions_{s}{year}.json").is_file()), None)
 
 
 def _is_coco(path: Path) -> bool:
-    return any((path / "annotations" / f"captions_{s}2017.json").is_file() for s in ("train", "val"))
+    return _coco_year(path) is not None
 
 
 def _read_coco(path: Path) -> Source:
+    year = _coco_year(path)
     items: list[SourceItem] = []
     for split in ("train", "val"):
-        ann_path = path / "annotations" / f"captions_{split}2017.json"
+        ann_path = path / "annotations" / f"captions_{split}{year}.json"
         if ann_path.is_file():
-            items += _coco_split(path, split, ann_path)
+            items += _coco_split(path, split, ann_path, year)
     return Source("coco", path, iter(items), len(items))
 
 
-def _coco_split(path: Path, split: str, ann_path: Path) -> list[SourceItem]:
+def _coco_split(path: Path, split: str, ann_path: Path, year: str) -> list[SourceItem]:
     try:
         ann = json.loads(ann_path.read_text())
         captions: dict[int, list[str]] = {}
@@ -96,7 +104,7 @@ def _coco_split(path: Path, split: str, ann_path: Path) -> list[SourceItem]:
             captions.setdefault(a["image_id"], []).append(a["caption"])
         items = []
         for img in sorted(ann["images"], key=lambda i: i["id"]):
-            file = path / f"{split}2017" / img["file_name"]
+            file = path / f"{split}{year}" / img["file_name"]
             caps = _clean_captions(captions.get(img["id"], []))
             skip = None if caps else "no_caption"
             if skip is None and not file.is_file():

@@ -311,8 +311,8 @@ def _write_shards(source: Source, staging: Path, *, size: int, workers: int, sha
         for w in writers.values():
             w.close()
 
-    if not writers["train"].sizes:
-        raise UserError(f"{source.path} gave no usable training images ({_skip_text(skipped)}).")
+    if not any(w.sizes for w in writers.values()):  # a val split alone is an evaluation set (COCO 2014 val)
+        raise UserError(f"{source.path} gave no usable images ({_skip_text(skipped)}).")
     sizes = {name: n for w in writers.values() for name, n in w.sizes.items()}
     manifest = {
         "format": shard_format.FORMAT,

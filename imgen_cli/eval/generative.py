@@ -60,6 +60,9 @@ class EvalRequest:
     inception_weights: str | None = None
     clip_model: str | None = None  # imgen clip run | NAME:TAG | NAME:FILE; None = newest clip run
     n: int = 1000  # generated images per step count
+    # > 0: this many val images drawn at random (seed) are the reference, and their captions the prompts, one image
+    # each (the zero-shot FID-30K protocol); 0 = the whole val split, captions cycled to n
+    subset: int = 0
     r: int = 10
     kid_subset_size: int = 1000
     # the generation's step counts, options, seed and speed; its batch size and seed also batch the scoring and
@@ -73,6 +76,8 @@ class EvalRequest:
             raise UserError(f"--features must be inception or clip, got {self.features!r}.")
         if self.r < 2:
             raise UserError(f"R-precision needs R >= 2 captions to choose from, got --r {self.r}.")
+        if self.subset and self.subset != self.n:
+            raise ValueError("a subset evaluation generates one image per chosen val image")
 
     @property
     def uses_clip(self) -> bool:
@@ -85,6 +90,7 @@ class EvalRequest:
         return {"fid": self.fid, "kid": self.kid, "clip_score": self.clip_score, "r_precision": self.r_precision,
                 "features": self.features, "inception_weights": self.inception_weights, "n": self.n,
                 "batch_size": s.batch_size, "steps": list(s.steps), "guidance": s.guidance, "seed": s.seed,
+                "subset": self.subset,
                 "r": self.r, "kid_subset_size": self.kid_subset_size,
                 "options": {k: v for k, v in (("truncation", s.truncation), ("sampler", s.sampler)) if v is not None},
                 "speed": asdict(s.speed)}
@@ -327,9 +333,17 @@ def evaluate(req: EvalRequest, shards_spec: str, env: DistEnv, progress: Progres
     started = time.time()
     device = env.device
     shards = shard_io.open_shards(shards_spec, "val")
+    chosen = None  # the val images of a subset evaluation (global indices)
     if class_names is None:
         captions = shard_io.read_captions(shards)
         prompts = folder.prompts if folder is not None else [captions[i % len(captions)] for i in range(req.n)]
+        if req.subset:
+            if req.subset > len(captions):
+                raise UserError(f"the protocol draws {req.subset} val images, but the val split of {shards_spec} has "
+                                f"{len(captions)}.")
+            seeded = torch.Generator().manual_seed(req.sampling.seed)
+            chosen = sorted(torch.randperm(len(captions), generator=seeded)[:req.subset].tolist())
+            prompts = [captions[i] for i in chosen]
         conditions = prompts
     else:  # classes drawn uniformly, as the ImageNet protocols draw them; CLIP reads the class names
         labels = shard_io.read_labels(shards)
@@ -353,13 +367,13 @@ def evaluate(req: EvalRequest, shards_spec: str, env: DistEnv, progress: Progres
     if model is not None and math.ceil(len(prompts) / batch_size) < env.world_size:
         raise UserError(f"--n {len(prompts)} in batches of {batch_size} gives some of the {env.world_size} ranks "
                         f"no batch; raise --n or lower --batch-size.")
-    metrics = Metrics(req, extractor, clip, len(captions), len(prompts), device)
+    metrics = Metrics(req, extractor, clip, len(chosen) if chosen else len(captions), len(prompts), device)
     rprec = RPrecision(clip, captions, req.r, req.sampling.seed, batch_size) if req.r_precision else None
 
     def real_texts(raw: dict[str, Any]) -> list[str]:
         return raw["caption"] if class_names is None else [class_names[y] for y in raw["label"].tolist()]
 
-    real = _score_real(req, shards, env, progress, note, metrics, extractor, rprec, clip, real_texts)
+    real = _score_real(req, shards, env, progress, note, metrics, extractor, rprec, clip, real_texts, chosen)
     rows = []
     for steps in (req.sampling.steps if model is not None else [None]):
         label = f"generate ({steps} steps)" if steps else "generate" if model is not None else "score images"
@@ -389,7 +403,7 @@ def evaluate(req: EvalRequest, shards_spec: str, env: DistEnv, progress: Progres
 
     return {
         "evaluated": "images" if folder is not None else "run",
-        "data": shards_spec, "split": "val", "real_images": len(captions),
+        "data": shards_spec, "split": "val", "real_images": len(chosen) if chosen else len(captions),
         "conditions": "captions" if class_names is None else "classes drawn uniformly",
         "feature_extractor": extractor.id if extractor is not None else None,
         "clip_model": clip.id if clip is not None else None,
@@ -402,11 +416,14 @@ def evaluate(req: EvalRequest, shards_spec: str, env: DistEnv, progress: Progres
 def _score_real(req: EvalRequest, shards: shard_io.ShardSet, env: DistEnv, progress: Progress,
                 note: Callable[[str], None], metrics: Metrics, extractor: nn.Module | None,
                 rprec: RPrecision | None, clip: feats.OpenClipModel | None,
-                texts: Callable[[dict[str, Any]], list[str]]) -> dict[str, Any]:
-    """One pass over the real val images: FID/KID reference (unless cached), the real R-precision ceiling
-    and the real CLIP score (of each image against `texts` of its batch: its caption, or its class name)."""
-    cache = _reference_cache(shards, extractor.id) if extractor is not None else None
-    cached = _read_reference_cache(cache, extractor.id, note) if cache is not None else None
+                texts: Callable[[dict[str, Any]], list[str]], chosen: list[int] | None = None) -> dict[str, Any]:
+    """One pass over the real val images (only the `chosen` ones, where given): FID/KID reference (unless cached),
+    the real R-precision ceiling and the real CLIP score (of each image against `texts` of its batch: its caption,
+    or its class name)."""
+    identity = None if extractor is None else extractor.id if chosen is None else \
+        f"subset-{hashlib.sha1(json.dumps(chosen).encode()).hexdigest()[:12]}:{extractor.id}"
+    cache = _reference_cache(shards, identity) if extractor is not None else None
+    cached = _read_reference_cache(cache, identity, note) if cache is not None else None
     if cached is not None:
         note(f"reference features from {cache}")
         # each rank feeds a share: the synced sums are the whole reference's, and no rank's KID list is empty
@@ -415,23 +432,31 @@ def _score_real(req: EvalRequest, shards: shard_io.ShardSet, env: DistEnv, progr
     real: dict[str, Any] = {}
     if not needs_pass:
         return real
-    local_features, hits, count = [], 0, 0
+    local_features, hits, count, scored = [], 0, 0, 0
     real_clip_score = clip_score_metric(clip).to(env.device) if req.clip_score else None
     with progress("real val images", shards.count or 0) as advance:
+        keep = None if chosen is None else set(chosen)
         for raw in shard_io.exact_loader(shards, req.sampling.batch_size, rank=env.rank, world_size=env.world_size):
             images = shard_io.to_device(raw, env.device)["image"]
+            global_index = [env.rank + (count + i) * env.world_size for i in range(len(images))]
+            count += len(images)
+            advance(len(images))
+            if keep is not None:  # a subset evaluation: the chosen images of this batch only
+                inside = [i for i, g in enumerate(global_index) if g in keep]
+                if not inside:
+                    continue
+                raw = {k: [v[i] for i in inside] if isinstance(v, list) else v[inside] for k, v in raw.items()}
+                images, global_index = images[inside], [global_index[i] for i in inside]
             with torch.no_grad():
                 if extractor is not None and cached is None:
                     local_features.append(extractor(images).float())
                     metrics.update_real(local_features[-1])
                 if rprec is not None:
-                    global_index = [env.rank + (count + i) * env.world_size for i in range(len(images))]
                     hits += int(rprec.hits(images, texts(raw), global_index).sum())
                 if real_clip_score is not None:
                     real_clip_score.update(images, texts(raw))
-            count += len(images)
-            advance(len(images))
-    total = _sum(count, env)
+            scored += len(images)
+    total = _sum(scored, env)
     if rprec is not None:
         real["r_precision"] = _sum(hits, env) / total
     if real_clip_score is not None:
@@ -442,7 +467,7 @@ def _score_real(req: EvalRequest, shards: shard_io.ShardSet, env: DistEnv, progr
             try:
                 cache.parent.mkdir(exist_ok=True)
                 tmp = cache.with_suffix(".tmp")
-                torch.save({"extractor": extractor.id,
+                torch.save({"extractor": identity,
                             "features": torch.cat([g for g in gathered if g is not None])}, tmp)
                 tmp.replace(cache)
                 note(f"reference features cached in {cache}")

@@ -36,9 +36,14 @@ class Protocol:
     name: str
     samples: int
     image_size: int
-    num_classes: int
-    reference: str  # the reference batch: a URL (fetched once into the cache) or a local file
+    num_classes: int  # 0: a text-to-image protocol (captions of --data's val split)
+    reference: str  # ADM's protocols: the reference batch, a URL (fetched once into the cache) or a local file
     self_check: str  # what a correct setup reproduces, from a published value where one exists
+    clip_model: str = ""  # a text protocol's CLIP for the CLIP score (--clip-model may name another)
+
+    @property
+    def on_captions(self) -> bool:
+        return self.num_classes == 0
 
 
 PROTOCOLS = {
@@ -52,6 +57,14 @@ PROTOCOLS = {
         "DiT-XL/2 cfg 1.5: FID 3.04, IS 240.82 (DiT's README); DiffiT: FID 2.67, IS 252.13"),
     # EDM's protocol, which DiffiT's and Bit Diffusion's CIFAR-10 numbers follow: 50,000 samples against the
     # statistics of the 50,000 training images (the file holds no images: no sFID, precision or recall)
+    # zero-shot COCO: 30,000 images drawn from COCO 2014 val (the seed), one caption each (the first of its five),
+    # generated at 256 and compared with those 30,000 images; CLIP score with OpenAI's ViT-L/14 (imgen's choice: the
+    # papers do not all say which CLIP they used)
+    "coco30k": Protocol(
+        "coco30k", 30_000, 256, 0, "",
+        "Muse-3B: FID-30K 7.88, CLIP score 0.32 (a cosine; imgen reports 100 x cosine); VQ-Diffusion-F 13.86, "
+        "Improved VQ-Diffusion 8.44. The real images' own CLIP score is in the report as the ceiling",
+        clip_model="ViT-L-14:openai"),
     "cifar10-fid50k": Protocol(
         "cifar10-fid50k", 50_000, 32, 10, f"{EDM_REFERENCES}/cifar10-32x32.npz",
         "class-conditional: EDM (VP) FID 1.79, DiffiT 1.95, Bit Diffusion 2.72 (its own reproduction of a "
@@ -194,6 +207,29 @@ def generate_batch(protocol: Protocol, model: Any, sampling: Any, env: Any, npz:
     batch = adm.Batch(images[order], np.asarray(labels), None, None)
     adm.write_batch(npz, batch.images, batch.labels)
     return batch
+
+
+def run_on_captions(protocol: Protocol, *, env: Any, progress: Any, note: Callable[[str], None], data: str,
+                    inception_weights: str | None, clip_model: str | None, model: Any, sampling: Any,
+                    run_settings: dict[str, Any] | None) -> dict[str, Any]:
+    """A text-to-image protocol (coco30k): `imgen eval --fid --clip-score`'s evaluation of `protocol.samples` images
+    for the captions of as many val images of `data`, drawn from the seed, against those images."""
+    from imgen_cli.eval.generative import EvalRequest, evaluate
+
+    if model.image_size != protocol.image_size:
+        raise UserError(f"{protocol.name} scores {protocol.image_size}x{protocol.image_size} images; this run makes "
+                        f"{model.image_size}x{model.image_size}.")
+    request = EvalRequest(fid=True, clip_score=True, inception_weights=inception_weights,
+                          clip_model=clip_model or protocol.clip_model, n=protocol.samples, subset=protocol.samples,
+                          sampling=sampling)
+    report = evaluate(request, data, env, progress, note, model=model)
+    report |= {"protocol": protocol.name, "self_check": protocol.self_check, "pinned": {
+        "samples": protocol.samples, "image_size": protocol.image_size,
+        "captions": f"the first caption of each of {protocol.samples} val images of {data}, drawn with seed "
+                    f"{sampling.seed}; those images are the reference",
+        "features": report["feature_extractor"], "resize": TF1_RESIZE, "clip_model": report["clip_model"]},
+        "sampling_defaults": run_settings}
+    return report
 
 
 def run(protocol: Protocol, *, env: Any, progress: Any, note: Callable[[str], None], inception_weights: str | None,
