@@ -421,8 +421,10 @@ def _fid(ema_model: nn.Module, cfg: RunConfig, run: RunDir, env: DistEnv) -> flo
         yield lambda advance: None
 
     with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
+        # a class-conditional run's names are in its config.json (`imgen train` writes it before training)
+        class_names = run.read_config().get("classes") if run.exists() else None
         report = evaluate(request, cfg.data.shards, env, silent, lambda message: None, model=ema_model,
-                          class_names=run.read_config().get("classes"))
+                          class_names=class_names)
     return report["rows"][0]["fid"]
 
 
