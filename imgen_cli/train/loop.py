@@ -202,7 +202,8 @@ def train(cfg: RunConfig, run: RunDir, env: DistEnv, console: Console,
     monitor.begin_at(step)
     val_shards = _val_shards(cfg, monitor.note)
     if cfg.train.eval_every and val_shards is not None:
-        _check_fid_features(cfg, device)  # a missing network is one sentence now, not after the first eval_every steps
+        with _rng_kept(env):  # loading a CLIP model initialises its layers from the training RNG first
+            _check_fid_features(cfg, device)  # a missing network is one sentence now, not after eval_every steps
 
     preview_batch = next(iter(shard_io.exact_loader(val_shards or train_shards, 8)))
     remaining = cfg.train.steps - step
@@ -420,12 +421,23 @@ def _fid(ema_model: nn.Module, cfg: RunConfig, run: RunDir, env: DistEnv) -> flo
     def silent(label: str, total: int) -> Iterator[Callable[[int], None]]:
         yield lambda advance: None
 
-    with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
+    with _rng_kept(env):
         # a class-conditional run's names are in its config.json (`imgen train` writes it before training)
         class_names = run.read_config().get("classes") if run.exists() else None
         report = evaluate(request, cfg.data.shards, env, silent, lambda message: None, model=ema_model,
                           class_names=class_names)
     return report["rows"][0]["fid"]
+
+
+@contextlib.contextmanager
+def _rng_kept(env: DistEnv) -> Iterator[None]:
+    """Every random state a training step or its data stream reads (torch's, and Python's and numpy's, which a
+    loader without workers shuffles with in this process) as it was before the block."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
+        yield
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
 
 
 def _save_grid(ema_model: nn.Module, batch: dict[str, Any], run: RunDir, step: int, env: DistEnv,
