@@ -209,7 +209,7 @@ def test_a_reference_of_statistics_only_gives_fid_and_is(inception: Path, tmp_pa
 
 @pytest.mark.parametrize("args, message", [
     (["--protocol", "nosuch"], "unknown --protocol 'nosuch'; choose one of imagenet256-fid50k, imagenet512-fid50k, "
-                               "cifar10-fid50k"),
+                               "coco30k, cifar10-fid50k."),
     (["--protocol", "imagenet256-fid50k", "--fid"], "pins what it measures and against what; drop --fid"),
     (["--protocol", "imagenet256-fid50k", "--n", "100"], "drop --n"),
     (["--npz", "x.npz"], "--npz and --ref belong to --protocol"),
