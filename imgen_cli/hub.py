@@ -165,9 +165,14 @@ def file_hashes(path: Path) -> dict[str, str]:
     """The SHA-256 of each file of a model folder that the model is made of (weights, configs, vocabularies), by
     its path in the folder (a weights file: its own, by its name)."""
     if path.is_file():
-        return {path.name: _sha256_of(path.resolve(), path.stat().st_size, path.stat().st_mtime_ns)}
+        return {path.name: sha256_of(path)}
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(RECORDED))
-    return {str(p.relative_to(path)): _sha256_of(p.resolve(), p.stat().st_size, p.stat().st_mtime_ns) for p in files}
+    return {str(p.relative_to(path)): sha256_of(p) for p in files}
+
+
+def sha256_of(path: Path) -> str:
+    """A file's SHA-256 (hex), computed once per version of the file."""
+    return _sha256_of(path.resolve(), path.stat().st_size, path.stat().st_mtime_ns)
 
 
 def folder_digest(path: Path) -> str:

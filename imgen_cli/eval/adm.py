@@ -17,8 +17,6 @@ also hold its statistics (`mu`, `sigma`, `mu_s`, `sigma_s`), which are used inst
 
 from __future__ import annotations
 
-import hashlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from imgen_cli import pretrained
 from imgen_cli.errors import UserError
+from imgen_cli.eval import features as feats
 
 SPATIAL_CHANNELS = 7  # ADM slices mixed_6/conv to its first 7 channels
 SPLIT_SIZE = 5000  # ADM's Inception Score split
@@ -42,19 +40,10 @@ class ADMInception(nn.Module):
         super().__init__()
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-        state = pretrained.load_state_dict(weights, "the InceptionV3 weights file")
-        copy = io.BytesIO()  # torch-fidelity unpickles the file it is given: it gets the tensors loaded safely above
-        torch.save(state, copy)
-        copy.seek(0)
-        try:
-            self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                                   feature_extractor_weights_path=copy)
-        except RuntimeError as err:
-            detail = " ".join(str(err).split("\n", 1)[-1].split())[:200]
-            raise UserError(f"{weights} is not torch-fidelity's InceptionV3 state dict ({detail}).") from None
+        self.net = feats.fidelity_inception(FeatureExtractorInceptionV3, weights, ["2048", "logits_unbiased"])
         self._spatial: list[Tensor] = []
         self.net.Mixed_6d.branch1x1.register_forward_hook(lambda module, inputs, output: self._spatial.append(output))
-        self.id = f"adm-inception:{weights.name}:sha256={_digest(state)}"
+        self.id = f"adm-inception:{weights.name}:sha256={feats.weights_digest(self.net)}"
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -62,14 +51,6 @@ class ADMInception(nn.Module):
         pool, logits = self.net(images)
         spatial = self._spatial.pop()[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(len(images), -1)
         return pool.reshape(len(images), -1).float(), spatial.float(), logits.float()
-
-
-def _digest(state: dict[str, Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in state.items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()[:12]
 
 
 # --- the metrics -----------------------------------------------------------------------------------------------------
@@ -178,11 +159,3 @@ def write_batch(path: Path, images: np.ndarray, labels: np.ndarray | None = None
     """ADM's sample batch: `samples_{N}x{H}x{W}x3.npz` by convention, arr_0 uint8 NHWC and arr_1 the labels."""
     arrays = {"arr_0": images.astype(np.uint8)} | ({} if labels is None else {"arr_1": np.asarray(labels)})
     np.savez(path, **arrays)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -74,6 +74,23 @@ def weights_digest(module: nn.Module) -> str:
     return digest.hexdigest()[:12]
 
 
+def fidelity_inception(cls: type, weights: Path, features_list: list[str], **options: Any) -> nn.Module:
+    """torch-fidelity's InceptionV3 (`cls`: its extractor, or torchmetrics' subclass) with the weights of `weights`,
+    giving `features_list`. torch-fidelity's constructor unpickles the weights file it is given with
+    weights_only=False (it would run a crafted file's code), and there is no constructor without weights: it gets an
+    in-memory copy of the tensors, loaded safely first."""
+    state = pretrained.load_state_dict(weights, "the InceptionV3 weights file")
+    copy = io.BytesIO()
+    torch.save(state, copy)
+    copy.seek(0)
+    try:
+        return cls(name="inception-v3-compat", features_list=features_list, feature_extractor_weights_path=copy,
+                   **options)
+    except RuntimeError as err:  # load_state_dict: missing, unexpected or misshapen tensors
+        detail = " ".join(str(err).split("\n", 1)[-1].split())[:200]
+        raise UserError(f"{weights} is not torch-fidelity's InceptionV3 state dict ({detail}).") from None
+
+
 class InceptionFeatures(nn.Module):
     """torch-fidelity's InceptionV3 pool features (2048-d), resized the TF1 way (`antialias=False`), so
     scores are comparable with published FIDs."""
@@ -82,19 +99,7 @@ class InceptionFeatures(nn.Module):
         super().__init__()
         from torchmetrics.image.fid import NoTrainInceptionV3
 
-        state = pretrained.load_state_dict(weights, "the InceptionV3 weights file")
-        # torch-fidelity's constructor unpickles the weights file it is given with weights_only=False (it would
-        # run a crafted file's code), and there is no constructor without weights: it gets an in-memory copy of
-        # the tensors loaded safely above
-        copy = io.BytesIO()
-        torch.save(state, copy)
-        copy.seek(0)
-        try:
-            self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                          feature_extractor_weights_path=copy, antialias=False)
-        except RuntimeError as err:  # load_state_dict: missing, unexpected or misshapen tensors
-            detail = " ".join(str(err).split("\n", 1)[-1].split())[:200]
-            raise UserError(f"{weights} is not torch-fidelity's InceptionV3 state dict ({detail}).") from None
+        self.net = fidelity_inception(NoTrainInceptionV3, weights, ["2048"], antialias=False)
         self.num_features = 2048
         self.id = f"inception-v3-compat:{weights.name}:sha256={weights_digest(self.net)}:antialias=False"
 

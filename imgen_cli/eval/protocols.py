@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from imgen_cli import hub
 from imgen_cli.errors import UserError
 from imgen_cli.eval import adm
 from imgen_cli.eval import features as feats
@@ -81,8 +82,6 @@ def get(name: str) -> Protocol:
 def reference_path(protocol: Protocol, given: str | None) -> Path:
     """The reference batch: --ref FILE, else the protocol's, fetched once into the torch hub cache (as the Inception
     weights are) unless downloads are off."""
-    from imgen_cli import hub
-
     if given:
         return Path(given).expanduser()
     if not protocol.reference.startswith("https://"):
@@ -260,7 +259,7 @@ def run(protocol: Protocol, *, env: Any, progress: Any, note: Callable[[str], No
             note(f"note: {npz} holds {len(samples.images)} images; {protocol.name} is defined on {protocol.samples}")
     device, batch_size = env.device, 100
     extractor = adm.ADMInception(feats.inception_weights_path(inception_weights)).to(device).eval()
-    digest = adm.file_sha256(reference_file)
+    digest = hub.sha256_of(reference_file)
     with progress("reference features", 1) as advance:
         reference = reference_features(reference_file, digest, extractor, device, batch_size, note)
         advance(1)
