@@ -118,6 +118,26 @@ def fetch(name: HubName, what: str, only: str | None = None) -> Path:
     return path
 
 
+def download_once(url: str, cached: Path, what: str, hint: str, hash_prefix: str | None = None) -> Path:
+    """A file that lives outside the Hugging Face hub (FID's Inception weights, ADM's reference batches): `cached`
+    when it is there, else fetched from `url` into it, once, unless downloads are off. torch's own downloader,
+    as torchvision and torch-fidelity fetch these files; `hint` says how to supply the file by hand."""
+    if cached.is_file():
+        return cached
+    if offline():
+        raise UserError(f"there is no cached copy of {what} ({cached}), and downloads are off (HF_HUB_OFFLINE=1 or "
+                        f"--offline).", hint=hint)
+    import torch
+
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, str(cached), hash_prefix=hash_prefix)
+    except (OSError, RuntimeError) as err:  # no connection (URLError is an OSError), or a hash mismatch
+        raise UserError(f"{what} could not be downloaded from {url} ({str(err).splitlines()[0][:160]}).",
+                        hint=hint) from None
+    return cached
+
+
 def local_path(name: str, what: str) -> Path:
     """Where the weights `name` (a hub name, or a local directory or file) are on this machine."""
     if is_hub_name(name):

@@ -227,7 +227,7 @@ def test_a_missing_reference_offline_is_one_sentence(tmp_path: Path, monkeypatch
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     write_batch(tmp_path / "s.npz", np.zeros((2, 8, 8, 3), dtype=np.uint8))
     line = error_line(run_eval("--protocol", "imagenet512-fid50k", "--npz", str(tmp_path / "s.npz")))
-    assert "the reference batch of imagenet512-fid50k is not in the cache" in line and "HF_HUB_OFFLINE=1" in line
+    assert "no cached copy of the reference batch of imagenet512-fid50k" in line and "HF_HUB_OFFLINE=1" in line
 
 
 def test_a_run_of_another_class_count_is_one_sentence_before_any_work(released, tmp_path: Path) -> None:

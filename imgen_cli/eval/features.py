@@ -46,22 +46,10 @@ def inception_weights_path(given: str | None) -> Path:
         if not path.is_file():
             raise UserError(f"--inception-weights {given} does not exist.")
         return path
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
-    if cached.is_file():
-        return cached
-    if hub.offline():
-        raise UserError(f"the standard FID InceptionV3 weights are not in the torch hub cache ({cached}), and "
-                        f"downloads are off (HF_HUB_OFFLINE=1 or --offline).",
-                        hint=f"Run once online, copy {INCEPTION_WEIGHTS} there, pass --inception-weights PATH, "
-                             "or use --features clip.")
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        torch.hub.download_url_to_file(INCEPTION_URL, str(cached), hash_prefix="6726825d")
-    except (OSError, RuntimeError) as err:  # no connection (URLError is an OSError), or a hash mismatch
-        raise UserError(f"the standard FID InceptionV3 weights could not be downloaded from {INCEPTION_URL} "
-                        f"({str(err).splitlines()[0][:160]}).",
-                        hint="Pass --inception-weights PATH, or use --features clip.") from None
-    return cached
+    return hub.download_once(INCEPTION_URL, Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS,
+                             "the standard FID InceptionV3 weights", hash_prefix="6726825d",
+                             hint=f"Run once online, copy {INCEPTION_WEIGHTS} into the torch hub's checkpoints "
+                                  "folder, pass --inception-weights PATH, or use --features clip.")
 
 
 def weights_digest(module: nn.Module) -> str:

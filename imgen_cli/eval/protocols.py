@@ -86,20 +86,10 @@ def reference_path(protocol: Protocol, given: str | None) -> Path:
         return Path(given).expanduser()
     if not protocol.reference.startswith("https://"):
         return Path(protocol.reference)
-    cached = Path(torch.hub.get_dir()) / "imgen-adm" / protocol.reference.rsplit("/", 1)[1]
-    if cached.is_file():
-        return cached
-    if hub.offline():
-        raise UserError(f"the reference batch of {protocol.name} is not in the cache ({cached}), and downloads are "
-                        f"off (HF_HUB_OFFLINE=1 or --offline).",
-                        hint=f"Fetch {protocol.reference} and pass --ref FILE.")
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        torch.hub.download_url_to_file(protocol.reference, str(cached))
-    except (OSError, RuntimeError) as err:
-        raise UserError(f"the reference batch of {protocol.name} could not be downloaded from {protocol.reference} "
-                        f"({str(err).splitlines()[0][:160]}).", hint="Fetch it and pass --ref FILE.") from None
-    return cached
+    return hub.download_once(protocol.reference,
+                             Path(torch.hub.get_dir()) / "imgen-adm" / protocol.reference.rsplit("/", 1)[1],
+                             f"the reference batch of {protocol.name}",
+                             hint=f"Fetch {protocol.reference} and pass --ref FILE.")
 
 
 def features(images: np.ndarray, extractor: adm.ADMInception, device: torch.device,
