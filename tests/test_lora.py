@@ -123,7 +123,8 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_ones_weights(base: Path
     train_keys = {"batch_size": 4, "warmup_steps": 0, "log_every": 1, "ckpt_every": 100, "sample_every": 100,
                   "lr": 1e-2, "init": str(base / "checkpoints" / "step-000002") if init else "", "lora": rank}
     data = {"num_workers": 0, "shuffle_buffer": 8}
-    if prior:
+    if prior:  # a batch of 8 is more than the 6 images; the 4 of it they supply are not
+        train_keys["batch_size"] = 8
         data |= {"shards": str(few_images), "prior": str(shapes_shards), "prior_share": 0.5}
     recipe = {"model": saved["model"],  # the base's network, as --init gives it
               "train": train_keys, "data": data}
@@ -139,7 +140,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_ones_weights(base: Path
     seen: list[list[str]] = []
     parts = RunDir(tmp_path / "parts")
     assert train(cfg, parts, ENV, QUIET, on_step=lambda info: seen.append(info.keys) or preempt(info)).stopped_early
-    assert all(len(keys) == 4 for keys in seen)  # 2 of the data and 2 of the prior, with a prior
+    assert all(len(keys) == (8 if prior else 4) for keys in seen)  # 4 of the data and 4 of the prior, with one
     train(cfg, parts, ENV, QUIET)
     a, b = (r.latest_checkpoint() for r in (whole, parts))
     assert a.step == b.step == 4
@@ -148,8 +149,12 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_ones_weights(base: Path
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), ema
 
 
-def test_lora_mistakes_are_one_sentence(base: Path, lora_run: Path, shapes_shards: Path, tmp_path: Path) -> None:
+def test_lora_mistakes_are_one_sentence(base: Path, lora_run: Path, shapes_shards: Path, few_images: Path,
+                                        tmp_path: Path) -> None:
     cases = [
+        ([*lora_args(base, few_images, tmp_path / "d"), "--set", f"data.prior={shapes_shards}", "--set",
+          "data.prior_share=0.125"],
+         "train.batch_size 8 less its data.prior_share 0.125 (7 a step) is larger than the 6 training images"),
         (["train", "--model", "bitdiff", "--lora", "4", "--data", str(shapes_shards), "--out", str(tmp_path / "a")],
          "give its run with --init RUN"),
         ([*lora_args(base, shapes_shards, tmp_path / "b"), "--set", 'train.lora_targets=["nothing"]'],

@@ -166,9 +166,12 @@ def train(cfg: RunConfig, run: RunDir, env: DistEnv, console: Console,
         raise UserError(f"model.image_size is {cfg.model.image_size} but {cfg.data.shards} holds "
                         f"{train_shards.image_size}px images; re-tokenize with --size {cfg.model.image_size} "
                         f"or --set model.image_size={train_shards.image_size}.")
-    if train_shards.count and cfg.train.batch_size > train_shards.count:
-        raise UserError(f"train.batch_size {cfg.train.batch_size} is larger than the {train_shards.count} training "
-                        f"images in {cfg.data.shards}; lower it (--set train.batch_size=N).")
+    # what each step draws from data.shards (prior preservation fills the rest of the batch from data.prior)
+    drawn = cfg.train.batch_size - round(cfg.train.batch_size * cfg.data.prior_share)
+    if train_shards.count and drawn > train_shards.count:
+        share = f" less its data.prior_share {cfg.data.prior_share} ({drawn} a step)" if cfg.data.prior else ""
+        raise UserError(f"train.batch_size {cfg.train.batch_size}{share} is larger than the {train_shards.count} "
+                        f"training images in {cfg.data.shards}; lower it (--set train.batch_size=N).")
 
     model, ema, net = _build(cfg, env, lambda m: console.print(m, markup=False, highlight=False)
                              if env.is_main else None)
