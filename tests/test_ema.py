@@ -29,3 +29,14 @@ def test_ema_averages_weights_with_warmup_and_copies_state() -> None:
     assert ema.module.count == 7.0  # buffers are state: copied
     assert ema.current_decay() == min(0.9, 2 / 11)
     assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_a_fine_tunes_average_keeps_its_trained_start_from_the_first_update() -> None:
+    net = _Net()
+    ema = EMA(net, decay=0.9, warmup=False)
+    before = ema.module.linear.weight.clone()
+    with torch.no_grad():
+        net.linear.weight.add_(1.0)
+    ema.update(net)
+    assert torch.allclose(ema.module.linear.weight, 0.9 * before + 0.1 * net.linear.weight)
+    assert ema.current_decay() == 0.9

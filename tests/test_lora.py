@@ -149,6 +149,23 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_ones_weights(base: Path
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), ema
 
 
+def test_a_fine_tunes_average_starts_at_the_trained_weights(base: Path, shapes_shards: Path, tmp_path: Path) -> None:
+    """After one step of a full fine-tune the EMA is decay * init + (1 - decay) * weights: no warm-up that would
+    forget the trained start as it forgets a random one."""
+    out = tmp_path / "full"
+    result = invoke("train", "--init", str(base), "--data", str(shapes_shards), "--out", str(out), "--steps", "1",
+                    "--set", "train.batch_size=8", "--set", "data.num_workers=0", "--set", "train.lr=1e-2",
+                    "--set", "train.warmup_steps=0", "--set", "train.ema_decay=0.9")
+    assert result.exit_code == 0, result.output
+    start = RunDir(base).latest_checkpoint().load_weights(True)
+    after = RunDir(out).latest_checkpoint()
+    raw, ema = after.load_weights(False), after.load_weights(True)
+    moved = [k for k in raw if raw[k].is_floating_point() and not torch.equal(raw[k], start[k])]
+    assert moved
+    for k in moved:
+        torch.testing.assert_close(ema[k], 0.9 * start[k] + 0.1 * raw[k], rtol=0, atol=1e-6)
+
+
 def test_lora_mistakes_are_one_sentence(base: Path, lora_run: Path, shapes_shards: Path, few_images: Path,
                                         tmp_path: Path) -> None:
     cases = [

@@ -134,7 +134,8 @@ def _build(cfg: RunConfig, env: DistEnv,
     if cfg.train.lora:  # the base first, then the adapters around it (the only weights that train)
         checkpoint.adapt_base(model, cfg.train, note)
     model = model.to(device)
-    ema = EMA(model, cfg.train.ema_decay)  # before sharding, so both shard alike
+    # before sharding, so both shard alike; a fine-tune's average starts at the trained weights it keeps
+    ema = EMA(model, cfg.train.ema_decay, warmup=not cfg.train.init)
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     fsdp = cfg.train.parallel == "fsdp"
