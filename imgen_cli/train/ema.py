@@ -10,7 +10,7 @@ from imgen_cli.nn.family import FamilyNetwork
 
 
 class EMA:
-    """Shadow copy updated as ema = d * ema + (1 - d) * weights, with d warmed up from 0 from scratch.
+    """Shadow copy updated as ema = d * ema + (1 - d) * weights, with d warmed up from 0 when training from scratch.
 
     The warm-up (d_k = min(decay, (1 + k) / (10 + k))) keeps the first checkpoints from being
     dominated by the random initialisation. A fine-tune (`warmup=False`) starts from trained weights,
