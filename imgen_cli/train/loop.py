@@ -161,14 +161,17 @@ def train(cfg: RunConfig, run: RunDir, env: DistEnv, console: Console,
     if rem or per_rank == 0:
         raise UserError(f"train.batch_size {cfg.train.batch_size} must be a multiple of ranks x grad_accum "
                         f"({env.world_size} x {accum}).")
+    from_prior = round(per_rank * cfg.data.prior_share)  # prior preservation: this many of each batch
+    if cfg.data.prior and not 0 < from_prior < per_rank:
+        raise UserError(f"data.prior_share {cfg.data.prior_share} of a batch of {per_rank} per rank leaves no "
+                        f"room for {'the prior' if from_prior == 0 else 'the data'}; change the share or the batch.")
     train_shards = shard_io.open_shards(cfg.data.shards, "train")
     fixed = registry.get(cfg.family).trains_at_image_size  # the others resize each batch, or encode it
     if fixed and train_shards.image_size and train_shards.image_size != cfg.model.image_size:
         raise UserError(f"model.image_size is {cfg.model.image_size} but {cfg.data.shards} holds "
                         f"{train_shards.image_size}px images; re-tokenize with --size {cfg.model.image_size} "
                         f"or --set model.image_size={train_shards.image_size}.")
-    # what each step draws from data.shards (prior preservation fills the rest of the batch from data.prior)
-    drawn = cfg.train.batch_size - round(cfg.train.batch_size * cfg.data.prior_share)
+    drawn = (per_rank - from_prior) * env.world_size * accum  # what a step draws from data.shards
     if train_shards.count and drawn > train_shards.count:
         share = f" less its data.prior_share {cfg.data.prior_share} ({drawn} a step)" if cfg.data.prior else ""
         raise UserError(f"train.batch_size {cfg.train.batch_size}{share} is larger than the {train_shards.count} "
@@ -211,10 +214,6 @@ def train(cfg: RunConfig, run: RunDir, env: DistEnv, console: Console,
 
     preview_batch = next(iter(shard_io.exact_loader(val_shards or train_shards, 8)))
     remaining = cfg.train.steps - step
-    from_prior = round(per_rank * cfg.data.prior_share)  # prior preservation: this many of each batch
-    if cfg.data.prior and not 0 < from_prior < per_rank:
-        raise UserError(f"data.prior_share {cfg.data.prior_share} of a batch of {per_rank} per rank leaves no "
-                        f"room for {'the prior' if from_prior == 0 else 'the data'}; change the share or the batch.")
 
     def loader_of(shards: shard_io.ShardSet, size: int, seed: int) -> Any:
         return shard_io.train_loader(
