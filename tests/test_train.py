@@ -347,6 +347,19 @@ def test_init_starts_a_new_run_from_another_runs_weights(shapes_shards: Path, tm
     assert all(torch.allclose(tuned[k].float(), start[k].float(), atol=1e-6) for k in start)
     resized = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "wide"), "--set", "model.width=48"])
     assert resized.exit_code == 2 and "its weights do not fit this network" in error_line(resized)
+    # a recipe given with --recipe changes the network as --set does; the family's default recipe (cond_dropout
+    # 0.1, a network from scratch) does not
+    recipe = tmp_path / "few.toml"
+    recipe.write_text('family = "bitdiff"\n[model]\ncond_dropout = 0.0\n[train]\nlr = 1e-12\n')
+    again = ["train", "--init", str(tmp_path / "ft"), "--data", str(shapes_shards), "--steps", "1", "--set",
+             "train.batch_size=8", "--set", "data.num_workers=0"]
+    for out, extra, dropout in (("default", [], 0.2), ("recipe", ["--recipe", str(recipe)], 0.0)):
+        result = CliRunner().invoke(app, [*again, *extra, "--out", str(tmp_path / out)])
+        assert result.exit_code == 0, result.output
+        assert json.loads((tmp_path / out / "config.json").read_text())["model"]["cond_dropout"] == dropout
+    recipe.write_text('family = "bitdiff"\n[model]\nwidth = 48\n')
+    wider = CliRunner().invoke(app, [*again, "--recipe", str(recipe), "--out", str(tmp_path / "wider")])
+    assert wider.exit_code == 2 and "its weights do not fit this network" in error_line(wider)
     alone = CliRunner().invoke(app, ["train", "--model", "bitdiff", "--init-raw", "--out", str(tmp_path / "r")])
     assert alone.exit_code == 2 and "--init-raw goes with --init" in error_line(alone)
 

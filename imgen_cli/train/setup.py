@@ -86,8 +86,11 @@ def prepare(req: TrainRequest, runs_root: Path, recipes: Path, note: Callable[[s
     if recipe_values.get("family", name) != name:
         raise UserError(f"recipe {recipe} is for {recipe_values['family']}, not {name}.")
     flags = {**req.flags, "model.vq": pin_tokenizer(req.vq, existing) if req.vq else None}
-    if init is not None:  # the network is the --init run's; the recipe gives the training and the data
-        recipe_values = {**recipe_values, "model": init["model"]}
+    if init is not None:  # the network is the --init run's; the recipe gives the training and the data, and
+        # a recipe given with --recipe its [model] keys as --set would (a fine-tune recipe's own cond_dropout); the
+        # family's default recipe is a network from scratch, so its [model] does not apply
+        changes = recipe_values.get("model", {}) if req.recipe is not None else {}
+        recipe_values = {**recipe_values, "model": {**init["model"], **changes}}
         flags |= {"train.init": init_checkpoint, "train.init_weights": "raw" if req.init_raw else "ema"}
     cfg = cfg_mod.resolve(name, family.config_cls(), family.presets(), recipe=recipe_values, preset=req.preset,
                           sets=req.sets, flags=flags)
