@@ -363,6 +363,81 @@ SCALING_FAMILIES = ("muse", "vqdiffusion", "bitdiff", "diffit-latent", "diffit")
 SCALING_GRIDS, SCALING_STEPS, FIXED_STEPS, FIXED_GRID, SCALING_BATCH = (8, 16, 32), (4, 8, 16, 32), 8, 16, 4
 
 
+HELD_OUT = "red circle"  # the colour-shape pair the fine-tuning suite's base never sees
+
+
+def held_out_world() -> None:
+    """The fine-tuning suite's data and base, made once: the shapes world without any red circle (its Muse base,
+    recipes/shapes/muse.toml on the recipe tokenizer's codes), and ten red-circle images with 50 val captions."""
+    tokenizer_and_evaluator()
+    if not (WORK / "shards_vq_norc" / "manifest.json").is_file():
+        imgen("synth", "coco-norc", "--n", "8000", "--val", "500", "--without", HELD_OUT)
+        imgen("tokenize", "coco-norc", "--vq", "runs/vq", "--out", "shards_vq_norc", "--shard-size", "500")
+    if not (WORK / "rc10_vq" / "manifest.json").is_file():
+        imgen("synth", "rc10", "--n", "10", "--val", "50", "--only", HELD_OUT, "--seed", "1")
+        imgen("tokenize", "rc10", "--vq", "runs/vq", "--out", "rc10_vq")
+    if not (WORK / "runs" / "muse-norc" / "checkpoints").is_dir():
+        imgen("train", "--model", "muse", "--recipe", str(RECIPES / "muse.toml"), "--vq", "runs/vq", "--data",
+              "shards_vq_norc", "--out", fresh_run("muse-norc"))
+
+
+def held_out_scores(run: str) -> dict[str, float]:
+    """A run on the new prompt (the 50 val captions of the ten images' world, each naming a red circle, 8 samples
+    each: R-precision, CLIP score, pair accuracy) and on the old pairs (500 val captions of the base's world:
+    R-precision, CLIP-space FID)."""
+    import json
+    import shutil
+    import subprocess
+
+    captions = json.loads((WORK / "rc10" / "annotations" / "captions_val2017.json").read_text())
+    first: dict[int, str] = {}
+    for annotation in captions["annotations"]:
+        first.setdefault(annotation["image_id"], annotation["caption"])
+    prompts = [first[image["id"]] for image in captions["images"]]
+    name = run.rpartition("/")[2]
+    shutil.rmtree(WORK / "samples" / name, ignore_errors=True)
+    imgen("sample", *prompts, "--ckpt", run, "--n", "8", "--steps", "12", "--out", f"samples/{name}")
+    imgen("eval", "--images", f"samples/{name}", "--prompts", f"samples/{name}/prompts.txt", "--data", "shards",
+          "--r-precision", "--clip-score", "--clip-model", "runs/clip", "--json", f"{name}-new.json")
+    pair = subprocess.run([sys.executable, str(Path(__file__).parent / "pair_accuracy.py"), f"samples/{name}",
+                           "--clip", "runs/clip", "--pair", HELD_OUT], cwd=WORK, check=True, capture_output=True,
+                          text=True)
+    imgen("eval", "--ckpt", run, "--data", "shards_vq_norc", "--n", "500", "--steps", "12", "--r-precision",
+          "--clip-score", "--fid", "--features", "clip", "--clip-model", "runs/clip", "--json", f"{name}-old.json")
+    new = json.loads((WORK / f"{name}-new.json").read_text())["rows"][0]
+    old = json.loads((WORK / f"{name}-old.json").read_text())["rows"][0]
+    return {"new_r": new["r_precision"], "pair": next(iter(json.loads(pair.stdout).values())),
+            "new_clip": new["clip_score"], "old_r": old["r_precision"], "old_fid": old["fid"]}
+
+
+def bench_finetune_heldout() -> str:
+    """Issue 22's measurement: the Muse base that never saw a red circle, fine-tuned on ten images of one with
+    recipes/shapes/muse-few-images.toml (LoRA 8 and full), draws the new pair better and the old pairs as well."""
+    held_out_world()
+    tune = ["train", "--init", "runs/muse-norc", "--recipe", str(RECIPES / "muse-few-images.toml"), "--data",
+            "rc10_vq", "--set", "data.prior=shards_vq_norc", "--set", "train.sample_every=5000"]
+    runs = {"base (never saw a red circle)": "runs/muse-norc"}
+    for label, extra, name in (("LoRA 8, lr 1e-4 (the recipe)", ["--lora", "8"], "ft-lora8"),
+                               ("full, lr 1e-5", ["--set", "train.lr=1e-5"], "ft-full")):
+        seconds = imgen(*tune, *extra, "--out", fresh_run(name))
+        runs[f"{label}, {seconds:.0f} s"] = f"runs/{name}"
+    rows = "".join(f"| {label} | {s['new_r']:.3f} | {s['pair']:.3f} | {s['new_clip']:.1f} | {s['old_r']:.3f} | "
+                   f"{s['old_fid']:.3f} |\n" for label, s in ((k, held_out_scores(v)) for k, v in runs.items()))
+    return ("Base: `imgen synth coco-norc --n 8000 --val 500 --without \"red circle\"`, tokenized with the recipe "
+            "tokenizer, `imgen train --model muse --recipe recipes/shapes/muse.toml --vq runs/vq --data "
+            "shards_vq_norc` (made once, then reused). Ten images: `imgen synth rc10 --n 10 --val 50 --only \"red "
+            "circle\" --seed 1`, tokenized the same way. Fine-tunes: `imgen train --init runs/muse-norc --recipe "
+            "recipes/shapes/muse-few-images.toml --data rc10_vq --set data.prior=shards_vq_norc` with `--lora 8` or "
+            "`--set train.lr=1e-5` (300 steps of batch 8, half from the base's shards; the time is the whole "
+            "command). New prompt: `imgen sample` of the 50 val captions of rc10, 8 images each at 12 steps, "
+            "`imgen eval --images --r-precision --clip-score` (R = 10) and `bench/pair_accuracy.py` (the pair's "
+            "colour or shape swapped: 9 hard distractors, chance 0.1); old pairs: `imgen eval --ckpt RUN --data "
+            "shards_vq_norc --n 500 --steps 12 --r-precision --clip-score --fid --features clip`. One standard "
+            "error is about 0.02 in each R-precision and in pair accuracy.\n\n"
+            "| run | new prompt: R-precision | new prompt: pair accuracy | new prompt: CLIP score | "
+            "old pairs: R-precision | old pairs: CLIP-FID |\n|---|---|---|---|---|---|\n" + rows)
+
+
 def scaling_model(name: str, grid: int) -> torch.nn.Module:
     """A family's CPU preset (`small`, untrained: speed does not depend on the weights) whose output is a
     (8 grid)^2-pixel image: the token families, Bit Diffusion's token mode and latent DiffiT on the g x g grid
@@ -455,6 +530,7 @@ SUITES = {
     "bitdiff": ("Bit Diffusion on the shapes world, and the Dynamic Dual-Output ablation", bench_bitdiff),
     "diffit": ("Image-space DiffiT on the shapes world: R-precision at 50 DDIM steps", bench_diffit),
     "scaling": ("Sampling time against resolution and steps", bench_scaling),
+    "finetune-heldout": ("Fine-tuning the shapes Muse on ten images of a held-out pair", bench_finetune_heldout),
 }
 
 
