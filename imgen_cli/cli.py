@@ -523,7 +523,7 @@ def evaluate(
         raise UserError("give either --ckpt (generate, then score) or --images (score a folder), not both.")
     env = distributed.setup(device)
     try:
-        model, folder, subject, weights, class_names = None, None, str(images), None, None
+        model, folder, subject, weights, class_names, defaults = None, None, str(images), None, None, None
         if images is not None:
             folder = ImageFolder.open(images, prompts)
         else:
@@ -533,6 +533,7 @@ def evaluate(
             data = data or trained.config.data.shards
             weights = trained.run.read_config().get("pretrained")  # the published weights the run stands on
             class_names = trained.class_names
+            defaults = pipeline.run_defaults(trained.config.model)
         note = (lambda m: err.print(m, highlight=False)) if env.is_main else (lambda m: None)
         progress = _progress if env.is_main else _silent_progress
         report = evaluate(req, data or "shards", env, progress, note, model=model, folder=folder,
@@ -542,6 +543,8 @@ def evaluate(
     if not env.is_main:
         return
     report["subject"] = subject
+    if defaults is not None:  # what settings.guidance (and steps) left to the run: null there means these
+        report["run_defaults"] = defaults
     if weights:
         report["pretrained"] = weights
     _print_eval(report)
@@ -560,8 +563,6 @@ def _evaluate_protocol(name: str, ckpt: str | None, npz: Path | None, ref: str |
                        json_path: Path | None, device: str | None, decoder: str | None, speed: Any) -> None:
     """`imgen eval --protocol NAME`: a run's samples (or an ADM batch, --npz without --ckpt) scored as the protocol
     says (imgen_cli.eval.protocols)."""
-    import dataclasses
-
     from imgen_cli import sample as pipeline
     from imgen_cli.eval import protocols
     from imgen_cli.train import distributed
@@ -582,8 +583,7 @@ def _evaluate_protocol(name: str, ckpt: str | None, npz: Path | None, ref: str |
             sampling.check(trained.model.generate, trained.family.name)
             model, class_count = sampling.speed.prepare(trained.model), len(trained.class_names or [])
             subject = f"{trained.run.path} step {trained.checkpoint.step}"
-            settings = {k: v for k, v in dataclasses.asdict(trained.config.model).items()
-                        if k.startswith("guid") or k in ("schedule", "time_spacing", "learn_sigma", "prediction")}
+            settings = pipeline.run_defaults(trained.config.model)
         progress = _progress if env.is_main else _silent_progress
         note = (lambda m: err.print(m, highlight=False)) if env.is_main else (lambda m: None)
         if chosen.on_captions:

@@ -19,7 +19,7 @@ import inspect
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +125,13 @@ class SamplingOptions:
                             f"got {self.guidance}.")
         if self.truncation is not None and not 0 < self.truncation <= 1:
             raise UserError(f"--truncation is the probability mass kept, in (0, 1], got {self.truncation}.")
+
+
+def run_defaults(model_config: Any) -> dict[str, Any]:
+    """For reports: what a run samples with where no flag says otherwise (its guidance settings, `model.guidance`
+    and the like) and the noise schedule and prediction they apply to."""
+    return {k: v for k, v in asdict(model_config).items()
+            if k.startswith("guid") or k in ("schedule", "time_spacing", "learn_sigma", "prediction")}
 
 
 def check_prompts(prompts: list[str]) -> list[str]:

@@ -171,6 +171,11 @@ def test_pixel_mode_generate_edit_preview_and_seeds() -> None:
     sample = seeded_sampler(model)
     check_a_function_of_the_seed(sample, 16)
     assert torch.equal(sample(0, sampler="ddim", td=0.5), sample(0, sampler="ddim", td=0.5))
+    # without --guidance the run's model.guidance (3.0 unless set) steers the sampler
+    assert torch.equal(sample(0), sample(0, guidance=3.0)) and not torch.equal(sample(0), sample(0, guidance=1.0))
+    model.cfg.guidance = 1.0
+    assert torch.equal(sample(0), sample(0, guidance=1.0))
+    model.cfg.guidance = 3.0
     source = images(3)
     mask = torch.zeros(2, 1, 16, 16, dtype=torch.bool)
     mask[..., 4:12, 4:12] = True
@@ -349,7 +354,8 @@ def test_clear_errors_for_bad_configs() -> None:
              (dict(gate_start="half"), "unknown model.gate_start 'half'; choose one of v, even"),
              (dict(time_spacing="log"), "unknown model.time_spacing 'log'"),
              (dict(eps_head="own"), "unknown model.eps_head 'own'; choose one of separate, shared"),
-             (dict(time_spacing="respaced", td=0.5), "leave it at 0 with model.time_spacing=respaced")]
+             (dict(time_spacing="respaced", td=0.5), "leave it at 0 with model.time_spacing=respaced"),
+             (dict(guidance=float("nan")), "model.guidance must be a finite scale >= 0")]
     for overrides, message in cases:
         with pytest.raises(UserError, match=message):
             BitDiffusionConfig(**{**PRESETS["tiny"], **overrides}).validate()

@@ -68,6 +68,9 @@ def check_pixel_generator_commands(family: str, shards: Path, clip_run: Path, tm
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
     assert [row["steps"] for row in report["rows"]] == [2, 3]
+    # no --guidance: the report says which scale the run used
+    assert report["settings"]["guidance"] is None
+    assert report["run_defaults"]["guidance"] == json.loads((run / "config.json").read_text())["model"]["guidance"]
 
     def hits(r_precision: float, images: int) -> int:
         """R-precision is a share of the images: a whole number of hits among them."""

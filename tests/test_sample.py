@@ -200,6 +200,7 @@ def test_eval_of_a_run_sweeps_steps(muse_run: Path, vq_shards: Path, clip_run: P
     assert all(row["images"] == 8 and row["seconds_per_image"] > 0 for row in report["rows"])
     assert all(0 <= row["r_precision"] <= 1 and row["fid"] >= -1e-6 for row in report["rows"])
     assert report["settings"]["steps"] == [2, 4] and report["subject"].startswith(str(muse_run))
+    assert report["settings"]["guidance"] is None and report["run_defaults"]["guidance"] == 4.0  # Muse's default
     assert Image.open(report_path.with_suffix(".png")).size == (640, 420)
 
 

@@ -80,6 +80,7 @@ class BitDiffusionConfig(TextEncoderConfig):
     # dual output: separate (its loss never reaches the trunk; measured to spare Bit Diffusion's x head) | shared
     eps_head: str = "separate"
     cond_dropout: float = 0.1  # share of captions replaced by the learned null condition
+    guidance: float = 3.0  # the guidance scale w sample, edit and eval use unless told (1 = none)
     width: int = 64  # U-Net base channels
     multipliers: tuple[int, ...] = (1, 2, 2)  # channels per level, in units of width; a level halves the side
     res_blocks: int = 2  # ResBlocks per level on the way down (one more on the way up)
@@ -113,6 +114,8 @@ class BitDiffusionConfig(TextEncoderConfig):
                 "model.td shifts the uniform grid; leave it at 0 with model.time_spacing=respaced.")
         require(self.noise_level_scale > 0, f"model.noise_level_scale must be > 0, got {self.noise_level_scale}.")
         require(0 <= self.cond_dropout < 1, f"model.cond_dropout must be in [0, 1), got {self.cond_dropout}.")
+        require(math.isfinite(self.guidance) and self.guidance >= 0,
+                f"model.guidance must be a finite scale >= 0, got {self.guidance}.")
         require(self.width >= 1 and self.res_blocks >= 1 and self.heads >= 1 and self.attention_resolution >= 0,
                 "model.width, res_blocks and heads must be positive and model.attention_resolution >= 0.")
         require(len(self.multipliers) >= 1 and min(self.multipliers) >= 1,
@@ -464,26 +467,27 @@ class BitDiffusion(ContinuousDiffusion):
         return time_grid(steps, self.cfg.time_spacing, self.cfg.schedule, self.cfg.td if td is None else td)
 
     @torch.no_grad()
-    def generate_bits(self, prompts: Sequence[str], *, steps: int = 250, guidance: float = 3.0, sampler: str = "ddpm",
-                      td: float | None = None, eta: float = 0.0, variance: str = "large",
+    def generate_bits(self, prompts: Sequence[str], *, steps: int = 250, guidance: float | None = None,
+                      sampler: str = "ddpm", td: float | None = None, eta: float = 0.0, variance: str = "large",
                       negative_prompts: Sequence[str] | None = None, generator: torch.Generator | None = None,
                       gate_log: list[float] | None = None) -> Tensor:
         """Analog bits [B, C_b, h, w] (the last x0 estimate, clipped) for B prompts, from Gaussian noise."""
+        guidance = self.cfg.guidance if guidance is None else guidance
         return self.sample_x0(prompts, self.time_grid(steps, td), guidance=guidance, negative_prompts=negative_prompts,
                               generator=generator, gate_log=gate_log, sampler=sampler, eta=eta, variance=variance)
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], *, steps: int = 250, guidance: float = 3.0, sampler: str = "ddpm",
-                 td: float | None = None, eta: float = 0.0, variance: str = "large",
+    def generate(self, prompts: Sequence[str], *, steps: int = 250, guidance: float | None = None,
+                 sampler: str = "ddpm", td: float | None = None, eta: float = 0.0, variance: str = "large",
                  negative_prompts: Sequence[str] | None = None, generator: torch.Generator | None = None,
                  gate_log: list[float] | None = None) -> Tensor:
         """Images [B, 3, H, W] in [0, 1] for B prompts.
 
-        steps N of the time grid; guidance w (1 = none); sampler ddpm (the default, paper's "large" variance
-        unless variance="small") or ddim (eta = 0 deterministic); td the asymmetric time difference in steps
-        (default the config's). With a list as gate_log, a dual-output model appends the mean gate of every
-        step (close to 1 at the first steps: trust the x0 head at high noise). The generator must live on the
-        model's device; every random draw comes from it."""
+        steps N of the time grid; guidance w (1 = none; default the config's); sampler ddpm (the default, paper's
+        "large" variance unless variance="small") or ddim (eta = 0 deterministic); td the asymmetric time
+        difference in steps (default the config's). With a list as gate_log, a dual-output model appends the mean
+        gate of every step (close to 1 at the first steps: trust the x0 head at high noise). The generator must
+        live on the model's device; every random draw comes from it."""
         return self.to_images(self.generate_bits(prompts, steps=steps, guidance=guidance, sampler=sampler, td=td,
                                                  eta=eta, variance=variance, negative_prompts=negative_prompts,
                                                  generator=generator, gate_log=gate_log))
@@ -492,15 +496,16 @@ class BitDiffusion(ContinuousDiffusion):
 
     @torch.no_grad()
     def edit(self, images: Tensor, mask: Tensor | None, prompts: Sequence[str], *, steps: int = 250,
-             guidance: float = 3.0, strength: float | None = None, sampler: str = "ddpm", td: float | None = None,
-             eta: float = 0.0, variance: str = "large", jump_length: int = 1, resamplings: int = 1,
-             negative_prompts: Sequence[str] | None = None, generator: torch.Generator | None = None,
-             gate_log: list[float] | None = None) -> Tensor:
+             guidance: float | None = None, strength: float | None = None, sampler: str = "ddpm",
+             td: float | None = None, eta: float = 0.0, variance: str = "large", jump_length: int = 1,
+             resamplings: int = 1, negative_prompts: Sequence[str] | None = None,
+             generator: torch.Generator | None = None, gate_log: list[float] | None = None) -> Tensor:
         """Edit images [B, 3, H, W] in [0, 1] towards the prompts; returns images in [0, 1].
 
         Inpainting with a mask, SDEdit without (`ContinuousDiffusion.edit_x0`), on the image's analog bits. Noise
         hits MSB and LSB channels alike, so a low strength is not a small change of pixel values (Gray code
         softens this). The other options are `generate`'s."""
+        guidance = self.cfg.guidance if guidance is None else guidance
         x0 = self.edit_x0(images, mask, prompts, self.time_grid(steps, td), strength=strength, guidance=guidance,
                           negative_prompts=negative_prompts, generator=generator, gate_log=gate_log, sampler=sampler,
                           eta=eta, variance=variance, jump_length=jump_length, resamplings=resamplings)
