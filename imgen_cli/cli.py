@@ -543,7 +543,7 @@ def evaluate(
     if not env.is_main:
         return
     report["subject"] = subject
-    if defaults is not None:  # what settings.guidance (and steps) left to the run: null there means these
+    if defaults is not None:  # the run's guidance settings: what a null settings.guidance stands for
         report["run_defaults"] = defaults
     if weights:
         report["pretrained"] = weights
